@@ -1,0 +1,431 @@
+"""The Vidu Q1 Reference-to-Video contract as code.
+
+Every limit, enum, default and response shape of ``shared/api/vidu-q1-reference2video.md``
+lives here, once. The client validates with it before spending money, the simulator answers
+400 with it, and the catalog stage uses the same limits. Nothing here does I/O except
+decoding the data URIs a request carries (to check image limits on the bytes).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import enum
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+# --- endpoints -------------------------------------------------------------------------------
+
+DEFAULT_BASE_URL = "https://api.highwayapi.ai"
+SUBMIT_PATH = "/v3/async/vidu-q1-reference2video"
+TASK_RESULT_PATH = "/v3/async/task-result"
+TASK_TYPE = "VIDU_Q1_REFERENCE2VIDEO"
+
+# --- limits ----------------------------------------------------------------------------------
+
+MIN_IMAGES = 1
+MAX_IMAGES = 7
+MAX_PROMPT_CHARS = 1500
+MIN_IMAGE_SIDE_PX = 128
+# Width / height. The page says "less than 1:4 or 4:1"; we read 1:4 and 4:1 themselves as the
+# outer bounds (inclusive), as the contract document asks.
+MIN_ASPECT = 1 / 4
+MAX_ASPECT = 4.0
+# "50MB" and "10MB" are read as decimal megabytes, the stricter reading: a careful client of a
+# paid API never sends a file the service might measure as too big.
+MAX_IMAGE_FILE_BYTES = 50_000_000
+# The decoded base64 payload must be *under* this many bytes.
+MAX_BASE64_DECODED_BYTES = 10_000_000
+DURATIONS = (5,)
+RESOLUTIONS = ("1080p",)
+DATA_URI_SUBTYPES = ("png", "jpeg", "jpg", "webp")
+VIDEO_DURATION_S = 5
+
+_DATA_URI_RE = re.compile(r"^data:image/([A-Za-z0-9.+-]+);base64,", re.ASCII)
+
+
+class AspectRatio(str, enum.Enum):
+    LANDSCAPE = "16:9"
+    PORTRAIT = "9:16"
+    SQUARE = "1:1"
+
+
+class MovementAmplitude(str, enum.Enum):
+    AUTO = "auto"
+    SMALL = "small"
+    MEDIUM = "medium"
+    LARGE = "large"
+
+
+class TaskStatus(str, enum.Enum):
+    QUEUED = "TASK_STATUS_QUEUED"
+    PROCESSING = "TASK_STATUS_PROCESSING"
+    SUCCEED = "TASK_STATUS_SUCCEED"
+    FAILED = "TASK_STATUS_FAILED"
+
+
+ASPECT_RATIOS = tuple(a.value for a in AspectRatio)
+MOVEMENT_AMPLITUDES = tuple(m.value for m in MovementAmplitude)
+TERMINAL_STATUSES = (TaskStatus.SUCCEED.value, TaskStatus.FAILED.value)
+
+# Output frame size per aspect ratio at 1080p.
+VIDEO_SIZES: dict[str, tuple[int, int]] = {
+    "16:9": (1920, 1080),
+    "9:16": (1080, 1920),
+    "1:1": (1080, 1080),
+}
+
+DEFAULTS: dict[str, Any] = {
+    "duration": 5,
+    "aspect_ratio": "16:9",
+    "resolution": "1080p",
+    "movement_amplitude": "auto",
+    "bgm": False,
+}
+
+
+# --- the request -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """One submit body. ``seed=None`` means "let the service pick" (and is then not sent)."""
+
+    images: tuple[str, ...]
+    prompt: str
+    duration: int = 5
+    seed: int | None = None
+    aspect_ratio: str = "16:9"
+    resolution: str = "1080p"
+    movement_amplitude: str = "auto"
+    bgm: bool = False
+
+    def to_payload(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "images": list(self.images),
+            "prompt": self.prompt,
+            "duration": self.duration,
+            "aspect_ratio": self.aspect_ratio,
+            "resolution": self.resolution,
+            "movement_amplitude": self.movement_amplitude,
+            "bgm": self.bgm,
+        }
+        if self.seed is not None:
+            body["seed"] = self.seed
+        return body
+
+    @classmethod
+    def from_payload(cls, body: Mapping[str, Any]) -> GenerationRequest:
+        """Build from a body that :func:`validate_payload` accepted, filling the defaults."""
+        return cls(
+            images=tuple(body["images"]),
+            prompt=body["prompt"],
+            duration=body.get("duration", DEFAULTS["duration"]),
+            seed=body.get("seed"),
+            aspect_ratio=body.get("aspect_ratio", DEFAULTS["aspect_ratio"]),
+            resolution=body.get("resolution", DEFAULTS["resolution"]),
+            movement_amplitude=body.get("movement_amplitude", DEFAULTS["movement_amplitude"]),
+            bgm=body.get("bgm", DEFAULTS["bgm"]),
+        )
+
+    def options(self) -> dict[str, Any]:
+        """Everything but the images and prompt: what a lineage row records as options."""
+        return {
+            "duration": self.duration,
+            "aspect_ratio": self.aspect_ratio,
+            "resolution": self.resolution,
+            "movement_amplitude": self.movement_amplitude,
+            "bgm": self.bgm,
+        }
+
+    def __repr__(self) -> str:  # never print image payloads
+        return (
+            f"GenerationRequest(images=[{len(self.images)} image(s), {describe_images(self.images)}], "
+            f"prompt={self.prompt[:60]!r}{'…' if len(self.prompt) > 60 else ''}, seed={self.seed}, "
+            f"aspect_ratio={self.aspect_ratio!r}, movement_amplitude={self.movement_amplitude!r}, "
+            f"bgm={self.bgm}, duration={self.duration}, resolution={self.resolution!r})"
+        )
+
+    __str__ = __repr__
+
+
+def describe_image_ref(ref: Any) -> str:
+    """A short, payload-free description of one image reference for messages and logs."""
+    if not isinstance(ref, str):
+        return type(ref).__name__
+    m = _DATA_URI_RE.match(ref)
+    if m:
+        return f"data:image/{m.group(1)};base64 ({len(ref) - m.end()} base64 chars)"
+    if ref.startswith("data:"):
+        return f"data URI ({len(ref)} chars)"
+    return redact_url(ref)
+
+
+def describe_images(images: Sequence[Any]) -> str:
+    return ", ".join(describe_image_ref(i) for i in images)
+
+
+def redact_url(url: str) -> str:
+    """Drop the query string (signed URLs carry credentials there) and cap the length."""
+    base = url.split("?", 1)[0]
+    return base if len(base) <= 200 else base[:200] + "…"
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFacts:
+    """What an image inspector learned from the bytes: enough to apply the contract's rules."""
+
+    format: str  # "PNG" | "JPEG" | "WEBP"
+    width: int  # after EXIF orientation
+    height: int
+
+
+# An inspector decodes image bytes and returns their facts, or raises ValueError with a reason.
+ImageInspector = Callable[[bytes], ImageFacts]
+
+
+def parse_data_uri(ref: str) -> tuple[str, bytes]:
+    """``data:image/<subtype>;base64,<payload>`` → (subtype, decoded bytes); ValueError if not."""
+    m = _DATA_URI_RE.match(ref)
+    if not m:
+        raise ValueError("not a data:image/<type>;base64, URI")
+    try:
+        raw = base64.b64decode(ref[m.end():], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"invalid base64 payload ({exc})") from None
+    return m.group(1).lower(), raw
+
+
+def image_dimension_problems(width: int, height: int) -> list[str]:
+    """The contract's pixel rules; each problem is a sentence without the field name."""
+    problems = []
+    if width < MIN_IMAGE_SIDE_PX or height < MIN_IMAGE_SIDE_PX:
+        problems.append(
+            f"{width}×{height} px, at least {MIN_IMAGE_SIDE_PX}×{MIN_IMAGE_SIDE_PX} needed"
+        )
+    if height and width:
+        ratio = width / height
+        if ratio < MIN_ASPECT or ratio > MAX_ASPECT:
+            problems.append(
+                f"aspect ratio {width}:{height} ({ratio:.3f}) is outside 1:4 … 4:1"
+            )
+    return problems
+
+
+def validate_image_ref(field: str, ref: Any, inspect: ImageInspector | None) -> list[str]:
+    """Problems with one entry of ``images``, each prefixed with ``field`` (e.g. ``images[2]``)."""
+    if not isinstance(ref, str):
+        return [f"{field}: must be a string, got {type(ref).__name__}"]
+    if ref.startswith(("http://", "https://")):
+        return [] if len(ref) > len("https://") else [f"{field}: URL has no host"]
+    if not ref.startswith("data:"):
+        return [f"{field}: must be an http(s):// URL or a data:image/<type>;base64, URI"]
+    m = _DATA_URI_RE.match(ref)
+    if not m:
+        return [f"{field}: data URI must start with data:image/<png|jpeg|jpg|webp>;base64,"]
+    subtype = m.group(1).lower()
+    if subtype not in DATA_URI_SUBTYPES:
+        return [f"{field}: content type image/{subtype} is not one of png, jpeg, jpg, webp"]
+    try:
+        _, raw = parse_data_uri(ref)
+    except ValueError as exc:
+        return [f"{field}: {exc}"]
+    if len(raw) >= MAX_BASE64_DECODED_BYTES:
+        return [
+            f"{field}: decoded base64 payload is {len(raw):,} bytes, "
+            f"must be under {MAX_BASE64_DECODED_BYTES:,}"
+        ]
+    if inspect is None:
+        return []
+    try:
+        facts = inspect(raw)
+    except ValueError as exc:
+        return [f"{field}: {exc}"]
+    problems = [f"{field}: {p}" for p in image_dimension_problems(facts.width, facts.height)]
+    declared = "jpeg" if subtype == "jpg" else subtype
+    if facts.format.lower() != declared:
+        problems.append(f"{field}: declared image/{subtype} but the bytes are {facts.format}")
+    return problems
+
+
+def _check_enum(body: Mapping[str, Any], name: str, allowed: Sequence[Any]) -> list[str]:
+    if name not in body:
+        return []
+    value = body[name]
+    if not isinstance(value, str) or value not in allowed:
+        return [f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}"]
+    return []
+
+
+def validate_payload(body: Any, inspect: ImageInspector | None = None) -> list[str]:
+    """Every rule the submit body breaks, as specific messages; ``[]`` means it is valid.
+
+    ``inspect`` decodes data-URI images to check format and pixel limits; without it only the
+    structural rules (count, prefix, base64, size) are checked. Messages never include an image
+    payload.
+    """
+    if not isinstance(body, Mapping):
+        return [f"body: must be a JSON object, got {type(body).__name__}"]
+    problems: list[str] = []
+    known = {"images", "prompt", *DEFAULTS, "seed"}
+    images = body.get("images")
+    if "images" not in body:
+        problems.append("images: required")
+    elif not isinstance(images, list):
+        problems.append(f"images: must be an array of strings, got {type(images).__name__}")
+    elif not MIN_IMAGES <= len(images) <= MAX_IMAGES:
+        problems.append(
+            f"images: {len(images)} items, between {MIN_IMAGES} and {MAX_IMAGES} needed"
+        )
+    else:
+        for i, ref in enumerate(images):
+            problems += validate_image_ref(f"images[{i}]", ref, inspect)
+    prompt = body.get("prompt")
+    if "prompt" not in body:
+        problems.append("prompt: required")
+    elif not isinstance(prompt, str):
+        problems.append(f"prompt: must be a string, got {type(prompt).__name__}")
+    elif not prompt.strip():
+        problems.append("prompt: must not be empty")
+    elif len(prompt) > MAX_PROMPT_CHARS:
+        problems.append(f"prompt: {len(prompt)} characters, at most {MAX_PROMPT_CHARS}")
+    if "duration" in body:
+        d = body["duration"]
+        if isinstance(d, bool) or not isinstance(d, int) or d not in DURATIONS:
+            problems.append(f"duration: {d!r} is not accepted, only {', '.join(map(str, DURATIONS))}")
+    if "seed" in body:
+        s = body["seed"]
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int)):
+            problems.append(f"seed: must be an integer, got {type(s).__name__}")
+    problems += _check_enum(body, "aspect_ratio", ASPECT_RATIOS)
+    problems += _check_enum(body, "resolution", RESOLUTIONS)
+    problems += _check_enum(body, "movement_amplitude", MOVEMENT_AMPLITUDES)
+    if "bgm" in body and not isinstance(body["bgm"], bool):
+        problems.append(f"bgm: must be true or false, got {body['bgm']!r}")
+    for name in sorted(set(body) - known):
+        problems.append(f"{name}: unknown field")
+    return problems
+
+
+# --- the task result -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Video:
+    url: str
+    ttl_seconds: int | None
+    type: str
+
+    def __repr__(self) -> str:  # the signed URL is a bearer credential for the file
+        return f"Video(url={redact_url(self.url)!r}, ttl_seconds={self.ttl_seconds}, type={self.type!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskResult:
+    """A parsed task-result body. ``status`` keeps the raw string: unknown values are kept."""
+
+    task_id: str
+    status: str
+    reason: str = ""
+    eta_seconds: float | None = None
+    progress_percent: float | None = None
+    seed: int | None = None
+    videos: tuple[Video, ...] = ()
+    debug_times_ms: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == TaskStatus.SUCCEED.value
+
+    @property
+    def failed(self) -> bool:
+        return self.status == TaskStatus.FAILED.value
+
+    @property
+    def terminal(self) -> bool:
+        """Only the two documented end states are terminal; anything unknown keeps polling."""
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def known_status(self) -> bool:
+        return self.status in {s.value for s in TaskStatus}
+
+    @classmethod
+    def from_json(cls, body: Any) -> TaskResult:
+        """Parse defensively; raise ValueError naming the field when the shape is wrong."""
+        if not isinstance(body, Mapping):
+            raise ValueError(f"task-result body is {type(body).__name__}, not an object")
+        task = body.get("task")
+        if not isinstance(task, Mapping):
+            raise ValueError("task-result body has no 'task' object")
+        task_id = task.get("task_id")
+        status = task.get("status")
+        if not isinstance(task_id, str) or not task_id:
+            raise ValueError("task.task_id is missing or not a string")
+        if not isinstance(status, str) or not status:
+            raise ValueError("task.status is missing or not a string")
+        extra = body.get("extra") if isinstance(body.get("extra"), Mapping) else {}
+        videos = []
+        raw_videos = body.get("videos") or []
+        if not isinstance(raw_videos, list):
+            raise ValueError("videos is not a list")
+        for i, v in enumerate(raw_videos):
+            if not isinstance(v, Mapping) or not isinstance(v.get("video_url"), str):
+                raise ValueError(f"videos[{i}].video_url is missing or not a string")
+            videos.append(
+                Video(
+                    url=v["video_url"],
+                    ttl_seconds=_as_int(v.get("video_url_ttl")),
+                    type=str(v.get("video_type") or "mp4"),
+                )
+            )
+        debug = extra.get("debug_info") if isinstance(extra.get("debug_info"), Mapping) else {}
+        debug_times = {
+            k: n
+            for k in ("submit_time_ms", "execute_time_ms", "complete_time_ms")
+            if (n := _as_int(debug.get(k))) is not None
+        }
+        return cls(
+            task_id=task_id,
+            status=status,
+            reason=str(task.get("reason") or ""),
+            eta_seconds=_as_float(task.get("eta")),
+            progress_percent=_as_float(task.get("progress_percent")),
+            seed=_as_int(extra.get("seed")),
+            videos=tuple(videos),
+            debug_times_ms=debug_times,
+        )
+
+
+def _as_int(value: Any) -> int | None:
+    """Gateways send numbers as strings or ints; accept both, ignore anything else."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
