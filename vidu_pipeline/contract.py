@@ -12,6 +12,8 @@ import base64
 import binascii
 import dataclasses
 import enum
+import hashlib
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -130,6 +132,10 @@ class GenerationRequest:
             bgm=body.get("bgm", DEFAULTS["bgm"]),
         )
 
+    def fingerprint(self) -> str:
+        """sha256 of the canonical body: the identity of "the same paid request"."""
+        return payload_fingerprint(self.to_payload())
+
     def options(self) -> dict[str, Any]:
         """Everything but the images and prompt: what a lineage row records as options."""
         return {
@@ -149,6 +155,24 @@ class GenerationRequest:
         )
 
     __str__ = __repr__
+
+
+def payload_fingerprint(body: Mapping[str, Any]) -> str:
+    """sha256 of a submit body with defaults filled in, keys sorted: equal bodies, equal prints."""
+    canonical = {**DEFAULTS, **{k: v for k, v in body.items() if v is not None or k != "seed"}}
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def expected_video_size(aspect_ratio: str, render_scale: float = 1.0) -> tuple[int, int]:
+    """Frame size for an aspect ratio; ``render_scale`` < 1 is the simulator's fast mode.
+
+    Both sides round each side to an even number (H.264 with 4:2:0 chroma needs even sizes).
+    """
+    width, height = VIDEO_SIZES[aspect_ratio]
+    if render_scale == 1.0:
+        return width, height
+    return max(2, round(width * render_scale / 2) * 2), max(2, round(height * render_scale / 2) * 2)
 
 
 def describe_image_ref(ref: Any) -> str:
