@@ -1,0 +1,401 @@
+"""The ledger: every transition, every Skip reason, caps under concurrency, recovery, scale."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sqlite3
+
+import pytest
+from sqlalchemy import create_mock_engine
+
+from vidu_pipeline import ledger as L
+from vidu_pipeline.ledger import Claim, Ledger, LedgerStateError, PlannedRequest, Skip, SpendCaps
+
+NO_CAPS = SpendCaps(per_run=None, per_day=None, run_id="run-1")
+
+
+class Clock:
+    def __init__(self, t: float = 1_700_000_000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def spec(i: int) -> str:
+    return json.dumps({"images": [f"sha256:{i:064x}"], "prompt": f"subject {i}", "seed": i}, sort_keys=True)
+
+
+def planned(i: int) -> PlannedRequest:
+    return PlannedRequest(f"req-{i:05d}", f"subj-{i % 7}", i, f"{i:064x}", spec(i))
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def url(tmp_path):
+    return f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+
+
+@pytest.fixture
+def ledger(url, clock):
+    led = Ledger(url, clock=clock)
+    led.plan(planned(i) for i in range(5))
+    yield led
+    led.close()
+
+
+def claim(led, rid="req-00000", *, caps=NO_CAPS, budget=3, **kw) -> Claim | Skip:
+    return led.claim_for_submit(rid, owner="pid-1@host", retry_budget=budget, caps=caps, **kw)
+
+
+def submit(led, rid="req-00000", task="task-1", clock=None) -> Claim:
+    c = claim(led, rid)
+    assert isinstance(c, Claim), c
+    led.record_submitted(rid, c.attempt, task, first_poll_at=(clock.t if clock else 0) + 5)
+    return c
+
+
+# --- setup and planning ----------------------------------------------------------------------
+
+
+def test_sqlite_is_wal_and_tables_exist(ledger, tmp_path):
+    con = sqlite3.connect(tmp_path / "ledger.sqlite")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"requests", "attempts", "ledger_locks"} <= tables
+
+
+def test_schema_compiles_for_postgres():
+    ddl = []
+    engine = create_mock_engine("postgresql+psycopg2://", lambda sql, *a, **k: ddl.append(str(sql.compile(dialect=engine.dialect))))
+    L.metadata.create_all(engine, checkfirst=False)
+    text = "\n".join(ddl)
+    assert "CREATE TABLE requests" in text and "CREATE TABLE attempts" in text
+
+
+def test_plan_is_insert_if_absent_and_never_touches_existing(ledger, clock):
+    assert ledger.get("req-00000").state == "planned"
+    submit(ledger, clock=clock)
+    changed = PlannedRequest("req-00000", "other", 99, "0" * 64, "{}")
+    assert ledger.plan([changed, planned(5), planned(5)]) == 1
+    row = ledger.get("req-00000")
+    assert (row.state, row.subject_id, row.spec_json) == ("submitted", "subj-0", spec(0))
+    assert ledger.counts_by_state()["planned"] == 5
+
+
+def test_spec_json_stored_verbatim(ledger):
+    for i in range(5):
+        assert ledger.get(f"req-{i:05d}").spec_json == spec(i)
+    assert "data:" not in "".join(r.spec_json for r in ledger.rows())
+
+
+def test_plan_100k_rows(tmp_path):
+    led = Ledger(f"sqlite:///{tmp_path / 'big.sqlite'}")
+    rows = [PlannedRequest(f"r{i}", f"s{i % 100}", i, "f" * 64, "{}") for i in range(100_000)]
+    assert led.plan(rows) == 100_000
+    assert led.plan(rows[:1000] + [PlannedRequest("new", "s", None, "f" * 64, "{}")]) == 1
+    assert led.counts_by_state()["planned"] == 100_001
+    led.close()
+
+
+# --- claims ----------------------------------------------------------------------------------
+
+
+def test_claim_commits_intent_and_attempt_row(ledger, clock, url):
+    c = claim(ledger)
+    assert c == Claim("req-00000", 1, spec(0), 0, f"{0:064x}")
+    # Visible to another connection: committed before the caller POSTs.
+    other = Ledger(url)
+    row = other.get("req-00000")
+    assert (row.state, row.attempts, row.owner, row.submitting_at) == ("submitting", 1, "pid-1@host", clock.t)
+    [a] = other.attempts_for("req-00000")
+    assert (a.attempt, a.run_id, a.outcome, a.task_id, a.started_at) == (1, "run-1", None, None, clock.t)
+    other.close()
+
+
+def test_skip_reasons(ledger, clock):
+    assert claim(ledger, "nope") == Skip("nope", "not in the ledger")
+    c = claim(ledger)
+    assert claim(ledger).reason == "submit in progress (attempt 1 by pid-1@host)"
+    ledger.record_submitted("req-00000", c.attempt, "task-9", first_poll_at=0)
+    assert claim(ledger).reason == "already submitted (task task-9)"
+    ledger.record_succeeded("req-00000", effective_seed=5, finished_at=clock.t)
+    assert claim(ledger).reason == "already succeeded (task task-9)"
+
+    c = claim(ledger, "req-00001")
+    ledger.record_submit_unknown("req-00001", c.attempt, "connection dropped after send")
+    assert claim(ledger, "req-00001").reason == "unknown outcome: not resubmitted"
+
+    c = claim(ledger, "req-00002", budget=1)
+    ledger.record_submitted("req-00002", c.attempt, "task-2", first_poll_at=0)
+    ledger.record_failed("req-00002", "TASK_STATUS_FAILED: moderation")
+    assert claim(ledger, "req-00002", budget=1).reason == "retry budget exhausted (1 of 1 attempts)"
+
+
+def test_failed_is_resubmittable_within_budget(ledger, clock):
+    for attempt in (1, 2):
+        c = claim(ledger, budget=2)
+        assert c.attempt == attempt
+        ledger.record_submitted(c.request_id, c.attempt, f"task-{attempt}", first_poll_at=0)
+        ledger.record_failed(c.request_id, "boom")
+    assert isinstance(claim(ledger, budget=2), Skip)
+    assert [(a.attempt, a.task_id, a.outcome) for a in ledger.attempts_for("req-00000")] == [
+        (1, "task-1", "submitted"),
+        (2, "task-2", "submitted"),
+    ]
+    row = ledger.get("req-00000")
+    assert (row.state, row.attempts, row.last_error) == ("failed", 2, "boom")
+
+
+def test_unknown_resubmitted_only_when_allowed(ledger):
+    c = claim(ledger)
+    ledger.record_submit_unknown(c.request_id, c.attempt, "timeout")
+    assert isinstance(claim(ledger), Skip)
+    c2 = claim(ledger, allow_unknown=True)
+    assert isinstance(c2, Claim) and c2.attempt == 2
+    c = claim(ledger, "req-00001", budget=1)
+    ledger.record_submit_unknown(c.request_id, c.attempt, "timeout")
+    assert claim(ledger, "req-00001", budget=1, allow_unknown=True).reason.startswith("retry budget exhausted")
+
+
+def test_per_run_cap(ledger):
+    caps = SpendCaps(per_run=2, per_day=None, run_id="run-A")
+    assert isinstance(claim(ledger, "req-00000", caps=caps), Claim)
+    assert isinstance(claim(ledger, "req-00001", caps=caps), Claim)
+    assert claim(ledger, "req-00002", caps=caps).reason == "cap reached: per-run 2"
+    assert isinstance(claim(ledger, "req-00002", caps=SpendCaps(2, None, "run-B")), Claim)
+
+
+def test_per_day_cap_is_a_rolling_24h_window(ledger, clock):
+    caps = SpendCaps(per_run=None, per_day=2, run_id="r")
+    claim(ledger, "req-00000", caps=caps)
+    clock.t += 3600
+    claim(ledger, "req-00001", caps=caps)
+    assert claim(ledger, "req-00002", caps=caps).reason == "cap reached: per-day 2"
+    clock.t += 86_400 - 3600 + 1  # the first submit left the window
+    assert isinstance(claim(ledger, "req-00002", caps=caps), Claim)
+    assert claim(ledger, "req-00003", caps=caps).reason == "cap reached: per-day 2"
+
+
+def test_rejected_attempts_do_not_count_against_caps(ledger):
+    caps = SpendCaps(per_run=1, per_day=1, run_id="r")
+    c = claim(ledger, caps=caps)
+    ledger.record_submit_rejected(c.request_id, c.attempt, "HTTP 429 RATE_LIMIT_EXCEEDED", retryable=True)
+    assert isinstance(claim(ledger, "req-00001", caps=caps), Claim)
+    assert ledger.submits_since(0) == 1 and ledger.submits_since(0, run_id="other") == 0
+
+
+# --- submit outcomes -------------------------------------------------------------------------
+
+
+def test_rejected_retryable_goes_back_to_planned(ledger):
+    c = claim(ledger)
+    ledger.record_submit_rejected(c.request_id, c.attempt, "HTTP 429", retryable=True)
+    row = ledger.get(c.request_id)
+    assert (row.state, row.attempts, row.last_error) == ("planned", 1, "HTTP 429")
+    assert ledger.attempts_for(c.request_id)[0].outcome == "rejected"
+    assert claim(ledger).attempt == 2
+
+
+def test_rejected_for_good_is_failed(ledger):
+    c = claim(ledger)
+    ledger.record_submit_rejected(c.request_id, c.attempt, "HTTP 400 INVALID_REQUEST_BODY")
+    assert ledger.get(c.request_id).state == "failed"
+
+
+def test_submit_unknown(ledger):
+    c = claim(ledger)
+    ledger.record_submit_unknown(c.request_id, c.attempt, "read timeout after send")
+    row = ledger.get(c.request_id)
+    assert (row.state, row.last_error) == ("unknown", "read timeout after send")
+    assert ledger.attempts_for(c.request_id)[0].outcome == "unknown"
+
+
+def test_ending_an_attempt_twice_is_an_error(ledger):
+    c = claim(ledger)
+    ledger.record_submit_unknown(c.request_id, c.attempt, "x")
+    with pytest.raises(LedgerStateError, match="is unknown"):
+        ledger.record_submit_rejected(c.request_id, c.attempt, "y")
+
+
+def test_record_submitted(ledger, clock):
+    c = claim(ledger)
+    clock.t += 2
+    assert ledger.record_submitted(c.request_id, c.attempt, "task-1", first_poll_at=clock.t + 10)
+    row = ledger.get(c.request_id)
+    assert (row.state, row.task_id, row.submitted_at, row.next_poll_at) == ("submitted", "task-1", clock.t, clock.t + 10)
+    [a] = ledger.attempts_for(c.request_id)
+    assert (a.task_id, a.outcome, a.ended_at) == ("task-1", "submitted", clock.t)
+
+
+def test_late_task_id_after_a_newer_attempt_is_kept_on_the_attempt_row(ledger):
+    c1 = claim(ledger)
+    ledger.record_submit_unknown(c1.request_id, c1.attempt, "timeout")
+    c2 = claim(ledger, allow_unknown=True)
+    assert not ledger.record_submitted(c1.request_id, c1.attempt, "late-task", first_poll_at=0)
+    assert ledger.get(c1.request_id).state == "submitting"
+    assert ledger.attempts_for(c1.request_id)[0].task_id == "late-task"
+    assert ledger.record_submitted(c2.request_id, c2.attempt, "task-2", first_poll_at=0)
+
+
+# --- polling and terminal states -------------------------------------------------------------
+
+
+def test_due_for_poll_orders_by_next_poll_at(ledger, clock):
+    for i, when in [(0, 30), (1, 10), (2, 20), (3, 999)]:
+        c = claim(ledger, f"req-{i:05d}")
+        ledger.record_submitted(c.request_id, c.attempt, f"t{i}", first_poll_at=clock.t + when)
+    due = ledger.due_for_poll(clock.t + 30, limit=10)
+    assert [r.request_id for r in due] == ["req-00001", "req-00002", "req-00000"]
+    assert [r.request_id for r in ledger.due_for_poll(clock.t + 30, limit=1)] == ["req-00001"]
+
+
+def test_record_poll(ledger, clock):
+    submit(ledger, clock=clock)
+    ledger.record_poll("req-00000", status="TASK_STATUS_PROCESSING", eta_s=12.0, progress=40.0, next_poll_at=clock.t + 12)
+    ledger.record_poll("req-00000", status="TASK_STATUS_PROCESSING", eta_s=3.0, progress=90.0, next_poll_at=clock.t + 15)
+    row = ledger.get("req-00000")
+    assert (row.last_status, row.eta_s, row.progress, row.polls, row.next_poll_at) == (
+        "TASK_STATUS_PROCESSING", 3.0, 90.0, 2, clock.t + 15,
+    )
+    with pytest.raises(LedgerStateError, match="is planned"):
+        ledger.record_poll("req-00001", status="x", eta_s=None, progress=None, next_poll_at=None)
+
+
+def test_succeeded(ledger, clock):
+    submit(ledger, clock=clock)
+    ledger.record_succeeded("req-00000", effective_seed=158881667, finished_at=clock.t + 60)
+    row = ledger.get("req-00000")
+    assert (row.state, row.effective_seed, row.finished_at, row.next_poll_at) == ("succeeded", 158881667, clock.t + 60, None)
+    assert ledger.due_for_poll(clock.t + 1e6, 10) == []
+
+
+def test_failed_and_unknown(ledger, clock):
+    submit(ledger, "req-00000", clock=clock)
+    ledger.record_failed("req-00000", "TASK_STATUS_FAILED: content policy")
+    submit(ledger, "req-00001", clock=clock)
+    ledger.record_unknown("req-00001", "deadline passed; last status TASK_STATUS_CANCELED")
+    assert ledger.get("req-00000").state == "failed"
+    u = ledger.get("req-00001")
+    assert (u.state, u.last_error) == ("unknown", "deadline passed; last status TASK_STATUS_CANCELED")
+    # A late poll that finds the unknown task done is still recorded.
+    ledger.record_succeeded("req-00001", effective_seed=1, finished_at=clock.t)
+    assert ledger.get("req-00001").state == "succeeded"
+
+
+def test_terminal_transitions_require_a_task(ledger):
+    with pytest.raises(LedgerStateError):
+        ledger.record_succeeded("req-00000", effective_seed=1, finished_at=0)
+    c = claim(ledger, "req-00001")
+    ledger.record_submit_unknown(c.request_id, c.attempt, "timeout")
+    with pytest.raises(LedgerStateError):  # unknown without a task id: nothing to have succeeded
+        ledger.record_succeeded("req-00001", effective_seed=1, finished_at=0)
+
+
+# --- videos, lineage, reading ----------------------------------------------------------------
+
+
+def test_video_lifecycle(ledger, clock):
+    submit(ledger, clock=clock)
+    ledger.record_succeeded("req-00000", effective_seed=7, finished_at=clock.t)
+    assert [r.request_id for r in ledger.needing_video()] == ["req-00000"]
+    ledger.record_video_error("req-00000", "download truncated")
+    ledger.record_video_error("req-00000", "download truncated")
+    assert ledger.get("req-00000").video_attempts == 2
+    assert ledger.needing_video(max_video_attempts=2) == []
+    probe = {"width": 192, "height": 108, "frames": 120}
+    ledger.record_video("req-00000", path="/data/v.mp4", sha256="ab" * 32, size_bytes=1234, probe=probe)
+    row = ledger.get("req-00000")
+    assert (row.video_path, row.video_bytes, row.probe) == ("/data/v.mp4", 1234, probe)
+    assert ledger.needing_video() == []
+    with pytest.raises(LedgerStateError):
+        ledger.record_video("req-00001", path="x", sha256="0", size_bytes=1, probe={})
+
+
+def test_lineage_marks(ledger, clock):
+    submit(ledger, "req-00000", clock=clock)
+    ledger.record_succeeded("req-00000", effective_seed=7, finished_at=clock.t)
+    submit(ledger, "req-00001", clock=clock)
+    ledger.record_failed("req-00001", "x")
+    assert [r.request_id for r in ledger.needing_lineage()] == ["req-00001"]  # no video yet
+    ledger.record_video("req-00000", path="p", sha256="s", size_bytes=1, probe={})
+    assert {r.request_id for r in ledger.needing_lineage()} == {"req-00000", "req-00001"}
+    ledger.mark_lineage(["req-00000", "req-00001"])
+    assert ledger.needing_lineage() == []
+    ledger.claim_for_submit("req-00001", owner="o", retry_budget=3, caps=NO_CAPS)
+    assert ledger.needing_lineage() == []  # submitting again: nothing final to record
+    assert ledger.get("req-00001").lineage_state == "failed"
+
+
+def test_reading(ledger, clock):
+    assert ledger.get("missing") is None
+    assert ledger.oldest_pending().request_id == "req-00000"
+    submit(ledger, "req-00000", clock=clock)
+    ledger.record_succeeded("req-00000", effective_seed=1, finished_at=clock.t)
+    assert ledger.oldest_pending().request_id == "req-00001"
+    assert [r.request_id for r in ledger.rows(["succeeded"])] == ["req-00000"]
+    assert len(ledger.rows()) == 5
+    assert ledger.counts_by_state() == {
+        "planned": 4, "submitting": 0, "submitted": 0, "succeeded": 1, "failed": 0, "unknown": 0,
+    }
+
+
+# --- crash recovery --------------------------------------------------------------------------
+
+
+def test_recover_stale_submitting(ledger, clock):
+    old = claim(ledger, "req-00000")
+    clock.t += 600
+    fresh = claim(ledger, "req-00001")
+    assert ledger.recover_stale_submitting(older_than_s=300) == ["req-00000"]
+    row = ledger.get("req-00000")
+    assert row.state == "unknown" and "never recorded a task id" in row.last_error
+    assert ledger.attempts_for("req-00000")[0].outcome == "unknown"
+    assert ledger.get("req-00001").state == "submitting"
+    assert claim(ledger, "req-00000").reason == "unknown outcome: not resubmitted"
+    assert ledger.recover_stale_submitting(older_than_s=300, now=clock.t + 301) == ["req-00001"]
+    # The crashed submitter's late answer still lands.
+    assert ledger.record_submitted(old.request_id, old.attempt, "late", first_poll_at=0)
+    assert ledger.record_submitted(fresh.request_id, fresh.attempt, "late2", first_poll_at=0)
+
+
+# --- concurrency -----------------------------------------------------------------------------
+
+
+def _claim_all(url: str, worker: str, ids: list[str], out) -> None:
+    led = Ledger(url)
+    caps = SpendCaps(per_run=None, per_day=20, run_id=f"run-{worker}")
+    got = []
+    for rid in ids:
+        c = led.claim_for_submit(rid, owner=worker, retry_budget=3, caps=caps)
+        if isinstance(c, Claim):
+            got.append(rid)
+    led.close()
+    out.put((worker, got))
+
+
+def test_two_processes_respect_caps_and_never_double_claim(url):
+    led = Ledger(url)
+    ids = [p.request_id for p in (planned(i) for i in range(50))]
+    led.plan(planned(i) for i in range(50))
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(url, w, order, out)) for w, order in (("A", ids), ("B", ids[::-1]))]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    claimed = results["A"] + results["B"]
+    assert len(claimed) == 20
+    assert len(set(claimed)) == 20
+    assert led.counts_by_state()["submitting"] == 20
+    assert led.submits_since(0) == 20
+    assert all(len(led.attempts_for(rid)) == 1 for rid in claimed)
+    led.close()

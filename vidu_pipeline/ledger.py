@@ -1,0 +1,689 @@
+"""The durable task ledger: the only protection against paying twice for one video.
+
+The API has no idempotency key, so every submit is preceded by a committed *intent*
+(``claim_for_submit``: state ``submitting``, one ``attempts`` row) and followed by the task id
+(``record_submitted``). A submit whose outcome is unknown ends in state ``unknown`` and is never
+resubmitted automatically.
+
+States::
+
+    planned -> submitting -> submitted -> succeeded
+       ^            |              |----> failed  (resubmittable while attempts < budget)
+       |            |              '----> unknown (deadline passed without a terminal status)
+       '- rejected -+-> failed (rejected for good) / unknown (outcome unknown, crash)
+
+SQLAlchemy Core, so the same code runs on SQLite (the default: WAL, ``busy_timeout``, and
+``BEGIN IMMEDIATE`` for every write transaction so concurrent processes serialize instead of
+failing on a lock upgrade) and on Postgres (row locks with ``SELECT … FOR UPDATE``; claims
+additionally lock one row of ``ledger_locks`` so spend caps hold across concurrent claimers).
+
+All timestamps are UTC epoch seconds (floats).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    create_engine,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+PLANNED = "planned"
+SUBMITTING = "submitting"
+SUBMITTED = "submitted"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+UNKNOWN = "unknown"
+STATES = (PLANNED, SUBMITTING, SUBMITTED, SUCCEEDED, FAILED, UNKNOWN)
+PENDING_STATES = (PLANNED, SUBMITTING, SUBMITTED)
+
+# Outcomes of one submit attempt (``attempts.outcome``); NULL while the POST is in flight.
+OUTCOME_SUBMITTED = "submitted"
+OUTCOME_REJECTED = "rejected"
+OUTCOME_UNKNOWN = "unknown"
+
+DAY_S = 86_400.0
+_PLAN_CHUNK = 5_000
+_IN_CHUNK = 500  # ids per "IN (…)" query: far below every backend's parameter limit
+_CLAIM_LOCK = "claim"
+
+metadata = MetaData()
+
+requests_table = Table(
+    "requests",
+    metadata,
+    Column("request_id", String(200), primary_key=True),
+    Column("subject_id", String(200), nullable=False),
+    Column("seed", BigInteger),
+    Column("fingerprint", String(64), nullable=False),
+    Column("spec_json", Text, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("task_id", String(200)),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("effective_seed", BigInteger),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("submitting_at", Float),
+    Column("submitted_at", Float),
+    Column("finished_at", Float),
+    Column("next_poll_at", Float),
+    Column("last_status", String(64)),
+    Column("eta_s", Float),
+    Column("progress", Float),
+    Column("polls", Integer, nullable=False, default=0),
+    Column("owner", String(300)),
+    Column("video_path", Text),
+    Column("video_sha256", String(64)),
+    Column("video_bytes", BigInteger),
+    Column("probe_json", Text),
+    Column("video_attempts", Integer, nullable=False, default=0),
+    Column("lineage_state", String(16)),
+    Index("ix_requests_state_next_poll", "state", "next_poll_at"),
+    Index("ix_requests_fingerprint", "fingerprint"),
+)
+
+attempts_table = Table(
+    "attempts",
+    metadata,
+    Column("request_id", String(200), primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("run_id", String(200), nullable=False),
+    Column("owner", String(300), nullable=False),
+    Column("task_id", String(200)),
+    Column("started_at", Float, nullable=False),
+    Column("ended_at", Float),
+    Column("outcome", String(16)),
+    Column("error", Text),
+    Index("ix_attempts_started_at", "started_at"),
+    Index("ix_attempts_run_id", "run_id"),
+)
+
+# One row per named lock; claims lock the "claim" row so caps are checked serially on Postgres.
+locks_table = Table("ledger_locks", metadata, Column("name", String(64), primary_key=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRequest:
+    """One request to plan. ``spec_json`` is stored verbatim: images by sha256, never data URIs."""
+
+    request_id: str
+    subject_id: str
+    seed: int | None
+    fingerprint: str
+    spec_json: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SpendCaps:
+    """Submits allowed for one run, and in any rolling 24 h window across all runs (None: no cap)."""
+
+    per_run: int | None
+    per_day: int | None
+    run_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """Permission to POST exactly once: the intent is committed before this is returned."""
+
+    request_id: str
+    attempt: int
+    spec_json: str
+    seed: int | None
+    fingerprint: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    request_id: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskRow:
+    request_id: str
+    subject_id: str
+    seed: int | None
+    fingerprint: str
+    spec_json: str
+    state: str
+    task_id: str | None
+    attempts: int
+    last_error: str | None
+    effective_seed: int | None
+    created_at: float
+    updated_at: float
+    submitting_at: float | None
+    submitted_at: float | None
+    finished_at: float | None
+    next_poll_at: float | None
+    last_status: str | None
+    eta_s: float | None
+    progress: float | None
+    polls: int
+    owner: str | None
+    video_path: str | None
+    video_sha256: str | None
+    video_bytes: int | None
+    probe_json: str | None
+    video_attempts: int
+    lineage_state: str | None
+
+    @property
+    def probe(self) -> dict[str, Any] | None:
+        return json.loads(self.probe_json) if self.probe_json else None
+
+
+@dataclasses.dataclass(frozen=True)
+class AttemptRow:
+    request_id: str
+    attempt: int
+    run_id: str
+    owner: str
+    task_id: str | None
+    started_at: float
+    ended_at: float | None
+    outcome: str | None
+    error: str | None
+
+
+class LedgerStateError(RuntimeError):
+    """A transition was asked of a row that is not in a state allowing it (a caller bug)."""
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    """Take transaction control from pysqlite, as SQLAlchemy's SQLite docs describe.
+
+    Writes begin with ``BEGIN IMMEDIATE`` (the write lock is taken up front, waiting up to
+    ``busy_timeout``), reads with a plain deferred ``BEGIN`` so WAL readers never block.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None
+        cur = dbapi_connection.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        # FULL: a committed intent must survive power loss, or we might pay twice.
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection):
+        immediate = conn.get_execution_options().get("ledger_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+class Ledger:
+    def __init__(self, url: str, *, clock: Callable[[], float] = time.time, echo: bool = False):
+        """Open (and create if needed) the ledger at ``url``; ``clock`` is injectable for tests."""
+        self.url = url
+        self.clock = clock
+        self.engine = create_engine(url, echo=echo)
+        self._sqlite = self.engine.dialect.name == "sqlite"
+        if self._sqlite:
+            _configure_sqlite(self.engine)
+        with self._write() as conn:
+            metadata.create_all(conn)
+        try:
+            with self._write() as conn:
+                if conn.execute(select(locks_table).where(locks_table.c.name == _CLAIM_LOCK)).first() is None:
+                    conn.execute(insert(locks_table).values(name=_CLAIM_LOCK))
+        except IntegrityError:
+            pass  # another process created it first
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- transactions -------------------------------------------------------------------------
+
+    def _write(self):
+        """A write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
+        return self.engine.execution_options(ledger_write=True).begin()
+
+    def _read(self):
+        return self.engine.begin()
+
+    def _locked(self, stmt):
+        return stmt if self._sqlite else stmt.with_for_update()
+
+    # --- planning -----------------------------------------------------------------------------
+
+    def plan(self, rows: Iterable[PlannedRequest]) -> int:
+        """Insert the requests not yet in the ledger; existing rows are never touched.
+
+        Returns how many were new. Chunked executemany, one short write transaction per chunk.
+        """
+        new = 0
+        chunk: dict[str, PlannedRequest] = {}
+        for row in rows:
+            chunk.setdefault(row.request_id, row)
+            if len(chunk) >= _PLAN_CHUNK:
+                new += self._plan_chunk(list(chunk.values()))
+                chunk = {}
+        if chunk:
+            new += self._plan_chunk(list(chunk.values()))
+        return new
+
+    def _plan_chunk(self, rows: list[PlannedRequest]) -> int:
+        now = self.clock()
+        r = requests_table.c
+        with self._write() as conn:
+            existing: set[str] = set()
+            for i in range(0, len(rows), _IN_CHUNK):
+                ids = [p.request_id for p in rows[i : i + _IN_CHUNK]]
+                existing.update(conn.scalars(select(r.request_id).where(r.request_id.in_(ids))))
+            fresh = [
+                {
+                    "request_id": p.request_id,
+                    "subject_id": p.subject_id,
+                    "seed": p.seed,
+                    "fingerprint": p.fingerprint,
+                    "spec_json": p.spec_json,
+                    "state": PLANNED,
+                    "attempts": 0,
+                    "polls": 0,
+                    "video_attempts": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for p in rows
+                if p.request_id not in existing
+            ]
+            if fresh:
+                conn.execute(insert(requests_table), fresh)
+        return len(fresh)
+
+    # --- submitting ---------------------------------------------------------------------------
+
+    def claim_for_submit(
+        self,
+        request_id: str,
+        *,
+        owner: str,
+        retry_budget: int,
+        caps: SpendCaps,
+        allow_unknown: bool = False,
+    ) -> Claim | Skip:
+        """Commit the intent to submit, or say why not — state, budget and caps in ONE transaction.
+
+        ``retry_budget`` is the total number of attempts a failed (or, with ``allow_unknown``,
+        unknown) request may reach. Caps count attempts that may have cost money: every attempt
+        row except those provably rejected by the service.
+        """
+        r, a = requests_table.c, attempts_table.c
+        with self._write() as conn:
+            if not self._sqlite:
+                conn.execute(select(locks_table).where(locks_table.c.name == _CLAIM_LOCK).with_for_update())
+            row = conn.execute(self._locked(select(requests_table).where(r.request_id == request_id))).first()
+            if row is None:
+                return Skip(request_id, "not in the ledger")
+            skip = _state_skip(row, retry_budget, allow_unknown)
+            if skip:
+                return Skip(request_id, skip)
+            now = self.clock()
+            billable = or_(a.outcome.is_(None), a.outcome != OUTCOME_REJECTED)
+            if caps.per_run is not None:
+                used = conn.scalar(select(func.count()).where(a.run_id == caps.run_id, billable))
+                if used >= caps.per_run:
+                    return Skip(request_id, f"cap reached: per-run {caps.per_run}")
+            if caps.per_day is not None:
+                used = conn.scalar(select(func.count()).where(a.started_at > now - DAY_S, billable))
+                if used >= caps.per_day:
+                    return Skip(request_id, f"cap reached: per-day {caps.per_day}")
+            attempt = row.attempts + 1
+            conn.execute(
+                update(requests_table)
+                .where(r.request_id == request_id)
+                .values(
+                    state=SUBMITTING,
+                    attempts=attempt,
+                    owner=owner,
+                    submitting_at=now,
+                    updated_at=now,
+                    task_id=None,
+                    submitted_at=None,
+                    finished_at=None,
+                    next_poll_at=None,
+                    last_status=None,
+                    eta_s=None,
+                    progress=None,
+                    polls=0,
+                    effective_seed=None,
+                )
+            )
+            conn.execute(
+                insert(attempts_table).values(
+                    request_id=request_id, attempt=attempt, run_id=caps.run_id, owner=owner, started_at=now
+                )
+            )
+        return Claim(request_id, attempt, row.spec_json, row.seed, row.fingerprint)
+
+    def record_submitted(self, request_id: str, attempt: int, task_id: str, *, first_poll_at: float) -> bool:
+        """Store the task id the service returned. Always recorded on the attempt row (money was
+        spent); the request row follows only if it is still at this attempt (``submitting``, or
+        ``unknown`` after a stale-intent recovery). Returns whether the request row follows it."""
+        now = self.clock()
+        r, a = requests_table.c, attempts_table.c
+        with self._write() as conn:
+            conn.execute(
+                update(attempts_table)
+                .where(a.request_id == request_id, a.attempt == attempt)
+                .values(task_id=task_id, ended_at=now, outcome=OUTCOME_SUBMITTED, error=None)
+            )
+            res = conn.execute(
+                update(requests_table)
+                .where(r.request_id == request_id, r.attempts == attempt, r.state.in_((SUBMITTING, UNKNOWN)))
+                .values(
+                    state=SUBMITTED,
+                    task_id=task_id,
+                    submitted_at=now,
+                    next_poll_at=first_poll_at,
+                    last_error=None,
+                    updated_at=now,
+                )
+            )
+            return res.rowcount == 1
+
+    def record_submit_rejected(self, request_id: str, attempt: int, error: str, *, retryable: bool = False) -> None:
+        """The service provably created no task (400, 401, 429, refused connection).
+
+        ``retryable`` (e.g. 429) puts the request back to ``planned``; otherwise ``failed``.
+        """
+        self._end_attempt(request_id, attempt, OUTCOME_REJECTED, error, PLANNED if retryable else FAILED)
+
+    def record_submit_unknown(self, request_id: str, attempt: int, error: str) -> None:
+        """The body may have reached the service: a paid task may exist. Never resubmitted."""
+        self._end_attempt(request_id, attempt, OUTCOME_UNKNOWN, error, UNKNOWN)
+
+    def _end_attempt(self, request_id: str, attempt: int, outcome: str, error: str, state: str) -> None:
+        now = self.clock()
+        r, a = requests_table.c, attempts_table.c
+        with self._write() as conn:
+            conn.execute(
+                update(attempts_table)
+                .where(a.request_id == request_id, a.attempt == attempt)
+                .values(ended_at=now, outcome=outcome, error=error)
+            )
+            res = conn.execute(
+                update(requests_table)
+                .where(r.request_id == request_id, r.attempts == attempt, r.state == SUBMITTING)
+                .values(state=state, last_error=error, updated_at=now)
+            )
+            if res.rowcount != 1:
+                raise LedgerStateError(self._describe(conn, request_id, f"end attempt {attempt} as {outcome}"))
+
+    def recover_stale_submitting(self, older_than_s: float, now: float | None = None) -> list[str]:
+        """Intents older than ``older_than_s`` without a task id (the submitter crashed between
+        the commit and the answer) become ``unknown``: a paid task may exist. Returns their ids."""
+        now = self.clock() if now is None else now
+        r, a = requests_table.c, attempts_table.c
+        cutoff = now - older_than_s
+        with self._write() as conn:
+            stale = conn.execute(
+                self._locked(
+                    select(r.request_id, r.attempts, r.owner, r.submitting_at).where(
+                        r.state == SUBMITTING, r.submitting_at < cutoff
+                    )
+                )
+            ).all()
+            for rid, attempt, owner, since in stale:
+                reason = (
+                    f"submit outcome unknown: intent by {owner} at {since:.0f} "
+                    f"never recorded a task id (stale after {older_than_s:.0f} s)"
+                )
+                conn.execute(
+                    update(attempts_table)
+                    .where(a.request_id == rid, a.attempt == attempt, a.outcome.is_(None))
+                    .values(ended_at=now, outcome=OUTCOME_UNKNOWN, error=reason)
+                )
+                conn.execute(
+                    update(requests_table)
+                    .where(r.request_id == rid, r.state == SUBMITTING)
+                    .values(state=UNKNOWN, last_error=reason, updated_at=now)
+                )
+        return [s.request_id for s in stale]
+
+    # --- polling ------------------------------------------------------------------------------
+
+    def due_for_poll(self, now: float, limit: int) -> list[TaskRow]:
+        r = requests_table.c
+        stmt = (
+            select(requests_table)
+            .where(r.state == SUBMITTED, r.next_poll_at <= now)
+            .order_by(r.next_poll_at, r.request_id)
+            .limit(limit)
+        )
+        return self._select(stmt)
+
+    def record_poll(
+        self,
+        request_id: str,
+        *,
+        status: str,
+        eta_s: float | None,
+        progress: float | None,
+        next_poll_at: float | None,
+    ) -> None:
+        r = requests_table.c
+        self._transition(
+            request_id,
+            (SUBMITTED,),
+            "record a poll",
+            last_status=status,
+            eta_s=eta_s,
+            progress=progress,
+            next_poll_at=next_poll_at,
+            polls=r.polls + 1,
+        )
+
+    def record_succeeded(self, request_id: str, *, effective_seed: int | None, finished_at: float) -> None:
+        """From ``submitted`` or from ``unknown`` with a task id (a late poll found it done)."""
+        self._transition(
+            request_id,
+            (SUBMITTED, UNKNOWN),
+            "record success",
+            require_task=True,
+            state=SUCCEEDED,
+            effective_seed=effective_seed,
+            finished_at=finished_at,
+            next_poll_at=None,
+            last_error=None,
+        )
+
+    def record_failed(self, request_id: str, reason: str) -> None:
+        """The task ended FAILED: resubmittable while attempts < retry budget."""
+        self._transition(
+            request_id,
+            (SUBMITTED, UNKNOWN),
+            "record failure",
+            require_task=True,
+            state=FAILED,
+            last_error=reason,
+            finished_at=self.clock(),
+            next_poll_at=None,
+        )
+
+    def record_unknown(self, request_id: str, reason: str) -> None:
+        """E.g. the deadline passed with a non-terminal or unfamiliar status: report, never drop."""
+        self._transition(
+            request_id, (SUBMITTED,), "record unknown", state=UNKNOWN, last_error=reason, next_poll_at=None
+        )
+
+    # --- videos and lineage -------------------------------------------------------------------
+
+    def needing_video(self, limit: int | None = None, *, max_video_attempts: int | None = None) -> list[TaskRow]:
+        r = requests_table.c
+        stmt = select(requests_table).where(r.state == SUCCEEDED, r.video_sha256.is_(None))
+        if max_video_attempts is not None:
+            stmt = stmt.where(r.video_attempts < max_video_attempts)
+        stmt = stmt.order_by(r.finished_at, r.request_id)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        return self._select(stmt)
+
+    def record_video(self, request_id: str, *, path: str, sha256: str, size_bytes: int, probe: dict) -> None:
+        self._transition(
+            request_id,
+            (SUCCEEDED,),
+            "record a video",
+            video_path=str(path),
+            video_sha256=sha256,
+            video_bytes=size_bytes,
+            probe_json=json.dumps(probe, sort_keys=True),
+            last_error=None,
+        )
+
+    def record_video_error(self, request_id: str, error: str) -> None:
+        r = requests_table.c
+        self._transition(
+            request_id,
+            (SUCCEEDED,),
+            "record a video error",
+            video_attempts=r.video_attempts + 1,
+            last_error=error,
+        )
+
+    def needing_lineage(self, limit: int | None = None) -> list[TaskRow]:
+        """Rows whose current outcome is not yet in the lineage table: succeeded with a video,
+        failed, or unknown, and ``lineage_state`` differing from ``state``."""
+        r = requests_table.c
+        stmt = (
+            select(requests_table)
+            .where(
+                or_(
+                    and_(r.state == SUCCEEDED, r.video_sha256.is_not(None)),
+                    r.state.in_((FAILED, UNKNOWN)),
+                ),
+                or_(r.lineage_state.is_(None), r.lineage_state != r.state),
+            )
+            .order_by(r.updated_at, r.request_id)
+        )
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        return self._select(stmt)
+
+    def mark_lineage(self, request_ids: Sequence[str]) -> None:
+        """Note that the lineage table now holds each row's current state."""
+        r = requests_table.c
+        with self._write() as conn:
+            for i in range(0, len(request_ids), _IN_CHUNK):
+                conn.execute(
+                    update(requests_table)
+                    .where(r.request_id.in_(request_ids[i : i + _IN_CHUNK]))
+                    .values(lineage_state=r.state)
+                )
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def get(self, request_id: str) -> TaskRow | None:
+        rows = self._select(select(requests_table).where(requests_table.c.request_id == request_id))
+        return rows[0] if rows else None
+
+    def rows(self, states: Iterable[str] | None = None) -> list[TaskRow]:
+        r = requests_table.c
+        stmt = select(requests_table).order_by(r.created_at, r.request_id)
+        if states is not None:
+            stmt = stmt.where(r.state.in_(list(states)))
+        return self._select(stmt)
+
+    def counts_by_state(self) -> dict[str, int]:
+        r = requests_table.c
+        with self._read() as conn:
+            found = dict(conn.execute(select(r.state, func.count()).group_by(r.state)).all())
+        return {s: found.get(s, 0) for s in STATES}
+
+    def oldest_pending(self) -> TaskRow | None:
+        """The longest-waiting request not yet finished (planned, submitting or submitted)."""
+        r = requests_table.c
+        rows = self._select(
+            select(requests_table)
+            .where(r.state.in_(PENDING_STATES))
+            .order_by(r.created_at, r.request_id)
+            .limit(1)
+        )
+        return rows[0] if rows else None
+
+    def attempts_for(self, request_id: str) -> list[AttemptRow]:
+        a = attempts_table.c
+        with self._read() as conn:
+            rows = conn.execute(select(attempts_table).where(a.request_id == request_id).order_by(a.attempt)).all()
+        return [AttemptRow(**row._mapping) for row in rows]
+
+    def submits_since(self, since: float, run_id: str | None = None) -> int:
+        """Billable attempts started after ``since`` (optionally for one run): what caps count."""
+        a = attempts_table.c
+        stmt = select(func.count()).where(
+            a.started_at > since, or_(a.outcome.is_(None), a.outcome != OUTCOME_REJECTED)
+        )
+        if run_id is not None:
+            stmt = stmt.where(a.run_id == run_id)
+        with self._read() as conn:
+            return conn.scalar(stmt)
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _select(self, stmt) -> list[TaskRow]:
+        with self._read() as conn:
+            return [TaskRow(**row._mapping) for row in conn.execute(stmt)]
+
+    def _transition(
+        self, request_id: str, from_states: tuple[str, ...], what: str, *, require_task: bool = False, **values
+    ) -> None:
+        r = requests_table.c
+        where = [r.request_id == request_id, r.state.in_(from_states)]
+        if require_task:
+            where.append(r.task_id.is_not(None))
+        with self._write() as conn:
+            res = conn.execute(update(requests_table).where(*where).values(updated_at=self.clock(), **values))
+            if res.rowcount != 1:
+                raise LedgerStateError(self._describe(conn, request_id, what))
+
+    @staticmethod
+    def _describe(conn: Connection, request_id: str, what: str) -> str:
+        r = requests_table.c
+        row = conn.execute(select(r.state, r.attempts, r.task_id).where(r.request_id == request_id)).first()
+        if row is None:
+            return f"cannot {what}: {request_id} is not in the ledger"
+        return f"cannot {what}: {request_id} is {row.state} (attempt {row.attempts}, task {row.task_id})"
+
+
+def _state_skip(row, retry_budget: int, allow_unknown: bool) -> str | None:
+    """Why a request in this state may not be submitted now, or None if it may."""
+    state = row.state
+    if state == PLANNED:
+        return None
+    if state == SUBMITTING:
+        return f"submit in progress (attempt {row.attempts} by {row.owner})"
+    if state == SUBMITTED:
+        return f"already submitted (task {row.task_id})"
+    if state == SUCCEEDED:
+        return f"already succeeded (task {row.task_id})"
+    if state == UNKNOWN and not allow_unknown:
+        return "unknown outcome: not resubmitted"
+    if row.attempts >= retry_budget:
+        return f"retry budget exhausted ({row.attempts} of {retry_budget} attempts)"
+    return None
