@@ -1,0 +1,133 @@
+"""Finished task → verified video on disk → ledger → lineage row.
+
+A video is only recorded once it decodes end to end; a file that decodes but does not match
+its request (size, duration, audio) is kept and recorded with its problems, so the asset check
+fails loudly instead of the dataset silently holding a wrong clip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from . import errors
+from .client import ViduClient
+from .ledger import Ledger, TaskRow
+from .plan import PIPELINE_VERSION, RequestSpec
+from .video import VideoInvalid, VideoProbe, check_against_request, probe_video
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectedVideo:
+    request_id: str
+    path: Path
+    probe: VideoProbe
+    problems: tuple[str, ...]
+
+
+def video_path(videos_dir: Path, request_id: str) -> Path:
+    return Path(videos_dir) / f"{request_id}.mp4"
+
+
+def collect_video(
+    ledger: Ledger,
+    client: ViduClient,
+    request_id: str,
+    *,
+    videos_dir: Path,
+    render_scale: float = 1.0,
+    run_id: str | None = None,
+) -> CollectedVideo:
+    """Download, verify and probe one succeeded task's video; record it in the ledger.
+
+    Raises :class:`VideoInvalid` or a :class:`~vidu_pipeline.errors.ViduError` when no good
+    file could be had (recorded as a video error; the next attempt downloads again).
+    """
+    row = ledger.get(request_id)
+    if row is None or row.state != "succeeded" or not row.task_id:
+        raise ValueError(f"{request_id}: no succeeded task to collect (state {row.state if row else 'absent'})")
+    spec = RequestSpec.from_json(row.spec_json)
+    final = video_path(videos_dir, request_id)
+    staging = final.with_name(f".{final.name}.download")
+    try:
+        download = client.download(row.task_id, staging)
+        probe = probe_video(staging)
+    except (VideoInvalid, errors.ViduError) as exc:
+        staging.unlink(missing_ok=True)
+        ledger.record_video_error(request_id, f"{type(exc).__name__}: {exc}")
+        raise
+    problems = tuple(
+        check_against_request(
+            probe,
+            aspect_ratio=spec.options["aspect_ratio"],
+            bgm=spec.options["bgm"],
+            render_scale=render_scale,
+            duration_s=spec.options["duration"],
+        )
+    )
+    staging.replace(final)
+    ledger.record_video(
+        request_id,
+        path=str(final),
+        sha256=download.sha256,
+        size_bytes=download.size_bytes,
+        probe={**dataclasses.asdict(probe), "problems": list(problems), "dagster_run_id": run_id},
+    )
+    if problems:
+        log.error("%s: video does not match its request: %s", request_id, "; ".join(problems))
+    return CollectedVideo(request_id, final, probe, problems)
+
+
+def lineage_row(row: TaskRow, run_id: str | None = None) -> dict[str, Any]:
+    """The lineage record of one terminal ledger row: enough to reproduce the video."""
+    spec = RequestSpec.from_json(row.spec_json)
+    probe = json.loads(row.probe_json) if row.probe_json else {}
+    problems = probe.get("problems") or []
+    reason = row.last_error if row.state != "succeeded" else "; ".join(problems) or None
+    submitted = _ts(row.submitted_at)
+    finished = _ts(row.finished_at)
+    return {
+        "request_id": row.request_id,
+        "subject_id": spec.subject_id,
+        "prompt": spec.prompt,
+        "aspect_ratio": spec.options["aspect_ratio"],
+        "movement_amplitude": spec.options["movement_amplitude"],
+        "bgm": bool(spec.options["bgm"]),
+        "duration": int(spec.options["duration"]),
+        "resolution": spec.options["resolution"],
+        "seed_requested": spec.seed,
+        "seed_effective": row.effective_seed,
+        "reference_sha256s": list(spec.image_sha256s),
+        "reference_original_sha256s": list(spec.original_sha256s),
+        "task_id": row.task_id,
+        "attempts": row.attempts,
+        "state": row.state,
+        "reason": reason,
+        "submitted_at": submitted,
+        "finished_at": finished,
+        "latency_s": (row.finished_at - row.submitted_at) if row.finished_at and row.submitted_at else None,
+        "video_path": row.video_path,
+        "video_sha256": row.video_sha256,
+        "video_bytes": row.video_bytes,
+        "width": probe.get("width"),
+        "height": probe.get("height"),
+        "fps": probe.get("fps"),
+        "frames": probe.get("frames"),
+        "duration_s": probe.get("duration_s"),
+        "has_audio": probe.get("has_audio"),
+        "dagster_run_id": probe.get("dagster_run_id") or run_id,
+        "pipeline_version": PIPELINE_VERSION,
+        "recorded_at": pd.Timestamp(time.time(), unit="s", tz="UTC"),
+    }
+
+
+def _ts(epoch: float | None):
+    return pd.Timestamp(epoch, unit="s", tz="UTC") if epoch else None
