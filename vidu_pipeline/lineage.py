@@ -1,0 +1,204 @@
+"""The Parquet lineage table: what was asked, what was sent, what came back, for every video.
+
+An append-only log under one folder: each ``append`` writes ONE new immutable file with a
+unique name (``part-<utc>-<uuid4>.parquet``), first to a dot-prefixed temp file in the same
+folder, fsynced, then ``os.replace``d — so a reader never sees a half-written file, even if the
+writer is killed. Several rows for one request (e.g. ``unknown`` then ``succeeded``) are
+resolved at read time: the latest ``recorded_at`` wins. ``compact`` merges the parts under a
+lock; the schema (:data:`SCHEMA`, documented in ``docs/lineage.md``) evolves only by adding
+nullable columns, and every read applies it explicitly.
+
+The folder is readable as is by ``pandas.read_parquet(root)`` and DuckDB
+(``read_parquet('root/*.parquet')``): temp files start with ``.`` and end in ``.tmp``, the lock
+file is ``_compact.lock``, both skipped by those readers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import os
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+TS = pa.timestamp("us", tz="UTC")
+
+SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("subject_id", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("aspect_ratio", pa.string()),
+        pa.field("movement_amplitude", pa.string()),
+        pa.field("bgm", pa.bool_()),
+        pa.field("duration", pa.int32()),
+        pa.field("resolution", pa.string()),
+        pa.field("seed_requested", pa.int64()),
+        pa.field("seed_effective", pa.int64()),
+        pa.field("reference_sha256s", pa.list_(pa.string())),
+        pa.field("reference_original_sha256s", pa.list_(pa.string())),
+        pa.field("task_id", pa.string()),
+        pa.field("attempts", pa.int32()),
+        pa.field("state", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("submitted_at", TS),
+        pa.field("finished_at", TS),
+        pa.field("latency_s", pa.float64()),
+        pa.field("video_path", pa.string()),
+        pa.field("video_sha256", pa.string()),
+        pa.field("video_bytes", pa.int64()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("fps", pa.float64()),
+        pa.field("frames", pa.int32()),
+        pa.field("duration_s", pa.float64()),
+        pa.field("has_audio", pa.bool_()),
+        pa.field("dagster_run_id", pa.string()),
+        pa.field("pipeline_version", pa.string()),
+        pa.field("recorded_at", TS, nullable=False),
+    ]
+)
+STATES = ("succeeded", "failed", "unknown")
+_TIMESTAMPS = ("submitted_at", "finished_at", "recorded_at")
+LOCK_NAME = "_compact.lock"
+TMP_SUFFIX = ".tmp"
+STALE_TMP_S = 3600.0
+
+
+class LineageBusy(RuntimeError):
+    """Another process holds the compaction lock."""
+
+
+def to_utc(value: Any) -> dt.datetime | None:
+    """Epoch seconds, ISO strings, naive (taken as UTC) or aware datetimes → aware UTC."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, pd.Timestamp):
+        value = value.to_pydatetime()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return dt.datetime.fromtimestamp(value, dt.timezone.utc)
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    if isinstance(value, dt.datetime):
+        return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
+    raise TypeError(f"not a timestamp: {value!r}")
+
+
+def normalize_row(row: Mapping[str, Any], now: dt.datetime) -> dict[str, Any]:
+    """Check one row against the schema; fill ``recorded_at`` and ``latency_s`` when absent."""
+    unknown = set(row) - set(SCHEMA.names)
+    if unknown:
+        raise ValueError(f"columns not in the lineage schema: {', '.join(sorted(unknown))}")
+    if not row.get("request_id"):
+        raise ValueError("request_id is required")
+    if row.get("state") is not None and row["state"] not in STATES:
+        raise ValueError(f"state {row['state']!r} is not one of {', '.join(STATES)}")
+    out = {name: row.get(name) for name in SCHEMA.names}
+    for name in _TIMESTAMPS:
+        out[name] = to_utc(out[name])
+    out["recorded_at"] = out["recorded_at"] or now
+    if out["latency_s"] is None and out["submitted_at"] and out["finished_at"]:
+        out["latency_s"] = (out["finished_at"] - out["submitted_at"]).total_seconds()
+    return out
+
+
+class LineageStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def append(self, rows: Iterable[Mapping[str, Any]]) -> Path:
+        """Write ``rows`` as one new immutable part file; returns its path."""
+        now = dt.datetime.now(dt.timezone.utc)
+        table = pa.Table.from_pylist([normalize_row(r, now) for r in rows], schema=SCHEMA)
+        if table.num_rows == 0:
+            raise ValueError("nothing to append")
+        return self._write_atomic(table, now)
+
+    def _write_atomic(self, table: pa.Table, now: dt.datetime) -> Path:
+        name = f"part-{now:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex}.parquet"
+        final = self.root / name
+        tmp = self.root / f".{name}{TMP_SUFFIX}"
+        try:
+            with open(tmp, "wb") as f:
+                pq.write_table(table, f, compression="zstd")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.root)
+        return final
+
+    def compact(self) -> Path | None:
+        """Merge every part present now into one file; parts appended meanwhile stay untouched.
+
+        Single writer (a non-blocking ``flock``, released by the OS if the process dies; raises
+        :class:`LineageBusy` when held). Also removes temp files older than an hour, left by
+        killed writers. Returns the merged file, or None when there was nothing to merge.
+        """
+        with open(self.root / LOCK_NAME, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LineageBusy(f"{self.root} is being compacted by another process") from None
+            self._remove_stale_tmp()
+            parts = self.parts()
+            if len(parts) < 2:
+                return None
+            merged = self._write_atomic(_read(parts), dt.datetime.now(dt.timezone.utc))
+            for p in parts:
+                p.unlink()
+            _fsync_dir(self.root)
+            return merged
+
+    def _remove_stale_tmp(self) -> None:
+        cutoff = time.time() - STALE_TMP_S
+        for p in self.root.glob(f".*{TMP_SUFFIX}"):
+            try:
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
+            except FileNotFoundError:
+                pass
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def parts(self) -> list[Path]:
+        """The visible part files, oldest name first (temp and lock files excluded)."""
+        return sorted(self.root.glob("part-*.parquet"))
+
+    def read_all(self) -> pd.DataFrame:
+        """Every row ever appended (the full history), in file order."""
+        return _read(self.parts()).to_pandas()
+
+    def read(self) -> pd.DataFrame:
+        """The current table: one row per request_id, the latest ``recorded_at`` winning."""
+        df = self.read_all()
+        df = df.sort_values("recorded_at", kind="stable")
+        return df.drop_duplicates("request_id", keep="last").sort_values("request_id").reset_index(drop=True)
+
+
+def _read(parts: list[Path]) -> pa.Table:
+    """Read parts with the explicit schema: older files lacking newer columns read as null."""
+    if not parts:
+        return SCHEMA.empty_table()
+    return ds.dataset([str(p) for p in parts], schema=SCHEMA, format="parquet").to_table()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
