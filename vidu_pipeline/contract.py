@@ -157,9 +157,27 @@ class GenerationRequest:
     __str__ = __repr__
 
 
+def image_digest(ref: str) -> str:
+    """Identity of one image reference: sha256 of the decoded bytes for a data URI (the same
+    image gives the same digest however it was encoded), the URL itself otherwise."""
+    if _DATA_URI_RE.match(ref):
+        return "sha256:" + hashlib.sha256(parse_data_uri(ref)[1]).hexdigest()
+    return "url:" + ref
+
+
 def payload_fingerprint(body: Mapping[str, Any]) -> str:
-    """sha256 of a submit body with defaults filled in, keys sorted: equal bodies, equal prints."""
-    canonical = {**DEFAULTS, **{k: v for k, v in body.items() if v is not None or k != "seed"}}
+    """sha256 of a submit body with defaults filled in, keys sorted and images reduced to
+    their digests: equal requests, equal prints — computable from image hashes alone."""
+    return fingerprint_from_digests(
+        [image_digest(i) for i in body.get("images", [])],
+        {k: v for k, v in body.items() if k != "images"},
+    )
+
+
+def fingerprint_from_digests(image_digests: Sequence[str], rest: Mapping[str, Any]) -> str:
+    """The fingerprint when the images are already known by digest (no payload needed)."""
+    canonical = {**DEFAULTS, **{k: v for k, v in rest.items() if k != "seed" or v is not None}}
+    canonical["images"] = list(image_digests)
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

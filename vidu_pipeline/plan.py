@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from . import __version__
-from .contract import GenerationRequest
+from .contract import GenerationRequest, fingerprint_from_digests
 
 OPTION_COLUMNS = ("aspect_ratio", "movement_amplitude", "bgm", "duration", "resolution")
 _SLUG_RE = re.compile(r"[^a-z0-9_]+")
@@ -46,6 +46,11 @@ class RequestSpec:
         for key in ("image_sha256s", "original_sha256s", "image_mimes"):
             raw[key] = tuple(raw[key])
         return cls(**raw)
+
+    def fingerprint(self) -> str:
+        """Equals ``contract.payload_fingerprint`` of the body :meth:`to_request` builds."""
+        rest = GenerationRequest(images=(), prompt=self.prompt, seed=self.seed, **self.options).to_payload()
+        return fingerprint_from_digests([f"sha256:{s}" for s in self.image_sha256s], rest)
 
     def to_request(self, data_uri_for) -> GenerationRequest:
         """The submit body; ``data_uri_for(sha256)`` supplies each image from the cache."""
