@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ def collect_video(
         raise ValueError(f"{request_id}: no succeeded task to collect (state {row.state if row else 'absent'})")
     spec = RequestSpec.from_json(row.spec_json)
     final = video_path(videos_dir, request_id)
-    staging = final.with_name(f".{final.name}.download")
+    staging = final.with_name(f".{final.name}.{os.getpid()}.download")
     try:
         download = client.download(row.task_id, staging)
         probe = probe_video(staging)

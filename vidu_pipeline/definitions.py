@@ -1,0 +1,28 @@
+"""The Dagster code location: ``dagster dev -w workspace.yaml`` loads ``defs`` from here."""
+
+import os
+
+from dagster import Definitions
+
+from .defs.assets import ALL_ASSETS
+from .defs.checks import ALL_CHECKS
+from .defs.resources import PipelineResource, vidu_resource_from_env
+from .defs.schedules import generation_schedule, plan_job
+from .defs.sensors import vidu_task_sensor
+
+
+def build_definitions(pipeline: PipelineResource | None = None) -> Definitions:
+    return Definitions(
+        assets=ALL_ASSETS,
+        asset_checks=ALL_CHECKS,
+        jobs=[plan_job],
+        sensors=[vidu_task_sensor],
+        schedules=[generation_schedule],
+        resources={
+            "pipeline": pipeline or PipelineResource(data_dir=os.environ.get("VIDU_DATA_DIR", "data")),
+            "vidu": vidu_resource_from_env(),
+        },
+    )
+
+
+defs = build_definitions()

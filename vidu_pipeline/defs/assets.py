@@ -1,0 +1,331 @@
+"""The data flow as assets: catalog → reference images → requests → tasks → videos → lineage.
+
+Each asset is a thin shell over a domain module. ``video_tasks`` and ``videos`` are
+partitioned by request id and use a single-run backfill policy: one run handles a whole batch
+of partitions (a run costs seconds of process start; a download costs far less), and each
+partition still gets its own materialization with its own metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pandas as pd
+from dagster import (
+    AssetExecutionContext,
+    AssetMaterialization,
+    BackfillPolicy,
+    Config,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from .. import catalog as catalog_mod
+from .. import collect, plan, tasks
+from ..ledger import PlannedRequest
+from .partitions import PARTITION_SOFT_LIMIT, REQUESTS_PARTITIONS_NAME, requests_partitions
+from .resources import PipelineResource, ViduResource
+
+GROUP = "vidu"
+API_POOL = "vidu_api"
+
+
+def _md_table(df: pd.DataFrame, rows: int = 20) -> MetadataValue:
+    return MetadataValue.md(df.head(rows).to_markdown(index=False) if len(df) else "_none_")
+
+
+@asset(group_name=GROUP)
+def catalog(context: AssetExecutionContext, pipeline: PipelineResource) -> catalog_mod.Catalog:
+    """The parsed catalog folder: images.csv, prompts.csv and sweep.yaml."""
+    cat = catalog_mod.load_catalog(pipeline.catalog_path, allow_outside_paths=pipeline.allow_outside_paths)
+    context.add_output_metadata(
+        {
+            "catalog_dir": MetadataValue.path(str(cat.root)),
+            "subjects": int(cat.images["subject_id"].nunique()) if len(cat.images) else 0,
+            "image_rows": len(cat.images),
+            "prompt_rows": len(cat.prompts),
+            "seeds": MetadataValue.text(", ".join(map(str, cat.sweep.seeds))),
+            "row_rejections": len(cat.rejections),
+        }
+    )
+    return cat
+
+
+@asset(group_name=GROUP)
+def reference_images(
+    context: AssetExecutionContext, catalog: catalog_mod.Catalog, pipeline: PipelineResource
+) -> catalog_mod.ValidatedImages:
+    """Every catalog image checked against the API's limits on its bytes and encoded into the
+    content-addressed cache; only hashes and sizes travel on."""
+    validated = catalog_mod.validate_images(catalog, pipeline.image_cache(), strict=pipeline.strict_images)
+    accepted = validated.accepted
+    preview = accepted.drop(columns=[c for c in ("notes",) if c in accepted.columns]).copy()
+    for col in ("original_sha256", "sent_sha256"):
+        if col in preview:
+            preview[col] = preview[col].str[:12]
+    context.add_output_metadata(
+        {
+            "accepted_images": len(accepted),
+            "rejected_images": sum(1 for r in validated.rejections if r.kind == "image"),
+            "subjects_with_images": int(accepted["subject_id"].nunique()) if len(accepted) else 0,
+            "cache_hits": validated.cache_hits,
+            "cache_misses": validated.cache_misses,
+            "preview": _md_table(preview),
+        }
+    )
+    return validated
+
+
+@asset(group_name=GROUP)
+def rejections(
+    context: AssetExecutionContext,
+    catalog: catalog_mod.Catalog,
+    reference_images: catalog_mod.ValidatedImages,
+    pipeline: PipelineResource,
+) -> pd.DataFrame:
+    """Everything refused before any money was spent, with the rule and a specific reason.
+    Also written to <data_dir>/reports/rejections.csv."""
+    _, prompt_rejections = catalog_mod.valid_prompts(catalog, reference_images)
+    frame = catalog_mod.rejections_frame(
+        [*catalog.rejections, *reference_images.rejections, *prompt_rejections]
+    )
+    pipeline.reports_dir.mkdir(parents=True, exist_ok=True)
+    path = pipeline.reports_dir / "rejections.csv"
+    frame.to_csv(path, index=False)
+    context.add_output_metadata(
+        {
+            "rejections": len(frame),
+            "by_rule": MetadataValue.json(frame["rule"].value_counts().to_dict() if len(frame) else {}),
+            "path": MetadataValue.path(str(path)),
+            "table": _md_table(frame, 50),
+        }
+    )
+    return frame
+
+
+@asset(group_name=GROUP)
+def generation_requests(
+    context: AssetExecutionContext,
+    catalog: catalog_mod.Catalog,
+    reference_images: catalog_mod.ValidatedImages,
+    pipeline: PipelineResource,
+) -> pd.DataFrame:
+    """subjects × prompts × seeds, planned in the ledger and registered as partitions.
+    Existing requests are left alone: re-planning the same catalog adds nothing."""
+    prompts, _ = catalog_mod.valid_prompts(catalog, reference_images)
+    specs = plan.expand(prompts, reference_images.accepted, catalog.sweep.seeds)
+    ledger = pipeline.ledger()
+    new_in_ledger = ledger.plan(
+        PlannedRequest(
+            request_id=s.request_id,
+            subject_id=s.subject_id,
+            seed=s.seed,
+            fingerprint=s.fingerprint(),
+            spec_json=s.to_json(),
+        )
+        for s in specs
+    )
+    existing = set(context.instance.get_dynamic_partitions(REQUESTS_PARTITIONS_NAME))
+    new_keys = [s.request_id for s in specs if s.request_id not in existing]
+    if new_keys:
+        context.instance.add_dynamic_partitions(REQUESTS_PARTITIONS_NAME, new_keys)
+    total = len(existing) + len(new_keys)
+    if total > PARTITION_SOFT_LIMIT:
+        context.log.warning(
+            f"{total:,} request partitions: past Dagster's advised {PARTITION_SOFT_LIMIT:,} per asset "
+            "the UI slows down; split the catalog into several code locations or data dirs."
+        )
+    frame = pd.DataFrame(
+        [
+            {"request_id": s.request_id, "subject_id": s.subject_id, "seed": s.seed,
+             "aspect_ratio": s.options["aspect_ratio"], "prompt": s.prompt[:80]}
+            for s in specs
+        ],
+        columns=["request_id", "subject_id", "seed", "aspect_ratio", "prompt"],
+    )
+    context.add_output_metadata(
+        {
+            "requests": len(specs),
+            "new_partitions": len(new_keys),
+            "new_in_ledger": new_in_ledger,
+            "ledger_states": MetadataValue.json(ledger.counts_by_state()),
+            "preview": _md_table(frame),
+        }
+    )
+    return frame
+
+
+class BatchConfig(Config):
+    """Limit a range run to some of its partitions: the sensor and the CLI pass exactly the
+    requests of a batch, so a range never sweeps up its neighbours."""
+
+    request_ids: list[str] = []
+
+    def select(self, keys) -> list[str]:
+        if not self.request_ids:
+            return list(keys)
+        wanted = set(self.request_ids)
+        return [k for k in keys if k in wanted]
+
+
+@asset(
+    group_name=GROUP,
+    partitions_def=requests_partitions,
+    backfill_policy=BackfillPolicy.single_run(),
+    deps=[generation_requests],
+    output_required=False,
+    pool=API_POOL,
+)
+def video_tasks(
+    context: AssetExecutionContext, config: BatchConfig, pipeline: PipelineResource, vidu: ViduResource
+):
+    """Submit each partition's request unless it already has a live task: paid for once,
+    whatever is re-run. Each submitted (or already-submitted) partition is materialized with
+    its task id."""
+    keys = config.select(context.partition_keys)
+    ledger = pipeline.ledger()
+    client, endpoint = vidu.client(pipeline.simulator_state_dir)
+    context.log.info(f"submitting up to {len(keys)} request(s) to the {endpoint.describe()}")
+    tasks.recover_abandoned(ledger)
+    outcomes = tasks.submit_requests(
+        ledger,
+        client,
+        keys,
+        data_uri_for=pipeline.image_cache().data_uri,
+        caps=pipeline.caps(context.run_id),
+        owner=tasks.owner_id(context.run_id),
+        retry_budget=pipeline.retry_budget,
+        allow_unknown=pipeline.resubmit_unknown,
+        policy=pipeline.polling(),
+        workers=pipeline.submit_workers,
+    )
+    submitted = 0
+    for outcome in outcomes:
+        if outcome.submitted:
+            submitted += 1
+        else:
+            context.log.info(f"{outcome.request_id}: {outcome.message}")
+        if outcome.task_id:
+            yield AssetMaterialization(
+                asset_key=context.asset_key,
+                partition=outcome.request_id,
+                metadata={
+                    "task_id": outcome.task_id,
+                    "submitted_in_this_run": outcome.submitted,
+                    "note": outcome.message,
+                },
+            )
+    held = [o for o in outcomes if not o.submitted and not o.task_id]
+    context.log.info(
+        f"{submitted} submitted, {sum(1 for o in outcomes if o.task_id and not o.submitted)} already had a task, "
+        f"{len(held)} not submitted"
+    )
+
+
+@asset(
+    group_name=GROUP,
+    partitions_def=requests_partitions,
+    backfill_policy=BackfillPolicy.single_run(),
+    deps=[video_tasks],
+    output_required=False,
+    pool=API_POOL,
+)
+def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: PipelineResource, vidu: ViduResource):
+    """Download each finished task's MP4, verify it decodes end to end, probe it, check it
+    against its request, and store it at <data_dir>/videos/<request_id>.mp4. Partitions whose
+    task has not succeeded are skipped (logged), not failed."""
+    ledger = pipeline.ledger()
+    client, endpoint = vidu.client(pipeline.simulator_state_dir)
+    broken: list[str] = []
+    collected: list[str] = []
+    for key in config.select(context.partition_keys):
+        row = ledger.get(key)
+        if row is None or row.state != "succeeded":
+            context.log.info(f"{key}: task is {row.state if row else 'not planned'}; nothing to download yet")
+            continue
+        if row.video_sha256:
+            context.log.info(f"{key}: video already stored at {row.video_path}")
+            continue
+        try:
+            video = collect.collect_video(
+                ledger, client, key, videos_dir=pipeline.videos_dir,
+                render_scale=endpoint.render_scale, run_id=context.run_id,
+            )
+        except Exception as exc:  # one bad video must not cost the batch its other videos
+            broken.append(f"{key}: {type(exc).__name__}: {exc}")
+            context.log.error(f"{key}: {exc}")
+            continue
+        collected.append(key)
+        stored = ledger.get(key)
+        yield AssetMaterialization(
+            asset_key=context.asset_key,
+            partition=key,
+            metadata={
+                "path": MetadataValue.path(str(video.path)),
+                "sha256": stored.video_sha256,
+                "bytes": stored.video_bytes,
+                "task_id": stored.task_id,
+                "seed_effective": stored.effective_seed or 0,
+                "probe": MetadataValue.json(dataclasses.asdict(video.probe)),
+                "problems": MetadataValue.text("; ".join(video.problems) or "none"),
+                "thumbnail": MetadataValue.path(str(_thumbnail(pipeline, video.path, key))),
+            },
+            tags={"dagster/data_version": stored.video_sha256},
+        )
+    if collected:
+        sync_lineage(pipeline, context.run_id)
+    if broken:
+        raise Failure(
+            description=f"{len(broken)} video(s) could not be collected; they will be retried",
+            metadata={"errors": MetadataValue.md("\n".join(f"- {b}" for b in broken))},
+        )
+
+
+def _thumbnail(pipeline: PipelineResource, path, key: str):
+    from ..video import frame_png
+
+    out = pipeline.root / "thumbnails" / f"{key}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(frame_png(path, at_s=1.0, max_side=320))
+    return out
+
+
+def sync_lineage(pipeline: PipelineResource, run_id: str | None) -> int:
+    """Append one lineage row per ledger row whose current outcome the table lacks."""
+    ledger = pipeline.ledger()
+    rows = ledger.needing_lineage()
+    if not rows:
+        return 0
+    pipeline.lineage().append([collect.lineage_row(r, run_id) for r in rows])
+    ledger.mark_lineage([r.request_id for r in rows])
+    return len(rows)
+
+
+@asset(group_name=GROUP, deps=[videos])
+def lineage(context: AssetExecutionContext, pipeline: PipelineResource) -> MaterializeResult:
+    """The Parquet lineage table: one row per request that reached an end (succeeded with its
+    video, failed, or unknown) — enough to reproduce each video. Appends what is new, and
+    compacts the small files."""
+    appended = sync_lineage(pipeline, context.run_id)
+    store = pipeline.lineage()
+    store.compact()
+    table = store.read()
+    states = table["state"].value_counts().to_dict() if len(table) else {}
+    return MaterializeResult(
+        metadata={
+            "path": MetadataValue.path(str(store.root)),
+            "rows": len(table),
+            "appended": appended,
+            "by_state": MetadataValue.json(states),
+            "preview": _md_table(
+                table[["request_id", "state", "seed_effective", "video_sha256", "latency_s"]]
+                if len(table) else table
+            ),
+        }
+    )
+
+
+ALL_ASSETS = [catalog, reference_images, rejections, generation_requests, video_tasks, videos, lineage]

@@ -1,0 +1,89 @@
+"""Asset checks: what a dataset user must know before trusting the output."""
+
+from __future__ import annotations
+
+import pandas as pd
+from dagster import AssetCheckResult, AssetCheckSeverity, MetadataValue, asset_check
+
+from .. import catalog as catalog_mod
+from ..ledger import SUCCEEDED, UNKNOWN
+from .assets import lineage, reference_images
+from .resources import PipelineResource
+
+
+@asset_check(asset=reference_images, description="Warns when images are rejected; fails when no subject has a valid image.")
+def images_accepted(reference_images: catalog_mod.ValidatedImages) -> AssetCheckResult:
+    rejected = [r for r in reference_images.rejections if r.kind in ("image", "subject")]
+    accepted = len(reference_images.accepted)
+    metadata = {
+        "accepted": accepted,
+        "rejected": len(rejected),
+        "reasons": MetadataValue.md("\n".join(f"- {r.item}: {r.rule} — {r.detail}" for r in rejected[:50]) or "_none_"),
+    }
+    if accepted == 0:
+        return AssetCheckResult(passed=False, severity=AssetCheckSeverity.ERROR, metadata=metadata,
+                                description="no valid reference image: nothing can be generated")
+    return AssetCheckResult(passed=not rejected, severity=AssetCheckSeverity.WARN, metadata=metadata)
+
+
+@asset_check(asset=lineage, description="Every stored video has exactly one lineage row and one file, and every file a row.")
+def lineage_complete(pipeline: PipelineResource) -> AssetCheckResult:
+    table = pipeline.lineage().read()
+    with_video = [r for r in pipeline.ledger().rows(states=[SUCCEEDED]) if r.video_sha256]
+    problems: list[str] = []
+    by_id = table.set_index("request_id") if len(table) else pd.DataFrame()
+    for row in with_video:
+        if row.request_id not in by_id.index:
+            problems.append(f"{row.request_id}: no lineage row")
+            continue
+        rec = by_id.loc[row.request_id]
+        if rec["video_sha256"] != row.video_sha256:
+            problems.append(f"{row.request_id}: lineage sha256 differs from the ledger")
+    if len(table):
+        dupes = table["video_path"].dropna().duplicated()
+        problems += [f"{p}: in more than one lineage row" for p in table["video_path"].dropna()[dupes]]
+    recorded_paths = set(table["video_path"].dropna()) if len(table) else set()
+    for path in sorted(pipeline.videos_dir.glob("*.mp4")) if pipeline.videos_dir.exists() else []:
+        if str(path) not in recorded_paths:
+            problems.append(f"{path.name}: file without a lineage row")
+    for path in recorded_paths:
+        if not pd.isna(path) and not __import__("os").path.exists(path):
+            problems.append(f"{path}: lineage row without its file")
+    return AssetCheckResult(
+        passed=not problems,
+        metadata={"videos": len(with_video), "rows": len(table),
+                  "problems": MetadataValue.md("\n".join(f"- {p}" for p in problems[:100]) or "_none_")},
+    )
+
+
+@asset_check(asset=lineage, description="Stored videos match their requests (size, 5 s, audio iff bgm) and none failed verification for good.")
+def videos_match_requests(pipeline: PipelineResource) -> AssetCheckResult:
+    problems: list[str] = []
+    for row in pipeline.ledger().rows(states=[SUCCEEDED]):
+        probe = row.probe or {}
+        if probe.get("problems"):
+            problems.append(f"{row.request_id}: {'; '.join(probe['problems'])}")
+        elif not row.video_sha256 and row.video_attempts >= pipeline.video_attempts:
+            problems.append(f"{row.request_id}: no verified video after {row.video_attempts} attempts ({row.last_error})")
+    return AssetCheckResult(
+        passed=not problems,
+        metadata={"problems": MetadataValue.md("\n".join(f"- {p}" for p in problems[:100]) or "_none_")},
+    )
+
+
+@asset_check(asset=lineage, description="Lists requests whose outcome is unknown (a paid task may exist); they are never resubmitted automatically.")
+def no_unknown_tasks(pipeline: PipelineResource) -> AssetCheckResult:
+    unknown = pipeline.ledger().rows(states=[UNKNOWN])
+    return AssetCheckResult(
+        passed=not unknown,
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            "unknown": len(unknown),
+            "requests": MetadataValue.md(
+                "\n".join(f"- {r.request_id} (task {r.task_id or '?'}): {r.last_error}" for r in unknown[:100]) or "_none_"
+            ),
+        },
+    )
+
+
+ALL_CHECKS = [images_accepted, lineage_complete, videos_match_requests, no_unknown_tasks]

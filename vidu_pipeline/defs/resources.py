@@ -1,0 +1,115 @@
+"""Dagster resources: where the data lives, what may be spent, and how to reach the API."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from dagster import ConfigurableResource, EnvVar
+from pydantic import Field
+
+from .. import runtime
+from ..catalog import ImageCache
+from ..client import ViduClient
+from ..contract import DEFAULT_BASE_URL
+from ..ledger import Ledger, SpendCaps
+from ..lineage import LineageStore
+from ..tasks import PollingPolicy
+
+
+@functools.lru_cache(maxsize=8)
+def _ledger(url: str) -> Ledger:
+    """One engine per ledger URL per process (runs in one process share it)."""
+    return Ledger(url)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else None
+
+
+class PipelineResource(ConfigurableResource):
+    """Paths, budgets and caps. Every field can be set in run config or the environment."""
+
+    data_dir: str = Field(default="data", description="Folder for the cache, ledger, videos and lineage.")
+    catalog_dir: str = Field(default="", description="Catalog folder; default <data_dir>/catalog.")
+    ledger_url: str = Field(default="", description="SQLAlchemy URL; default SQLite in <data_dir>.")
+    strict_images: bool = Field(default=False, description="Reject images that would need fixing.")
+    allow_outside_paths: bool = Field(default=False, description="Let catalog paths leave the catalog folder.")
+    retry_budget: int = Field(default=3, ge=1, description="Submit attempts per request, first included.")
+    max_tasks_per_run: int | None = Field(default=None, ge=0, description="Cap on submits per Dagster run.")
+    max_tasks_per_day: int | None = Field(default=None, ge=0, description="Cap on submits in any 24 h.")
+    resubmit_unknown: bool = Field(default=False, description="Resubmit requests whose outcome is unknown.")
+    auto_submit: bool = Field(default=True, description="The sensor submits planned requests (e.g. from the schedule).")
+    submit_workers: int = Field(default=4, ge=1)
+    poll_workers: int = Field(default=16, ge=1)
+    poll_time_budget_s: float = Field(default=40.0, gt=0, description="Per sensor tick; Dagster's limit is 60 s.")
+    task_deadline_s: float = Field(default=3600.0, gt=0, description="After this, a task is reported unknown.")
+    video_attempts: int = Field(default=3, ge=1, description="Download/verify attempts per video.")
+
+    @property
+    def root(self) -> Path:
+        return Path(self.data_dir).resolve()
+
+    @property
+    def catalog_path(self) -> Path:
+        return Path(self.catalog_dir).resolve() if self.catalog_dir else self.root / "catalog"
+
+    @property
+    def videos_dir(self) -> Path:
+        return self.root / "videos"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def simulator_state_dir(self) -> Path:
+        return self.root / "state" / "simulator"
+
+    def ledger(self) -> Ledger:
+        url = self.ledger_url or f"sqlite:///{self.root / 'ledger.sqlite'}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        return _ledger(url)
+
+    def image_cache(self) -> ImageCache:
+        return ImageCache(self.root / "cache" / "images")
+
+    def lineage(self) -> LineageStore:
+        return LineageStore(self.root / "lineage")
+
+    def caps(self, run_id: str) -> SpendCaps:
+        per_run = self.max_tasks_per_run if self.max_tasks_per_run is not None else _env_int("VIDU_MAX_TASKS_PER_RUN")
+        per_day = self.max_tasks_per_day if self.max_tasks_per_day is not None else _env_int("VIDU_MAX_TASKS_PER_DAY")
+        return SpendCaps(per_run=per_run, per_day=per_day, run_id=run_id)
+
+    def polling(self) -> PollingPolicy:
+        return PollingPolicy(deadline_s=self.task_deadline_s)
+
+
+class ViduResource(ConfigurableResource):
+    """The API endpoint. No key: the embedded simulator (started on demand, nothing paid)."""
+
+    api_key: str | None = Field(default=None, description="From the VIDU_API_KEY environment variable.")
+    base_url: str = Field(default=DEFAULT_BASE_URL, description="From VIDU_API_BASE_URL.")
+
+    def endpoint(self, simulator_state_dir: Path) -> runtime.Endpoint:
+        env = dict(os.environ)
+        env.pop(runtime.ENV_KEY, None)
+        if self.api_key:
+            env[runtime.ENV_KEY] = self.api_key
+            env[runtime.ENV_BASE_URL] = self.base_url
+        return runtime.resolve_endpoint(simulator_state_dir, env)
+
+    def client(self, simulator_state_dir: Path) -> tuple[ViduClient, runtime.Endpoint]:
+        endpoint = self.endpoint(simulator_state_dir)
+        return ViduClient(endpoint.api_key, endpoint.base_url), endpoint
+
+
+def vidu_resource_from_env() -> ViduResource:
+    """The key stays an EnvVar reference, so the UI shows its name, never its value."""
+    if os.environ.get(runtime.ENV_KEY, "").strip():
+        base = EnvVar(runtime.ENV_BASE_URL) if os.environ.get(runtime.ENV_BASE_URL) else DEFAULT_BASE_URL
+        return ViduResource(api_key=EnvVar(runtime.ENV_KEY), base_url=base)
+    return ViduResource()

@@ -1,0 +1,131 @@
+"""The polling sensor: follows every live task and asks for the runs that collect results.
+
+One tick polls the due tasks (bounded pool, inside a time budget well under Dagster's 60 s
+tick limit; the rest wait for the next tick), then asks for at most three runs: one that
+downloads every video that finished, one that resubmits failed tasks within their retry
+budget, and one that records failed/unknown outcomes in the lineage table. A run handles a
+whole batch as a partition range narrowed by config, because a run costs seconds of process
+start and a video download far less.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+from dagster import (
+    AssetKey,
+    DefaultSensorStatus,
+    RunRequest,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
+
+from .. import tasks
+from ..ledger import FAILED, PLANNED, UNKNOWN
+from .partitions import REQUESTS_PARTITIONS_NAME
+from .resources import PipelineResource, ViduResource
+
+RETRY_STUCK_AFTER_S = 300.0  # a batch whose run died is asked for again after this
+MAX_BATCH = 500  # requests per run asked for in one tick
+AUTO_SUBMIT_AFTER_S = 30.0  # leave fresh plans to the run that planned them
+RANGE_START = "dagster/asset_partition_range_start"
+RANGE_END = "dagster/asset_partition_range_end"
+
+
+def batch_run_request(
+    context: SensorEvaluationContext, asset: str, request_ids: list[str], key_material: str
+) -> RunRequest:
+    """One run over the smallest partition range holding ``request_ids``, narrowed to them."""
+    order = {k: i for i, k in enumerate(context.instance.get_dynamic_partitions(REQUESTS_PARTITIONS_NAME))}
+    ids = sorted((r for r in request_ids if r in order), key=order.__getitem__)
+    digest = hashlib.sha256(key_material.encode()).hexdigest()[:20]
+    return RunRequest(
+        run_key=f"{asset}:{digest}",
+        asset_selection=[AssetKey(asset)],
+        tags={RANGE_START: ids[0], RANGE_END: ids[-1], "vidu/batch_size": str(len(ids)), "vidu/stage": asset},
+        run_config={"ops": {asset: {"config": {"request_ids": ids}}}},
+    )
+
+
+def evaluate_tick(context: SensorEvaluationContext, pipeline: PipelineResource, vidu: ViduResource):
+    """The sensor body, callable directly (the CLI drives it in-process)."""
+    ledger = pipeline.ledger()
+    client, _ = vidu.client(pipeline.simulator_state_dir)
+    abandoned = tasks.recover_abandoned(ledger)
+    report = tasks.poll_due(
+        ledger,
+        client,
+        time_budget_s=pipeline.poll_time_budget_s,
+        workers=pipeline.poll_workers,
+        policy=pipeline.polling(),
+    )
+    now = time.time()
+    requests: list[RunRequest] = []
+
+    fresh = set(report.succeeded)
+    need_video = [
+        r for r in ledger.needing_video(max_video_attempts=pipeline.video_attempts)
+        if r.request_id in fresh or now - r.updated_at > RETRY_STUCK_AFTER_S
+    ]
+    need_video = need_video[:MAX_BATCH]
+    if need_video:
+        material = ",".join(sorted(f"{r.request_id}@{r.updated_at}" for r in need_video))
+        requests.append(batch_run_request(context, "videos", [r.request_id for r in need_video], material))
+
+    # Failed tasks within their retry budget, and planned requests nobody has submitted yet
+    # (e.g. planned by the schedule, or held back by a spend cap earlier).
+    newly_failed = set(report.failed)
+    resubmit = [
+        r for r in ledger.rows(states=[FAILED])
+        if r.attempts < pipeline.retry_budget
+        and r.task_id is not None
+        and (r.request_id in newly_failed or now - r.updated_at > RETRY_STUCK_AFTER_S)
+    ]
+    if pipeline.auto_submit:
+        resubmit += [r for r in ledger.rows(states=[PLANNED]) if now - r.updated_at > AUTO_SUBMIT_AFTER_S]
+    resubmit = resubmit[:MAX_BATCH]
+    if resubmit:
+        material = ",".join(sorted(f"{r.request_id}@{r.attempts}@{r.updated_at}" for r in resubmit))
+        requests.append(batch_run_request(context, "video_tasks", [r.request_id for r in resubmit], material))
+
+    resubmitting = {r.request_id for r in resubmit}
+    ended = [r for r in ledger.needing_lineage() if r.state in (FAILED, UNKNOWN) and r.request_id not in resubmitting]
+    if ended:
+        material = ",".join(sorted(f"{r.request_id}@{r.state}@{r.updated_at}" for r in ended))
+        requests.append(
+            RunRequest(
+                run_key="lineage:" + hashlib.sha256(material.encode()).hexdigest()[:20],
+                asset_selection=[AssetKey("lineage")],
+                tags={"vidu/stage": "lineage"},
+            )
+        )
+
+    counts = ledger.counts_by_state()
+    summary = {
+        "polled": report.polled,
+        "succeeded": len(report.succeeded),
+        "failed": len(report.failed),
+        "unknown": len(report.unknown) + len(abandoned),
+        "out_of_time": report.out_of_time,
+        "states": {k: v for k, v in counts.items() if v},
+    }
+    context.log.info(f"tick: {json.dumps(summary)}")
+    cursor = json.dumps({"t": round(now, 1), "polled": report.polled})  # small high-water mark
+    if not requests:
+        return SensorResult(skip_reason=SkipReason(f"nothing finished; {json.dumps(summary)}"), cursor=cursor)
+    return SensorResult(run_requests=requests, cursor=cursor)
+
+
+@sensor(
+    name="vidu_task_sensor",
+    minimum_interval_seconds=15,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Polls live Vidu tasks (guided by their eta) and asks for the runs that download "
+    "finished videos, resubmit failed tasks within budget, and record outcomes in the lineage.",
+)
+def vidu_task_sensor(context: SensorEvaluationContext, pipeline: PipelineResource, vidu: ViduResource):
+    return evaluate_tick(context, pipeline, vidu)
