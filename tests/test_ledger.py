@@ -364,6 +364,24 @@ def test_recover_stale_submitting(ledger, clock):
     assert ledger.record_submitted(fresh.request_id, fresh.attempt, "late2", first_poll_at=0)
 
 
+def test_recover_submitting_whose_owner_is_gone(ledger, clock):
+    ledger.claim_for_submit("req-00000", owner="pid-1@host", retry_budget=3, caps=NO_CAPS)
+    ledger.claim_for_submit("req-00001", owner="pid-2@host", retry_budget=3, caps=NO_CAPS)
+    alive = {"pid-2@host"}
+    assert ledger.recover_stale_submitting(3600, owner_alive=lambda owner: owner in alive) == ["req-00000"]
+    assert "its owner is gone" in ledger.get("req-00000").last_error
+    assert ledger.get("req-00001").state == "submitting"
+
+
+def test_record_unknown_on_a_submitting_row_closes_its_attempt(ledger):
+    c = claim(ledger)
+    ledger.record_unknown(c.request_id, "submitter stopped")
+    assert ledger.get(c.request_id).state == "unknown"
+    assert ledger.attempts_for(c.request_id)[0].outcome == "unknown"
+    with pytest.raises(LedgerStateError, match="is planned"):
+        ledger.record_unknown("req-00001", "x")
+
+
 # --- concurrency -----------------------------------------------------------------------------
 
 

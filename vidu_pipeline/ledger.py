@@ -436,25 +436,34 @@ class Ledger:
             if res.rowcount != 1:
                 raise LedgerStateError(self._describe(conn, request_id, f"end attempt {attempt} as {outcome}"))
 
-    def recover_stale_submitting(self, older_than_s: float, now: float | None = None) -> list[str]:
-        """Intents older than ``older_than_s`` without a task id (the submitter crashed between
-        the commit and the answer) become ``unknown``: a paid task may exist. Returns their ids."""
+    def recover_stale_submitting(
+        self,
+        older_than_s: float,
+        now: float | None = None,
+        *,
+        owner_alive: Callable[[str | None], bool] | None = None,
+    ) -> list[str]:
+        """Intents without a task id whose submitter is gone become ``unknown`` (a paid task may
+        exist): those older than ``older_than_s``, and, given ``owner_alive``, those whose owner
+        it reports dead. Decided and updated in one transaction. Returns their ids."""
         now = self.clock() if now is None else now
         r, a = requests_table.c, attempts_table.c
-        cutoff = now - older_than_s
         with self._write() as conn:
-            stale = conn.execute(
+            pending = conn.execute(
                 self._locked(
-                    select(r.request_id, r.attempts, r.owner, r.submitting_at).where(
-                        r.state == SUBMITTING, r.submitting_at < cutoff
-                    )
+                    select(r.request_id, r.attempts, r.owner, r.submitting_at).where(r.state == SUBMITTING)
                 )
             ).all()
-            for rid, attempt, owner, since in stale:
-                reason = (
-                    f"submit outcome unknown: intent by {owner} at {since:.0f} "
-                    f"never recorded a task id (stale after {older_than_s:.0f} s)"
-                )
+            stale = []
+            for rid, attempt, owner, since in pending:
+                if now - since > older_than_s:
+                    why = f"stale after {older_than_s:.0f} s"
+                elif owner_alive is not None and not owner_alive(owner):
+                    why = "its owner is gone"
+                else:
+                    continue
+                stale.append(rid)
+                reason = f"submit outcome unknown: intent by {owner} at {since:.0f} never recorded a task id ({why})"
                 conn.execute(
                     update(attempts_table)
                     .where(a.request_id == rid, a.attempt == attempt, a.outcome.is_(None))
@@ -465,7 +474,7 @@ class Ledger:
                     .where(r.request_id == rid, r.state == SUBMITTING)
                     .values(state=UNKNOWN, last_error=reason, updated_at=now)
                 )
-        return [s.request_id for s in stale]
+        return stale
 
     # --- polling ------------------------------------------------------------------------------
 
@@ -528,10 +537,29 @@ class Ledger:
         )
 
     def record_unknown(self, request_id: str, reason: str) -> None:
-        """E.g. the deadline passed with a non-terminal or unfamiliar status: report, never drop."""
-        self._transition(
-            request_id, (SUBMITTED,), "record unknown", state=UNKNOWN, last_error=reason, next_poll_at=None
-        )
+        """E.g. the deadline passed with a non-terminal or unfamiliar status: report, never drop.
+
+        Also accepted for a ``submitting`` row (its submitter is gone): the in-flight attempt is
+        then closed as unknown too. Prefer :meth:`recover_stale_submitting`, which decides and
+        updates in one transaction.
+        """
+        a = attempts_table.c
+        with self._write() as conn:
+            row = conn.execute(
+                self._locked(select(requests_table.c.state, requests_table.c.attempts)).where(
+                    requests_table.c.request_id == request_id
+                )
+            ).first()
+            if row is not None and row.state == SUBMITTING:
+                conn.execute(
+                    update(attempts_table)
+                    .where(a.request_id == request_id, a.attempt == row.attempts, a.outcome.is_(None))
+                    .values(ended_at=self.clock(), outcome=OUTCOME_UNKNOWN, error=reason)
+                )
+            self._update_from(
+                conn, request_id, (SUBMITTED, SUBMITTING), "record unknown",
+                state=UNKNOWN, last_error=reason, next_poll_at=None,
+            )
 
     # --- videos and lineage -------------------------------------------------------------------
 
@@ -650,17 +678,28 @@ class Ledger:
         with self._read() as conn:
             return [TaskRow(**row._mapping) for row in conn.execute(stmt)]
 
-    def _transition(
-        self, request_id: str, from_states: tuple[str, ...], what: str, *, require_task: bool = False, **values
+    def _transition(self, request_id: str, from_states: tuple[str, ...], what: str, **kw) -> None:
+        with self._write() as conn:
+            self._update_from(conn, request_id, from_states, what, **kw)
+
+    def _update_from(
+        self,
+        conn: Connection,
+        request_id: str,
+        from_states: tuple[str, ...],
+        what: str,
+        *,
+        require_task: bool = False,
+        **values,
     ) -> None:
+        """Update one row if it is in one of ``from_states``; LedgerStateError otherwise."""
         r = requests_table.c
         where = [r.request_id == request_id, r.state.in_(from_states)]
         if require_task:
             where.append(r.task_id.is_not(None))
-        with self._write() as conn:
-            res = conn.execute(update(requests_table).where(*where).values(updated_at=self.clock(), **values))
-            if res.rowcount != 1:
-                raise LedgerStateError(self._describe(conn, request_id, what))
+        res = conn.execute(update(requests_table).where(*where).values(updated_at=self.clock(), **values))
+        if res.rowcount != 1:
+            raise LedgerStateError(self._describe(conn, request_id, what))
 
     @staticmethod
     def _describe(conn: Connection, request_id: str, what: str) -> str:
