@@ -348,7 +348,7 @@ def _examine(source: str, is_url: bool, cache: img.ImageCache, strict: bool, ses
     cached = cache.verdicts([sha], strict).get(sha)
     if cached is not None:
         return sha, cached, True
-    verdict, sent = img.check_image_bytes(data, strict=strict)
+    verdict, sent = img.check_image_bytes(data, strict=strict, sha256=sha)
     if sent is not None:
         cache.put_bytes(sent, verdict.sent_sha256)
     return sha, verdict, False
@@ -417,8 +417,9 @@ def validate_images(catalog: Catalog, cache: img.ImageCache, *, strict: bool = F
             accepted.append((r.subject_id, r.image, r.view, sha, verdict.sent_sha256,
                              verdict.mime_subtype, verdict.width, verdict.height,
                              verdict.sent_bytes, "; ".join(notes), r.row))
+    items = dict(zip(rows["row"], rows["item"]))
+    accepted = _choose_per_subject(accepted, catalog.sweep.max_images_per_subject, items, rejections)
     frame = pd.DataFrame(accepted, columns=list(ACCEPTED_COLUMNS))
-    frame = _choose_per_subject(frame, catalog.sweep.max_images_per_subject, rows, rejections)
     subjects = set(rows["subject_id"]) | {r.subject_id for r in catalog.rejections
                                          if r.kind == "image" and r.subject_id}
     for subject in sorted(subjects - set(frame["subject_id"])):
@@ -441,31 +442,37 @@ def _claimed_format(image: str) -> str | None:
     return _EXTENSIONS.get(os.path.splitext(path)[1].lower())
 
 
-def _choose_per_subject(frame: pd.DataFrame, limit: int, rows: pd.DataFrame,
-                        rejections: list[Rejection]) -> pd.DataFrame:
+def _choose_per_subject(accepted: list[tuple], limit: int, items: dict[int, str],
+                        rejections: list[Rejection]) -> list[tuple]:
     """Drop repeated content within a subject, then keep ``limit`` images per subject.
 
     The choice depends on content, not row order: by ``view`` (named views first, in
     alphabetical order), then by the original sha256. Reordering the table changes nothing.
+    Rows are ACCEPTED_COLUMNS tuples; plain Python, as pandas' per-call overhead dominates here.
     """
-    items = dict(zip(rows["row"], rows["item"]))
-    order = frame.assign(_unnamed=frame["view"] == "").sort_values(
-        ["subject_id", "_unnamed", "view", "original_sha256", "row"], kind="stable")
-    same = order.duplicated(["subject_id", "original_sha256"])
-    first = order.groupby(["subject_id", "original_sha256"])["row"].transform("first")
-    for r, first_row in zip(order[same].itertuples(index=False), first[same]):
-        item = items[r.row]
-        rejections.append(Rejection("image", r.subject_id, item, "duplicate_image",
-                                    f"{item}: same content as row {first_row} of subject {r.subject_id!r}"))
-    order = order[~same]
-    rank = order.groupby("subject_id").cumcount()
-    for r in order[rank >= limit].itertuples(index=False):
-        item = items[r.row]
-        rejections.append(Rejection("image", r.subject_id, item, "too_many_images",
-                                    f"{item}: subject {r.subject_id!r} has more than {limit} valid "
-                                    f"images; kept the first {limit} by view, then content hash"))
-    kept = order[rank < limit].drop(columns="_unnamed")
-    return kept.sort_values("row", kind="stable").reset_index(drop=True)
+    by_subject: dict[str, list[tuple]] = {}
+    for a in accepted:
+        by_subject.setdefault(a[0], []).append(a)
+    kept = []
+    for subject, group in by_subject.items():
+        group.sort(key=lambda a: (a[2] == "", a[2], a[3], a[10]))
+        first_row: dict[str, int] = {}
+        chosen = []
+        for a in group:
+            item = items[a[10]]
+            if a[3] in first_row:
+                rejections.append(Rejection("image", subject, item, "duplicate_image",
+                                            f"{item}: same content as row {first_row[a[3]]} of "
+                                            f"subject {subject!r}"))
+            elif len(chosen) >= limit:
+                rejections.append(Rejection("image", subject, item, "too_many_images",
+                                            f"{item}: subject {subject!r} has more than {limit} valid "
+                                            f"images; kept the first {limit} by view, then content hash"))
+            else:
+                first_row[a[3]] = a[10]
+                chosen.append(a)
+        kept += chosen
+    return sorted(kept, key=lambda a: a[10])
 
 
 # --- prompts ---------------------------------------------------------------------------------

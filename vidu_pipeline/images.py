@@ -219,8 +219,11 @@ def _shrink(im: Image.Image) -> tuple[bytes, str, Image.Image]:
         current = im.resize(size, Image.Resampling.LANCZOS)
 
 
-def check_image_bytes(data: bytes, *, strict: bool = False) -> tuple[ImageVerdict, bytes | None]:
+def check_image_bytes(data: bytes, *, strict: bool = False,
+                      sha256: str | None = None) -> tuple[ImageVerdict, bytes | None]:
     """Apply every image rule to ``data``; return the verdict and the bytes to send (or None).
+
+    ``sha256`` of ``data``, when the caller already has it, saves hashing unchanged bytes again.
 
     Order: size, format by content, header, pixel guard, dimensions (all before decoding), then a
     real decode (PNG CRCs via verify, reopen, full load), then the fixes: first frame of an
@@ -263,10 +266,10 @@ def check_image_bytes(data: bytes, *, strict: bool = False) -> tuple[ImageVerdic
         im.load()
     except Exception as exc:
         return refuse("corrupt", f"truncated or corrupt {fmt} data ({exc})", fmt), None
-    return _normalise(data, im, fmt, strict)
+    return _normalise(data, im, fmt, strict, sha256)
 
 
-def _normalise(data: bytes, im: Image.Image, fmt: str, strict: bool):
+def _normalise(data: bytes, im: Image.Image, fmt: str, strict: bool, sha256: str | None):
     notes: list[str] = []
     out_fmt = fmt
     changed = False
@@ -327,7 +330,7 @@ def _normalise(data: bytes, im: Image.Image, fmt: str, strict: bool):
         mime_subtype=MIME_SUBTYPES[out_fmt],
         width=im.width,
         height=im.height,
-        sent_sha256=hashlib.sha256(sent).hexdigest(),
+        sent_sha256=sha256 if sent is data and sha256 else hashlib.sha256(sent).hexdigest(),
         sent_bytes=len(sent),
         notes=tuple(notes),
     ), sent
