@@ -135,7 +135,7 @@ def submit_requests(
         if not isinstance(claim, Claim):
             row = ledger.get(request_id)
             return SubmitOutcome(request_id, False, row.task_id if row else None, claim.reason)
-        spec = RequestSpec.from_json(claim.row.spec_json)
+        spec = RequestSpec.from_json(claim.spec_json)
         try:
             request = spec.to_request(data_uri_for)
             task_id = client.submit(request)

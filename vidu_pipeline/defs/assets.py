@@ -6,7 +6,6 @@ of partitions (a run costs seconds of process start; a download costs far less),
 partition still gets its own materialization with its own metadata.
 """
 
-from __future__ import annotations
 
 import dataclasses
 import json
@@ -27,7 +26,7 @@ from .. import catalog as catalog_mod
 from .. import collect, plan, tasks
 from ..ledger import PlannedRequest
 from .partitions import PARTITION_SOFT_LIMIT, REQUESTS_PARTITIONS_NAME, requests_partitions
-from .resources import PipelineResource, ViduResource
+from .resources import SESSION_TAG, PipelineResource, ViduResource
 
 GROUP = "vidu"
 API_POOL = "vidu_api"
@@ -116,7 +115,7 @@ def generation_requests(
     """subjects × prompts × seeds, planned in the ledger and registered as partitions.
     Existing requests are left alone: re-planning the same catalog adds nothing."""
     prompts, _ = catalog_mod.valid_prompts(catalog, reference_images)
-    specs = plan.expand(prompts, reference_images.accepted, catalog.sweep.seeds)
+    specs = plan.expand(prompts, reference_images.accepted, pipeline.seeds or catalog.sweep.seeds)
     ledger = pipeline.ledger()
     new_in_ledger = ledger.plan(
         PlannedRequest(
@@ -195,7 +194,7 @@ def video_tasks(
         client,
         keys,
         data_uri_for=pipeline.image_cache().data_uri,
-        caps=pipeline.caps(context.run_id),
+        caps=pipeline.caps(context.run.tags.get(SESSION_TAG) or context.run_id),
         owner=tasks.owner_id(context.run_id),
         retry_budget=pipeline.retry_budget,
         allow_unknown=pipeline.resubmit_unknown,

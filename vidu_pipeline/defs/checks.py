@@ -1,6 +1,5 @@
 """Asset checks: what a dataset user must know before trusting the output."""
 
-from __future__ import annotations
 
 import pandas as pd
 from dagster import AssetCheckResult, AssetCheckSeverity, MetadataValue, asset_check

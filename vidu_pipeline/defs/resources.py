@@ -1,6 +1,5 @@
 """Dagster resources: where the data lives, what may be spent, and how to reach the API."""
 
-from __future__ import annotations
 
 import functools
 import os
@@ -10,12 +9,16 @@ from dagster import ConfigurableResource, EnvVar
 from pydantic import Field
 
 from .. import runtime
-from ..catalog import ImageCache
+from ..images import ImageCache
 from ..client import ViduClient
 from ..contract import DEFAULT_BASE_URL
 from ..ledger import Ledger, SpendCaps
 from ..lineage import LineageStore
 from ..tasks import PollingPolicy
+
+
+# Runs that share this tag share one per-run spend cap (the CLI tags every run of a generate).
+SESSION_TAG = "vidu/session"
 
 
 @functools.lru_cache(maxsize=8)
@@ -41,6 +44,7 @@ class PipelineResource(ConfigurableResource):
     max_tasks_per_run: int | None = Field(default=None, ge=0, description="Cap on submits per Dagster run.")
     max_tasks_per_day: int | None = Field(default=None, ge=0, description="Cap on submits in any 24 h.")
     resubmit_unknown: bool = Field(default=False, description="Resubmit requests whose outcome is unknown.")
+    seeds: list[int] = Field(default=[], description="Override the sweep's seeds (empty: use sweep.yaml).")
     auto_submit: bool = Field(default=True, description="The sensor submits planned requests (e.g. from the schedule).")
     submit_workers: int = Field(default=4, ge=1)
     poll_workers: int = Field(default=16, ge=1)

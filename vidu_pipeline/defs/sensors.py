@@ -8,7 +8,6 @@ whole batch as a partition range narrowed by config, because a run costs seconds
 start and a video download far less.
 """
 
-from __future__ import annotations
 
 import hashlib
 import json
