@@ -340,6 +340,9 @@ def test_reading(ledger, clock):
     assert ledger.oldest_pending().request_id == "req-00001"
     assert [r.request_id for r in ledger.rows(["succeeded"])] == ["req-00000"]
     assert len(ledger.rows()) == 5
+    assert [r.request_id for r in ledger.rows(["planned"], limit=2)] == ["req-00001", "req-00002"]
+    assert len(ledger.rows(["planned"], updated_before=clock.t)) == 0
+    assert len(ledger.rows(["planned"], updated_before=clock.t + 1)) == 4
     assert ledger.counts_by_state() == {
         "planned": 4, "submitting": 0, "submitted": 0, "succeeded": 1, "failed": 0, "unknown": 0,
     }

@@ -631,11 +631,22 @@ class Ledger:
         rows = self._select(select(requests_table).where(requests_table.c.request_id == request_id))
         return rows[0] if rows else None
 
-    def rows(self, states: Iterable[str] | None = None) -> list[TaskRow]:
+    def rows(
+        self,
+        states: Iterable[str] | None = None,
+        *,
+        updated_before: float | None = None,
+        limit: int | None = None,
+    ) -> list[TaskRow]:
+        """Rows oldest first. Filter in SQL: reading all 100k rows takes over a second."""
         r = requests_table.c
         stmt = select(requests_table).order_by(r.created_at, r.request_id)
         if states is not None:
             stmt = stmt.where(r.state.in_(list(states)))
+        if updated_before is not None:
+            stmt = stmt.where(r.updated_at < updated_before)
+        if limit is not None:
+            stmt = stmt.limit(limit)
         return self._select(stmt)
 
     def counts_by_state(self) -> dict[str, int]:
