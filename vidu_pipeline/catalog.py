@@ -16,6 +16,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pandas as pd
 import yaml
@@ -241,7 +242,7 @@ def _locate(image: str, root_real: str, allow_outside: bool) -> tuple[str, bool,
         scheme = m.group(1).lower()
         if scheme not in ("http", "https"):
             return image, True, "url_scheme", f"{scheme}: is not accepted, only http(s) URLs or paths"
-        if not img.urlsplit(image).hostname:
+        if not urlsplit(image).hostname:
             return image, True, "url_scheme", "the URL has no host"
         return image, True, None, ""
     path = image if os.path.isabs(image) else os.path.join(root_real, image)
@@ -268,10 +269,9 @@ def _check_image_rows(df: pd.DataFrame, name: str, root_real: str, allow_outside
                for i, k in zip(df["image"], keep)]
     df["location"] = [x[0] for x in located]
     df["is_url"] = [x[1] for x in located]
-    for i, (_, _, rule, reason) in zip(df.index, located):
+    for i, item, subject, (_, _, rule, reason) in zip(df.index, df["item"], df["subject_id"], located):
         if rule:
-            r = df.loc[i]
-            out.append(Rejection("image", r.subject_id, r.item, rule, f"{r.item}: {reason}"))
+            out.append(Rejection("image", subject or None, item, rule, f"{item}: {reason}"))
             keep[i] = False
     valid = df[keep]
     dup = valid.duplicated(["subject_id", "location"]).reindex(df.index, fill_value=False)
@@ -438,7 +438,7 @@ _EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", "
 
 
 def _claimed_format(image: str) -> str | None:
-    path = img.urlsplit(image).path if _SCHEME_RE.match(image) else image
+    path = urlsplit(image).path if _SCHEME_RE.match(image) else image
     return _EXTENSIONS.get(os.path.splitext(path)[1].lower())
 
 
