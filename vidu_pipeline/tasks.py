@@ -80,18 +80,7 @@ def _owner_alive(owner: str | None) -> bool:
 def recover_abandoned(ledger: Ledger, *, max_submit_s: float = 900.0) -> list[str]:
     """``submitting`` rows whose owner died (or that are older than any submit can take)
     become ``unknown``: the POST may have been paid for. Returns their ids."""
-    now = time.time()
-    dead = [
-        row.request_id
-        for row in ledger.rows(states=["submitting"])
-        if not _owner_alive(row.owner) or now - (row.submitting_at or now) > max_submit_s
-    ]
-    for request_id in dead:
-        ledger.record_unknown(
-            request_id,
-            "submitter stopped between committing the intent and recording the task id; "
-            "a paid task may exist (resubmit only with --resubmit-unknown)",
-        )
+    dead = ledger.recover_stale_submitting(max_submit_s, owner_alive=_owner_alive)
     if dead:
         log.warning("%d interrupted submission(s) marked unknown: %s", len(dead), ", ".join(dead[:10]))
     return dead
@@ -101,7 +90,7 @@ def first_poll_delay(ledger: Ledger, policy: PollingPolicy) -> float:
     """Median latency of recently finished tasks, so the first poll usually finds them done."""
     recent = [
         r.finished_at - r.submitted_at
-        for r in ledger.rows(states=["succeeded"])[-50:]
+        for r in ledger.rows(states=["succeeded"], newest_first=True, limit=50)
         if r.finished_at and r.submitted_at
     ]
     guess = statistics.median(recent) if recent else policy.first_poll_default_s

@@ -79,13 +79,13 @@ def evaluate_tick(context: SensorEvaluationContext, pipeline: PipelineResource, 
     # (e.g. planned by the schedule, or held back by a spend cap earlier).
     newly_failed = set(report.failed)
     resubmit = [
-        r for r in ledger.rows(states=[FAILED])
+        r for r in ledger.rows(states=[FAILED], limit=10 * MAX_BATCH)
         if r.attempts < pipeline.retry_budget
         and r.task_id is not None
         and (r.request_id in newly_failed or now - r.updated_at > RETRY_STUCK_AFTER_S)
     ]
     if pipeline.auto_submit:
-        resubmit += [r for r in ledger.rows(states=[PLANNED]) if now - r.updated_at > AUTO_SUBMIT_AFTER_S]
+        resubmit += ledger.rows(states=[PLANNED], updated_before=now - AUTO_SUBMIT_AFTER_S, limit=MAX_BATCH)
     resubmit = resubmit[:MAX_BATCH]
     if resubmit:
         material = ",".join(sorted(f"{r.request_id}@{r.attempts}@{r.updated_at}" for r in resubmit))
