@@ -265,8 +265,8 @@ def _check_image_rows(df: pd.DataFrame, name: str, root_real: str, allow_outside
         bad = df[col] == ""
         _reject_rows(df, bad, "image", "missing_value", lambda r, c=col: f"{c} is empty", out)
         keep &= ~bad
-    located = [_locate(i, root_real, allow_outside) if k else ("", False, None, "")
-               for i, k in zip(df["image"], keep)]
+    cells = {c: _locate(c, root_real, allow_outside) for c in df.loc[keep, "image"].unique()}
+    located = [cells[i] if k else ("", False, None, "") for i, k in zip(df["image"], keep)]
     df["location"] = [x[0] for x in located]
     df["is_url"] = [x[1] for x in located]
     for i, item, subject, (_, _, rule, reason) in zip(df.index, df["item"], df["subject_id"], located):
