@@ -149,7 +149,7 @@ class Simulator:
 
     def _dispatch(self, task: Task) -> None:
         with self.book.lock:
-            if task.task_id in self._rendering:
+            if self._stop.is_set() or task.task_id in self._rendering:
                 return
             self._rendering.add(task.task_id)
         self._pool.submit(self._render, task)
@@ -309,6 +309,14 @@ class Simulator:
         }
 
 
+def _fingerprint(body: Any, raw: bytes) -> str:
+    """The request's fingerprint; a body too broken to have one is keyed by its bytes."""
+    try:
+        return contract.payload_fingerprint(body)
+    except (AttributeError, TypeError, ValueError):
+        return hashlib.sha256(raw).hexdigest()
+
+
 def _url_secret(path: Path) -> bytes:
     """The key that signs download URLs, kept in the state folder so URLs survive restarts."""
     try:
@@ -360,6 +368,9 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "vidu-simulator"
     timeout = 120  # idle keep-alive connections are closed after this
+    # Headers and body go out in separate writes; with Nagle on, a keep-alive client's delayed
+    # ACK stalls every answer by ~40 ms.
+    disable_nagle_algorithm = True
     server: _Server
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -415,6 +426,24 @@ class _Handler(BaseHTTPRequestHandler):
     # --- routing ----------------------------------------------------------------------------
 
     def do_POST(self) -> None:
+        self._guarded(self._route_post)
+
+    def do_GET(self) -> None:
+        self._guarded(self._route_get)
+
+    def _guarded(self, route) -> None:
+        """A bug answers 500 and is logged, rather than looking like a dropped connection."""
+        try:
+            route()
+        except Exception:
+            log.exception("simulator error on %s %s", self.command, self.path.split("?", 1)[0])
+            self.close_connection = True
+            try:
+                self._error(500, "INTERNAL_ERROR", "simulator error (see its log)")
+            except OSError:
+                pass
+
+    def _route_post(self) -> None:
         path = self.path.split("?", 1)[0]
         body = self._read_body()
         if body is None:
@@ -426,7 +455,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._error(404, "NOT_FOUND", f"no such endpoint: POST {path}")
 
-    def do_GET(self) -> None:
+    def _route_get(self) -> None:
         url = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(url.query))
         if url.path == contract.TASK_RESULT_PATH:
@@ -491,10 +520,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             body, problems = None, [f"body: not valid JSON ({exc})"]
-        fingerprint = (
-            contract.payload_fingerprint(body) if isinstance(body, dict)
-            else hashlib.sha256(raw).hexdigest()
-        )
+        fingerprint = _fingerprint(body, raw)
         roll = sim.dice.roll("submit", fingerprint)
         faults = roll.config
         outcome = self._common_faults(roll, "submit", faults.submit_rate_limit, faults.submit_server_error)

@@ -1,0 +1,104 @@
+"""The standalone simulator: ``vidu-pipeline simulator …`` or ``python -m vidu_pipeline.simulator``.
+
+Serves until SIGINT or SIGTERM. General fault flags (``--rate-limit`` …) apply to submits and
+polls alike; ``--submit-…``/``--poll-…`` flags override one side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+from pathlib import Path
+
+from .faults import FaultConfig
+from .server import Simulator, SimulatorConfig
+
+API_KEY_ENV = "VIDU_SIMULATOR_API_KEY"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    parser.add_argument("--latency", type=float, default=20.0, help="seconds a task processes")
+    parser.add_argument("--concurrency", type=int, default=5, help="tasks processing at once")
+    parser.add_argument("--render-scale", type=float, default=1.0, help="<1 renders smaller, faster videos")
+    parser.add_argument("--url-ttl", type=int, default=3600, help="seconds a download URL stays valid")
+    parser.add_argument("--fps", type=int, default=24)
+    parser.add_argument(
+        "--api-key", default=os.environ.get(API_KEY_ENV, "sim-key"),
+        help=f"the Bearer key to accept (default: ${API_KEY_ENV} or 'sim-key')",
+    )
+    parser.add_argument("--state-dir", type=Path, default=None, help="keep tasks and videos here across restarts")
+    faults = parser.add_argument_group("fault injection (fractions 0..1, reproducible from --fault-seed)")
+    faults.add_argument("--fault-seed", type=int, default=0)
+    for name in ("rate-limit", "server-errors", "drop"):
+        faults.add_argument(f"--{name}", type=float, default=0.0, help="submits and polls")
+        faults.add_argument(f"--submit-{name}", type=float, default=None)
+        faults.add_argument(f"--poll-{name}", type=float, default=None)
+    faults.add_argument("--no-retry-after", type=float, default=0.0, help="share of 429s without Retry-After")
+    faults.add_argument("--retry-after", type=int, default=1, help="Retry-After seconds on 429")
+    faults.add_argument("--server-errors-after-accept", type=float, default=0.5,
+                        help="share of submit 5xx sent after the task was created")
+    faults.add_argument("--drop-after-accept", type=float, default=0.5,
+                        help="share of dropped submits that created the task first")
+    faults.add_argument("--slow", type=float, default=0.0, help="calls delayed by --slow-seconds")
+    faults.add_argument("--slow-seconds", type=float, default=2.0)
+    faults.add_argument("--fail-tasks", type=float, default=0.0, help="tasks that end FAILED")
+    faults.add_argument("--truncate", type=float, default=0.0, help="downloads cut short")
+    faults.add_argument("--truncate-matching-length", type=float, default=0.0,
+                        help="share of truncated downloads whose Content-Length matches the short body")
+
+
+def fault_config(args: argparse.Namespace) -> FaultConfig:
+    def side(side: str, name: str) -> float:
+        specific = getattr(args, f"{side}_{name}")
+        return getattr(args, name) if specific is None else specific
+
+    return FaultConfig(
+        seed=args.fault_seed,
+        submit_rate_limit=side("submit", "rate_limit"),
+        poll_rate_limit=side("poll", "rate_limit"),
+        rate_limit_without_retry_after=args.no_retry_after,
+        retry_after_s=args.retry_after,
+        submit_server_error=side("submit", "server_errors"),
+        poll_server_error=side("poll", "server_errors"),
+        server_error_after_accept=args.server_errors_after_accept,
+        submit_drop=side("submit", "drop"),
+        poll_drop=side("poll", "drop"),
+        drop_after_accept=args.drop_after_accept,
+        slow=args.slow,
+        slow_s=args.slow_seconds,
+        fail_tasks=args.fail_tasks,
+        truncate=args.truncate,
+        truncate_matching_length=args.truncate_matching_length,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = SimulatorConfig(
+        api_key=args.api_key,
+        latency_s=args.latency,
+        concurrency=args.concurrency,
+        render_scale=args.render_scale,
+        url_ttl_s=args.url_ttl,
+        state_dir=args.state_dir,
+        faults=fault_config(args),
+        host=args.host,
+        port=args.port,
+        fps=args.fps,
+    )
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with Simulator(config) as sim:
+            print(f"Vidu simulator serving on {sim.base_url}", flush=True)
+            print(f"API key: {config.api_key}", flush=True)
+            print(f"state: {config.state_dir or 'temporary (lost on exit)'}", flush=True)
+            stop.wait()
+            print("stopping", flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
