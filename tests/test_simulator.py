@@ -398,6 +398,22 @@ def test_restart_in_process_keeps_videos_and_url_signatures(make_sim, tmp_path):
     assert stats(second)["tasks"]["by_status"]["TASK_STATUS_SUCCEED"] == 1
 
 
+def test_state_folder_is_single_owner_and_survives_a_torn_log(make_sim, tmp_path):
+    first = make_sim(state_dir=tmp_path)
+    task_id = submit(first, body(seed=9)).json()["task_id"]
+    with pytest.raises(RuntimeError, match="in use"):
+        make_sim(state_dir=tmp_path)
+    first.stop()
+    with open(tmp_path / "tasks.jsonl", "a") as log:
+        log.write('{"event": "submit", "task_id": "half-writ')  # a writer killed mid-line
+    second = make_sim(state_dir=tmp_path)
+    later_id = submit(second, body(seed=10)).json()["task_id"]
+    second.stop()
+    third = make_sim(state_dir=tmp_path)
+    assert wait_done(third, task_id)["task"]["status"] == "TASK_STATUS_SUCCEED"
+    assert wait_done(third, later_id)["task"]["status"] == "TASK_STATUS_SUCCEED"
+
+
 # --- faults --------------------------------------------------------------------------------
 
 

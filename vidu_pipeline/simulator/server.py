@@ -99,7 +99,12 @@ class Simulator:
             if task.done_t is not None and task.needs_video and not task.render_error:
                 if not self.video_path(task.task_id).exists():
                     self.book.forget_video(task.task_id)
-        self._server = _Server((self.config.host, self.config.port), self)
+        try:
+            self._server = _Server((self.config.host, self.config.port), self)
+        except OSError:
+            self._pool.shutdown()
+            self.book.close()
+            raise
         host, port = self._server.server_address[:2]
         self.base_url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         for target, name in ((self._server.serve_forever, "http"), (self._tick, "tick")):
@@ -174,9 +179,9 @@ class Simulator:
             error = f"{type(exc).__name__}: {exc}"
         self.count("renders.failed" if error else "renders.done")
         self.count("renders.milliseconds", round(1000 * (time.monotonic() - began)))
+        self.book.mark_ready(task.task_id, time.time(), error)
         with self.book.lock:
             self._rendering.discard(task.task_id)
-        self.book.mark_ready(task.task_id, time.time(), error)
         self.advance()
 
     def video_path(self, task_id: str) -> Path:
@@ -194,7 +199,7 @@ class Simulator:
             if not ref.startswith("data:"):
                 entry["url"] = contract.redact_url(ref)
             refs.append(entry)
-        if not fail_reason and roll.hit("fail_task", self.dice.config.fail_tasks):
+        if not fail_reason and roll.hit("fail_task", roll.config.fail_tasks):
             fail_reason = FAIL_REASONS[int(roll.uniform("fail_reason") * len(FAIL_REASONS))]
         now = time.time()
         task = Task(

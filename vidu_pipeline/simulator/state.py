@@ -15,6 +15,7 @@ process, and a lost one is replayed from the clock anyway). A torn last line is 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import heapq
 import json
 import math
@@ -96,20 +97,28 @@ class TaskBook:
         self._plan: list[float] = []  # planned finish per slot, for eta estimates
         self._log_path = state_dir / "tasks.jsonl"
         self._log_lock = threading.Lock()
-        self._load()
         self._log = open(self._log_path, "a", encoding="utf-8")
+        try:  # one live simulator per state folder; the kernel drops the lock of a killed one
+            fcntl.flock(self._log.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._log.close()
+            raise RuntimeError(f"{state_dir} is in use by another running simulator") from None
+        self._load()
 
     # --- log --------------------------------------------------------------------------------
 
     def _load(self) -> None:
-        if self._log_path.exists():
-            with open(self._log_path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        event = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # the torn tail of a killed writer
-                    self._replay(event)
+        line = "\n"
+        with open(self._log_path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the torn tail of a killed writer
+                self._replay(event)
+        if not line.endswith("\n"):  # end the torn line, or the next event would join it
+            self._log.write("\n")
+            self._log.flush()
         done = sorted(t.done_t for t in self.tasks.values() if t.done_t is not None)
         for task in self.tasks.values():
             if task.start_t is None:
