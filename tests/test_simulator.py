@@ -465,6 +465,17 @@ def test_poll_faults_and_slow_answers(make_sim):
     assert stats(sim)["faults"] == {"poll.server_error": 1, "poll.drop": 1, "poll.slow": 1}
 
 
+def test_faults_can_be_switched_over_http(make_sim):
+    sim = make_sim()
+    url = sim.base_url + "/_simulator/faults"
+    assert requests.post(url, json={"poll_rate_limit": 1.0}, headers=AUTH, timeout=10).status_code == 200
+    assert poll(sim, "any").status_code == 429
+    assert requests.post(url, json={"poll_rate_limit": 2}, headers=AUTH, timeout=10).status_code == 400
+    assert requests.post(url, json={}, timeout=10).status_code == 401
+    assert requests.post(url, json={}, headers=AUTH, timeout=10).status_code == 200
+    assert poll(sim, "any").status_code == 404
+
+
 def test_failed_tasks_carry_a_reason(make_sim):
     sim = make_sim(faults=FaultConfig(fail_tasks=1.0))
     task = run_task(sim, body())["task"]
