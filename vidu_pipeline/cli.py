@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         from .simulator import cli as simulator_cli
 
         return simulator_cli.run(args)
+    quiet_dagster()
     from .generate import CatalogProblem, generate, reproduce, status
 
     try:
@@ -121,6 +122,18 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: the ledger is consistent; run the same command again to resume "
               "(nothing already submitted is paid for twice)", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def quiet_dagster() -> None:
+    """Dagster's beta notices and per-event INFO lines are for library authors and the UI;
+    on the command line the progress line and the summary say what matters."""
+    import warnings
+
+    import dagster
+
+    for category in (dagster.BetaWarning, dagster.PreviewWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    logging.getLogger("dagster").setLevel(logging.WARNING)
 
 
 def _env_float(name: str) -> float | None:

@@ -115,6 +115,8 @@ class ViduClient:
     ) -> None:
         if not api_key:
             raise errors.AuthError("no API key given (set VIDU_API_KEY)")
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"API base URL must start with http:// or https://, got {base_url[:80]!r}")
         self._api_key = api_key
         self.base_url = base_url.rstrip("/")
         self.timeout = (connect_timeout, read_timeout)

@@ -7,6 +7,7 @@ Runs execute in this process (tens of milliseconds each instead of seconds of pr
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -27,7 +28,7 @@ from .cli import DAGSTER_YAML, EXIT_CAPPED, EXIT_FAILED, EXIT_OK
 from .defs.assets import ALL_ASSETS
 from .defs.checks import ALL_CHECKS
 from .defs.resources import SESSION_TAG, PipelineResource, vidu_resource_from_env
-from .defs.sensors import batch_run_request, evaluate_tick
+from .defs.sensors import batch_run_request, vidu_task_sensor
 from .ledger import FAILED, PLANNED, SUBMITTED, SUBMITTING, SUCCEEDED, UNKNOWN
 
 CATALOG_ASSETS = ["catalog", "reference_images", "rejections", "generation_requests"]
@@ -72,6 +73,8 @@ class Driver:
         self.done_run_keys: set[str] = set()
 
     def run(self, selection: list[str], *, tags=None, run_config=None, raise_on_error=True):
+        # Dagster's console logger would print every event; the progress line says enough.
+        run_config = {**(run_config or {}), "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
         return materialize(
             [*ALL_ASSETS, *ALL_CHECKS],
             selection=[AssetKey(k) for k in selection],
@@ -97,7 +100,7 @@ class Driver:
 
     def tick(self) -> int:
         context = build_sensor_context(instance=self.instance, resources=self.resources)
-        result = evaluate_tick(context, self.pipeline, self.vidu)
+        result = vidu_task_sensor(context)
         return sum(self.run_request(r) for r in (result.run_requests or []))
 
 
@@ -248,7 +251,7 @@ def write_contact_sheet(pipeline: PipelineResource, rows) -> Path | None:
     from .video import contact_sheet
 
     items = [
-        (f"{r.subject_id} · seed {r.seed}", Path(r.video_path))
+        (f"{r.subject_id} · {json.loads(r.spec_json)['options']['aspect_ratio']} · seed {r.seed}", Path(r.video_path))
         for r in rows
         if r and r.video_sha256 and r.video_path and Path(r.video_path).exists()
     ]
@@ -292,8 +295,6 @@ def summarize(pipeline: PipelineResource, rows, rejected, sheet: Path | None, *,
 
 
 def status(args) -> int:
-    import json
-
     pipeline = PipelineResource(data_dir=str(Path(args.data_dir).resolve()))
     if not (pipeline.root / "ledger.sqlite").exists() and not pipeline.ledger_url:
         print(f"no ledger in {pipeline.root}: nothing generated yet")

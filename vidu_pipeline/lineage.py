@@ -82,7 +82,7 @@ def to_utc(value: Any) -> dt.datetime | None:
     if value is None or (isinstance(value, float) and value != value):
         return None
     if isinstance(value, pd.Timestamp):
-        value = value.to_pydatetime()
+        value = value.floor("us").to_pydatetime()  # Parquet keeps microseconds
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return dt.datetime.fromtimestamp(value, dt.timezone.utc)
     if isinstance(value, str):

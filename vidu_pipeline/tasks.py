@@ -227,6 +227,9 @@ def poll_due(
         with cf.ThreadPoolExecutor(max_workers=max(1, min(workers, len(rows)))) as pool:
             for future in [pool.submit(one, row) for row in rows]:
                 future.result()
+    if report.errors:
+        log.warning("%d of %d poll(s) failed and were rescheduled, e.g. %s",
+                    len(report.errors), report.polled, "; ".join(report.errors[:3]))
     return report
 
 

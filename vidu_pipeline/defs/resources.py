@@ -101,14 +101,20 @@ class ViduResource(ConfigurableResource):
     def endpoint(self, simulator_state_dir: Path) -> runtime.Endpoint:
         env = dict(os.environ)
         env.pop(runtime.ENV_KEY, None)
-        if self.api_key:
-            env[runtime.ENV_KEY] = self.api_key
-            env[runtime.ENV_BASE_URL] = self.base_url
+        api_key = _value(self.api_key)
+        if api_key:
+            env[runtime.ENV_KEY] = api_key
+            env[runtime.ENV_BASE_URL] = _value(self.base_url) or DEFAULT_BASE_URL
         return runtime.resolve_endpoint(simulator_state_dir, env)
 
     def client(self, simulator_state_dir: Path) -> tuple[ViduClient, runtime.Endpoint]:
         endpoint = self.endpoint(simulator_state_dir)
         return ViduClient(endpoint.api_key, endpoint.base_url), endpoint
+
+
+def _value(field):
+    """A field's value, also when the resource is used outside a run (EnvVar unresolved)."""
+    return field.get_value() if isinstance(field, EnvVar) else field
 
 
 def vidu_resource_from_env() -> ViduResource:
