@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -105,10 +106,11 @@ def ensure_local_simulator(state_dir: Path, settings: SimulatorSettings, timeout
             "--render-scale", str(settings.render_scale),
             "--idle-exit", str(settings.idle_exit_s),
         ]
+        env = {k: v for k, v in os.environ.items() if k != ENV_KEY}
+        env["VIDU_SIMULATOR_API_KEY"] = secrets.token_urlsafe(18)  # throwaway, never on argv
         with open(state_dir / "simulator.log", "ab") as out:
             proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-                env={k: v for k, v in os.environ.items() if k != ENV_KEY},
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, env=env,
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -7,7 +7,9 @@ polls alike; ``--submit-…``/``--poll-…`` flags override one side.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import time
 import signal
 import threading
 from pathlib import Path
@@ -31,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"the Bearer key to accept (default: ${API_KEY_ENV} or 'sim-key')",
     )
     parser.add_argument("--state-dir", type=Path, default=None, help="keep tasks and videos here across restarts")
+    parser.add_argument("--announce", type=Path, default=None,
+                        help="write {base_url, api_key, pid, settings} to this JSON file once serving (mode 0600)")
+    parser.add_argument("--idle-exit", type=float, default=0.0,
+                        help="stop after this many seconds without a request (0: never)")
     faults = parser.add_argument_group("fault injection (fractions 0..1, reproducible from --fault-seed)")
     faults.add_argument("--fault-seed", type=int, default=0)
     for name in ("rate-limit", "server-errors", "drop"):
@@ -76,6 +82,19 @@ def fault_config(args: argparse.Namespace) -> FaultConfig:
     )
 
 
+def announce(path: Path, sim: Simulator, args: argparse.Namespace) -> None:
+    """Tell other processes where this simulator is (the pipeline's embedded default)."""
+    info = {
+        "base_url": sim.base_url, "api_key": sim.config.api_key, "pid": os.getpid(),
+        "latency_s": args.latency, "render_scale": args.render_scale, "concurrency": args.concurrency,
+    }
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, path)
+
+
 def run(args: argparse.Namespace) -> int:
     config = SimulatorConfig(
         api_key=args.api_key,
@@ -94,9 +113,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         with Simulator(config) as sim:
             print(f"Vidu simulator serving on {sim.base_url}", flush=True)
-            print(f"API key: {config.api_key}", flush=True)
+            # A key given through the environment stays out of logs; the default one is public.
+            shown = f"from ${API_KEY_ENV}" if os.environ.get(API_KEY_ENV) else config.api_key
+            print(f"API key: {shown}", flush=True)
             print(f"state: {config.state_dir or 'temporary (lost on exit)'}", flush=True)
-            stop.wait()
+            if args.announce:
+                announce(args.announce, sim, args)
+            while not stop.wait(1.0):
+                if args.idle_exit and time.monotonic() - sim.last_request_at > args.idle_exit:
+                    print(f"idle for {args.idle_exit:.0f} s", flush=True)
+                    break
             print("stopping", flush=True)
     finally:
         for sig, handler in previous.items():

@@ -72,6 +72,7 @@ class Simulator:
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._counts: Counter[str] = Counter()
+        self.last_request_at = time.monotonic()  # for the standalone server's --idle-exit
         self._counts_lock = threading.Lock()
         self._rendering: set[str] = set()
         self.dice = FaultDice(self.config.faults)
@@ -438,6 +439,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _guarded(self, route) -> None:
         """A bug answers 500 and is logged, rather than looking like a dropped connection."""
+        self.server.sim.last_request_at = time.monotonic()
         try:
             route()
         except Exception:
