@@ -1,0 +1,601 @@
+"""Fault and crash drill for ``vidu-pipeline generate`` against a misbehaving simulator.
+
+    python drills/run_drill.py [--requests 60 --kills 20 --seed 7 --keep DIR]
+
+Runs a sweep against a standalone simulator subprocess that injects 5xx, 429, dropped
+connections (also after a task was accepted), failing tasks, truncated downloads and short URL
+TTLs all at once; kills ``generate`` with SIGKILL at seeded random moments (and once in the
+middle of a slow submit), restarting it each time; then checks that nothing was lost and
+nothing was paid twice. Prints every invariant and the counts; exits 1 if any invariant fails.
+
+The helpers here are also what ``tests/test_drills.py`` and ``tests/test_security.py`` use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+DRILL_KEY = "sk-vidu-drill-5e1d0c"
+TERMINAL = ("succeeded", "failed", "unknown")
+
+# The fault mix of the drill (simulator CLI flags).
+FAULT_FLAGS = {
+    "--server-errors": 0.20,
+    "--rate-limit": 0.10,
+    "--retry-after": 1,
+    "--drop": 0.05,
+    "--drop-after-accept": 0.5,
+    "--server-errors-after-accept": 0.5,
+    "--fail-tasks": 0.05,
+    "--truncate": 0.05,
+}
+
+# --- the catalog ---------------------------------------------------------------------------------
+
+ACTIONS = ["turns slowly", "waves at the camera", "walks to the left", "looks up at the sky",
+           "spins around", "jumps once", "nods twice", "sits down", "stands up", "smiles"]
+PLACES = ["in a sunny park", "on a quiet beach", "in a busy kitchen", "under a night sky",
+          "in a snowy forest", "at a train station", "on a rooftop", "in a library"]
+
+
+def make_catalog(root: Path, *, subjects: int = 5, prompts: int = 5, seeds: int = 2, rng_seed: int = 0,
+                 size: int = 160) -> int:
+    """Write a catalog of ``subjects × prompts × seeds`` requests with generated images
+    (``size`` px, ≥ 128); returns the number of requests."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(rng_seed)
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    image_rows, prompt_rows = [], []
+    ratios = ["16:9", "9:16", "1:1"]
+    for s in range(subjects):
+        subject = f"subject{s}"
+        for v in range(2):
+            img = Image.new("RGB", (size, size + 16 * v), tuple(rng.randrange(256) for _ in range(3)))
+            draw = ImageDraw.Draw(img)
+            for _ in range(6):
+                x0, y0 = rng.randrange(size // 2), rng.randrange(size // 2)
+                draw.rectangle([x0, y0, x0 + rng.randrange(10, size // 2), y0 + rng.randrange(10, size // 2)],
+                               fill=tuple(rng.randrange(256) for _ in range(3)))
+            name = f"images/{subject}-{v}.png"
+            img.save(root / name)
+            image_rows.append(f"{subject},{name},view{v}")
+        for p in range(prompts):
+            text = f"The {subject} {ACTIONS[(s + p) % len(ACTIONS)]} {PLACES[(s * 3 + p) % len(PLACES)]} (take {p})"
+            prompt_rows.append(f'{subject},"{text}",{ratios[(s + p) % 3]},auto,{"true" if p % 4 == 0 else "false"}')
+    (root / "images.csv").write_text("subject_id,image,view\n" + "\n".join(image_rows) + "\n")
+    (root / "prompts.csv").write_text("subject_id,prompt,aspect_ratio,movement_amplitude,bgm\n"
+                                      + "\n".join(prompt_rows) + "\n")
+    (root / "sweep.yaml").write_text(f"seeds: [{', '.join(str(100 + i) for i in range(seeds))}]\n")
+    return subjects * prompts * seeds
+
+
+def shape_for(requests_wanted: int) -> tuple[int, int, int]:
+    """(subjects, prompts, seeds) giving at least ``requests_wanted`` requests."""
+    subjects, seeds = 5, 2
+    prompts = max(1, -(-requests_wanted // (subjects * seeds)))
+    return subjects, prompts, seeds
+
+
+# --- the simulator as a separate process (it must survive kills of generate) ---------------------
+
+
+class SimulatorProcess:
+    """``vidu-pipeline simulator`` in a subprocess on a free loopback port; the key via env."""
+
+    def __init__(self, state_dir: Path, *, api_key: str = DRILL_KEY, latency: float = 0.7,
+                 render_scale: float = 0.1, url_ttl: int = 3, concurrency: int = 5, fault_seed: int = 0,
+                 faults: dict[str, float] | None = None, extra_args: tuple[str, ...] = ()):
+        self.state_dir = Path(state_dir)
+        self.api_key = api_key
+        self.render_scale = render_scale
+        self.args = [
+            "--port", "0", "--state-dir", str(self.state_dir), "--announce", str(self.state_dir / "announce.json"),
+            "--latency", str(latency), "--render-scale", str(render_scale), "--url-ttl", str(url_ttl),
+            "--concurrency", str(concurrency), "--fault-seed", str(fault_seed),
+            *[str(x) for kv in (faults or {}).items() for x in kv], *extra_args,
+        ]
+        self.proc: subprocess.Popen | None = None
+        self.base_url = ""
+
+    def start(self, timeout: float = 60.0) -> SimulatorProcess:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        announce = self.state_dir / "announce.json"
+        announce.unlink(missing_ok=True)
+        env = {**os.environ, "VIDU_SIMULATOR_API_KEY": self.api_key}
+        env.pop("VIDU_API_KEY", None)
+        self.log_path = self.state_dir.parent / f"{self.state_dir.name}.log"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vidu_pipeline.simulator", *self.args],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"simulator exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
+            try:
+                self.base_url = json.loads(announce.read_text())["base_url"]
+                return self
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("simulator did not start")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=15)
+
+    def __enter__(self) -> SimulatorProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def stats(self) -> dict[str, Any]:
+        resp = requests.get(self.base_url + "/_simulator/stats", headers=self._headers(), timeout=30)
+        resp.raise_for_status()
+        return resp.json()
+
+    def faults(self) -> dict[str, Any]:
+        resp = requests.get(self.base_url + "/_simulator/faults", headers=self._headers(), timeout=30)
+        resp.raise_for_status()
+        return resp.json()
+
+    def set_faults(self, **changes: Any) -> dict[str, Any]:
+        """Change some fault fields (FaultConfig names), keeping the others."""
+        config = {**self.faults(), **changes}
+        resp = requests.post(self.base_url + "/_simulator/faults", json=config, headers=self._headers(), timeout=30)
+        resp.raise_for_status()
+        return resp.json()
+
+    def env(self, dagster_home: Path) -> dict[str, str]:
+        """The environment a ``generate`` pointed at this simulator runs with."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VIDU_", "DAGSTER_"))}
+        env.update({
+            "VIDU_API_KEY": self.api_key,
+            "VIDU_API_BASE_URL": self.base_url,
+            "VIDU_SIMULATOR_RENDER_SCALE": str(self.render_scale),
+            "DAGSTER_HOME": str(dagster_home),
+            "PYTHONUNBUFFERED": "1",
+        })
+        return env
+
+
+# --- driving generate ----------------------------------------------------------------------------
+
+
+def generate_cmd(catalog: Path, data_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "vidu_pipeline.cli", "generate", "--catalog", str(catalog),
+            "--data-dir", str(data_dir), "--no-contact-sheet", *extra]
+
+
+def run_generate(catalog: Path, data_dir: Path, env: dict[str, str], *extra: str,
+                 timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(generate_cmd(catalog, data_dir, "--timeout", str(timeout), *extra), env=env,
+                          capture_output=True, text=True, timeout=timeout + 120, cwd=data_dir.parent)
+
+
+def start_generate(catalog: Path, data_dir: Path, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen(generate_cmd(catalog, data_dir, "--timeout", "600"), env=env, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=data_dir.parent)
+    finally:
+        log.close()
+
+
+def kill9(proc: subprocess.Popen) -> bool:
+    """SIGKILL the process if it still runs; True when it was killed (not already finished)."""
+    if proc.poll() is not None:
+        return False
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    return True
+
+
+def ledger_states(data_dir: Path) -> dict[str, str]:
+    """request_id → state, read with plain sqlite3 (works while generate runs)."""
+    path = Path(data_dir) / "ledger.sqlite"
+    if not path.exists():
+        return {}
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        return dict(con.execute("SELECT request_id, state FROM requests"))
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        con.close()
+
+
+def check_readable(data_dir: Path) -> str:
+    """Open the ledger and the lineage table after a kill; raise if either is unreadable."""
+    import pandas as pd
+
+    from vidu_pipeline.lineage import LineageStore
+
+    path = Path(data_dir) / "ledger.sqlite"
+    counts = "no ledger yet"
+    if path.exists():
+        con = sqlite3.connect(str(path), timeout=30)
+        try:
+            ok = con.execute("PRAGMA integrity_check").fetchone()[0]
+            if ok != "ok":
+                raise AssertionError(f"ledger integrity_check: {ok}")
+            counts = dict(con.execute("SELECT state, count(*) FROM requests GROUP BY state").fetchall())
+            con.execute("SELECT count(*) FROM attempts").fetchone()
+        finally:
+            con.close()
+    root = Path(data_dir) / "lineage"
+    rows = 0
+    if root.exists() and list(root.glob("part-*.parquet")):
+        rows = len(LineageStore(root).read())
+        pd.read_parquet(root)
+    return f"ledger {counts}; lineage {rows} row(s)"
+
+
+def kill_at_random(catalog: Path, data_dir: Path, env: dict[str, str], rng: random.Random,
+                   log_path: Path, *, low: float = 2.0, high: float = 25.0) -> tuple[bool, float]:
+    """Start generate, SIGKILL it after a seeded random delay. (killed?, delay)."""
+    delay = rng.uniform(low, high)
+    proc = start_generate(catalog, data_dir, env, log_path)
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        pass
+    return kill9(proc), delay
+
+
+def kill_mid_submit(catalog: Path, data_dir: Path, env: dict[str, str], sim: SimulatorProcess,
+                    log_path: Path, *, slow_s: float = 4.0, timeout: float = 120) -> list[str]:
+    """With every submit delayed by ``slow_s``, SIGKILL generate while a request is
+    ``submitting``. Returns the ids that were ``submitting`` at the kill."""
+    previous = sim.faults()
+    sim.set_faults(slow=1.0, slow_s=slow_s)
+    proc = start_generate(catalog, data_dir, env, log_path)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            inflight = [r for r, s in ledger_states(data_dir).items() if s == "submitting"]
+            if inflight:
+                time.sleep(0.3)  # let the POSTs reach the simulator
+                inflight = [r for r, s in ledger_states(data_dir).items() if s == "submitting"]
+                if kill9(proc):
+                    return inflight
+            time.sleep(0.05)
+        raise RuntimeError("no request was ever seen in the submitting state")
+    finally:
+        kill9(proc)
+        sim.set_faults(**previous)
+
+
+def attempts_by_request(data_dir: Path) -> dict[str, list[tuple[int, str | None]]]:
+    con = sqlite3.connect(str(Path(data_dir) / "ledger.sqlite"), timeout=30)
+    try:
+        out: dict[str, list] = collections.defaultdict(list)
+        for rid, n, outcome in con.execute("SELECT request_id, attempt, outcome FROM attempts ORDER BY attempt"):
+            out[rid].append((n, outcome))
+        return dict(out)
+    finally:
+        con.close()
+
+
+def finish(catalog: Path, data_dir: Path, env: dict[str, str], *, max_runs: int = 3,
+           timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """Run generate until every request is terminal (a run may end 1: failed/unknown ones)."""
+    runs = []
+    for _ in range(max_runs):
+        runs.append(run_generate(catalog, data_dir, env, timeout=timeout))
+        states = ledger_states(data_dir)
+        if runs[-1].returncode in (0, 1) and states and all(s in TERMINAL for s in states.values()):
+            break
+    return runs
+
+
+# --- the invariants --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclasses.dataclass
+class Report:
+    checks: list[Check]
+    counts: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def failures(self) -> list[str]:
+        return [f"{c.name}: {c.detail}" for c in self.checks if not c.ok]
+
+    def text(self) -> str:
+        lines = [f"  [{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}" for c in self.checks]
+        return "\n".join(lines)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_invariants(data_dir: Path, sim: SimulatorProcess, env: dict[str, str], *,
+                     retry_budget: int = 3, expected_requests: int | None = None) -> Report:
+    """Everything the promise says, checked from the ledger, the files, the lineage table,
+    ``vidu-pipeline status`` and the simulator's own books."""
+    from vidu_pipeline.ledger import Ledger
+    from vidu_pipeline.lineage import LineageStore
+    from vidu_pipeline.video import VideoInvalid, probe_video
+
+    data_dir = Path(data_dir)
+    checks: list[Check] = []
+
+    def check(name: str, problems: list[str], ok_detail: str) -> None:
+        checks.append(Check(name, not problems, ok_detail if not problems else
+                            f"{len(problems)} problem(s): " + "; ".join(problems[:5])))
+
+    ledger = Ledger(f"sqlite:///{data_dir / 'ledger.sqlite'}")
+    try:
+        rows = {r.request_id: r for r in ledger.rows()}
+        attempts = {rid: ledger.attempts_for(rid) for rid in rows}
+    finally:
+        ledger.close()
+    stats = sim.stats()
+    by_state = collections.Counter(r.state for r in rows.values())
+
+    # 1. every request ended
+    problems = []
+    if expected_requests is not None and len(rows) != expected_requests:
+        problems.append(f"{len(rows)} requests in the ledger, {expected_requests} expected")
+    for r in rows.values():
+        if r.state not in TERMINAL:
+            problems.append(f"{r.request_id} is {r.state}")
+        elif r.state == "succeeded" and not r.video_sha256:
+            problems.append(f"{r.request_id} succeeded without a stored video ({r.last_error})")
+        elif r.state == "failed" and r.task_id and r.attempts < retry_budget:
+            problems.append(f"{r.request_id} failed after {r.attempts} of {retry_budget} attempts")
+    check("every request terminal", problems,
+          f"{len(rows)} requests: " + ", ".join(f"{k} {v}" for k, v in sorted(by_state.items())))
+
+    # 2. unknown ones are listed by `vidu-pipeline status`
+    status = subprocess.run([sys.executable, "-m", "vidu_pipeline.cli", "status", "--data-dir", str(data_dir),
+                             "--json"], env=env, capture_output=True, text=True, timeout=120)
+    problems = []
+    try:
+        listed = {u["request_id"] for u in json.loads(status.stdout)["unknown"]}
+    except (ValueError, KeyError) as exc:
+        listed = set()
+        problems.append(f"status --json unreadable ({exc}): {status.stderr[-300:]}")
+    unknown = {rid for rid, r in rows.items() if r.state == "unknown"}
+    if listed != unknown:
+        problems.append(f"status lists {sorted(listed ^ unknown)[:5]} differently from the ledger")
+    check("unknown requests listed by status", problems, f"{len(unknown)} unknown, all listed")
+
+    # 3. no hidden duplicate payment: accepted ≤ billable attempts, per fingerprint
+    by_fp: dict[str, list[str]] = collections.defaultdict(list)
+    for rid, r in rows.items():
+        by_fp[r.fingerprint].append(rid)
+    accepted = stats["submits"]["accepted_by_fingerprint"]
+    problems, duplicates, exact = [], 0, 0
+    for fp, n in accepted.items():
+        rids = by_fp.get(fp)
+        if not rids:
+            problems.append(f"{n} task(s) accepted for fingerprint {fp[:12]} unknown to the ledger")
+            duplicates += n
+            continue
+        billable = sum(1 for rid in rids for a in attempts[rid] if a.outcome != "rejected")
+        if n > billable:
+            problems.append(f"{rids[0]}: {n} accepted > {billable} billable attempt(s)")
+            duplicates += n - billable
+    for rid, atts in attempts.items():
+        if atts and all(a.outcome == "submitted" for a in atts):
+            exact += 1
+            got = accepted.get(rows[rid].fingerprint, 0)
+            if got != len(atts):
+                problems.append(f"{rid}: {len(atts)} attempt(s) all 'submitted' but {got} accepted")
+    check("no hidden duplicate payment", problems,
+          f"{sum(accepted.values())} tasks accepted for {len(accepted)} fingerprints; accepted ≤ billable "
+          f"attempts everywhere; accepted == attempts for the {exact} requests whose attempts all ended 'submitted'")
+
+    # 4. one verified video per success, byte-identical to what the service rendered
+    videos_dir = data_dir / "videos"
+    files = sorted(p for p in videos_dir.glob("*.mp4") if not p.name.startswith(".")) if videos_dir.exists() else []
+    problems = []
+    succeeded = {rid: r for rid, r in rows.items() if r.state == "succeeded"}
+    for p in files:
+        if p.stem not in succeeded:
+            problems.append(f"stray video {p.name} (request {rows[p.stem].state if p.stem in rows else 'unknown'})")
+    verified = 0
+    for rid, r in succeeded.items():
+        if not r.video_sha256:
+            continue
+        path = Path(r.video_path or "")
+        if path != videos_dir / f"{rid}.mp4" or not path.exists():
+            problems.append(f"{rid}: video file {path} missing")
+            continue
+        try:
+            probe = probe_video(path)
+        except VideoInvalid as exc:
+            problems.append(f"{rid}: stored video does not decode: {exc.reason}")
+            continue
+        if probe.sha256 != r.video_sha256 or probe.size_bytes != r.video_bytes:
+            problems.append(f"{rid}: file sha256/size differ from the ledger")
+            continue
+        original = sim.state_dir / "videos" / f"{r.task_id}.mp4"
+        if original.exists() and _sha256(original) != r.video_sha256:
+            problems.append(f"{rid}: stored video differs from the simulator's rendering (truncated?)")
+            continue
+        verified += 1
+    check("one verified video per success", problems,
+          f"{verified} videos decode end to end and equal the service's bytes; {len(files)} files, no strays")
+
+    # 5. the lineage table: one current row per ended request, matching the ledger
+    problems = []
+    lineage = LineageStore(data_dir / "lineage")
+    table = lineage.read()
+    history = lineage.read_all()
+    current = {rec["request_id"]: rec for rec in table.to_dict("records")}
+    for rid, r in rows.items():
+        rec = current.get(rid)
+        if r.state not in TERMINAL:
+            continue
+        if rec is None:
+            problems.append(f"{rid}: no lineage row")
+        elif rec["state"] != r.state:
+            problems.append(f"{rid}: lineage says {rec['state']}, ledger {r.state}")
+        elif r.state == "succeeded" and rec["video_sha256"] != r.video_sha256:
+            problems.append(f"{rid}: lineage sha256 differs from the ledger")
+    for rid, group in history[history["state"] == "succeeded"].groupby("request_id"):
+        if group["video_sha256"].nunique() != 1:
+            problems.append(f"{rid}: lineage history holds {group['video_sha256'].nunique()} different videos")
+    if set(current) - set(rows):
+        problems.append(f"lineage rows for requests not in the ledger: {sorted(set(current) - set(rows))[:3]}")
+    check("exactly one lineage row per ended request", problems,
+          f"{len(table)} current rows ({len(history)} appended in all), one per request, sha256 = ledger")
+
+    # 6. truncated downloads were injected and none was recorded
+    truncated = stats["downloads"].get("truncated", 0)
+    checks.append(Check("no truncated file recorded as success", not any("truncated" in c.detail for c in checks
+                                                                            if not c.ok),
+                        f"{truncated} truncated download(s) injected; every stored file is complete"))
+
+    faults = {k: v for k, v in stats["faults"].items()}
+    counts = {
+        "requests": len(rows),
+        "states": dict(sorted(by_state.items())),
+        "attempts": sum(len(a) for a in attempts.values()),
+        "billable_attempts": sum(1 for a in attempts.values() for x in a if x.outcome != "rejected"),
+        "accepted_tasks": sum(accepted.values()),
+        "injected_faults": faults,
+        "downloads": stats["downloads"],
+        "duplicates": duplicates,
+        "lost": sum(1 for r in rows.values() if r.state not in TERMINAL
+                    or (r.state == "succeeded" and not r.video_sha256)),
+    }
+    return Report(checks, counts)
+
+
+def terminal_snapshot(data_dir: Path) -> dict[str, int]:
+    """request_id → attempts, for requests that can no longer be submitted automatically."""
+    from vidu_pipeline.ledger import Ledger
+
+    ledger = Ledger(f"sqlite:///{Path(data_dir) / 'ledger.sqlite'}")
+    try:
+        return {r.request_id: r.attempts for r in ledger.rows(states=["succeeded", "unknown"])}
+    finally:
+        ledger.close()
+
+
+# --- the long drill --------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=60, help="at least this many requests (default 60)")
+    parser.add_argument("--kills", type=int, default=20, help="random SIGKILLs of generate (default 20)")
+    parser.add_argument("--seed", type=int, default=7, help="seeds the kill times and the faults")
+    parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
+    args = parser.parse_args(argv)
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="vidu-drill-"))
+    work.mkdir(parents=True, exist_ok=True)
+    catalog, data_dir, home = work / "catalog", work / "data", work / "dagster_home"
+    subjects, prompts, seeds = shape_for(args.requests)
+    n = make_catalog(catalog, subjects=subjects, prompts=prompts, seeds=seeds, rng_seed=args.seed)
+    rng = random.Random(args.seed)
+    print(f"drill in {work}: {n} requests ({subjects} subjects × {prompts} prompts × {seeds} seeds), "
+          f"{args.kills} kills, seed {args.seed}")
+    print("faults: " + " ".join(f"{k} {v}" for k, v in FAULT_FLAGS.items())
+          + " --url-ttl 3 --latency 0.7 --render-scale 0.1 --concurrency 5")
+    started = time.monotonic()
+    sim = SimulatorProcess(work / "sim", fault_seed=args.seed, faults=FAULT_FLAGS)
+    readable_problems: list[str] = []
+    try:
+        sim.start()
+        env = sim.env(home)
+        log = work / "generate.log"
+        kills = 0
+        inflight = kill_mid_submit(catalog, data_dir, env, sim, log)
+        kills += 1
+        print(f"kill 1 (mid-submit): {len(inflight)} request(s) were submitting: {', '.join(inflight[:5])}")
+        for i in range(args.kills):
+            killed, delay = kill_at_random(catalog, data_dir, env, rng, log)
+            kills += killed
+            try:
+                state = check_readable(data_dir)
+            except Exception as exc:  # noqa: BLE001 - reported as a failed invariant
+                state = f"UNREADABLE: {exc}"
+                readable_problems.append(f"after kill {i + 2}: {exc}")
+            print(f"kill {i + 2}: after {delay:.1f} s ({'killed' if killed else 'had already finished'}); {state}")
+        runs = finish(catalog, data_dir, env)
+        print(f"final run(s): exit {[r.returncode for r in runs]}")
+        before = terminal_snapshot(data_dir)
+        accepted_before = sim.stats()["submits"]["accepted"]
+        again = run_generate(catalog, data_dir, env)
+        after = terminal_snapshot(data_dir)
+        accepted_after = sim.stats()["submits"]["accepted"]
+        report = check_invariants(data_dir, sim, env, expected_requests=n)
+        resubmitted = [rid for rid, a in before.items() if after.get(rid) != a]
+        report.checks.append(Check("a re-run submits nothing for ended requests",
+                                   not resubmitted and accepted_after == accepted_before,
+                                   f"re-run exit {again.returncode}; {len(before)} succeeded/unknown requests "
+                                   f"untouched; tasks accepted {accepted_before} → {accepted_after}"))
+        stale_unknown = [rid for rid in inflight if ledger_states(data_dir).get(rid) not in ("unknown", "succeeded",
+                                                                                            "failed")]
+        report.checks.append(Check("killed mid-submit → unknown, not resubmitted",
+                                   bool(inflight) and not stale_unknown
+                                   and all(len(attempts_by_request(data_dir).get(r, [])) == 1 for r in inflight
+                                           if ledger_states(data_dir).get(r) == "unknown"),
+                                   f"{len(inflight)} in-flight request(s) ended unknown with one attempt each "
+                                   "(recovered by `submitting` → `unknown`)"))
+        report.checks.append(Check("ledger and lineage readable after every kill", not readable_problems,
+                                   "; ".join(readable_problems) or f"checked after each of {args.kills} kills"))
+    finally:
+        sim.stop()
+    report.counts["kills"] = kills
+    print("\ninvariants")
+    print(report.text())
+    print("\ncounts")
+    for key, value in report.counts.items():
+        print(f"  {key}: {json.dumps(value)}")
+    print(f"\n{'PASS' if report.ok else 'FAIL'} in {time.monotonic() - started:.0f} s")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
