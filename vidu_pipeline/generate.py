@@ -138,6 +138,16 @@ def generate(args) -> int:
             driver.run(["video_tasks"], tags=dict(request.tags), run_config=request.run_config, raise_on_error=False)
 
     ledger = pipeline.ledger()
+    # Tasks that succeeded before an earlier run was killed still lack their video: the sensor
+    # only collects fresh successes (or stuck ones after minutes), so collect them now.
+    wanted = set(ids)
+    orphans = [r.request_id for r in ledger.needing_video(max_video_attempts=pipeline.video_attempts)
+               if r.request_id in wanted]
+    if orphans:
+        context = build_sensor_context(instance=instance, resources=driver.resources)
+        request = batch_run_request(context, "videos", orphans, f"session:{driver.session}:videos")
+        driver.run(["videos"], tags=dict(request.tags), run_config=request.run_config, raise_on_error=False)
+
     deadline = time.monotonic() + args.timeout
     while True:
         driver.tick()
