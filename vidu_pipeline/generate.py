@@ -128,6 +128,14 @@ def generate(args) -> int:
     requests = result.output_for_node("generation_requests")
     ids = list(requests["request_id"])
     rejected = result.output_for_node("rejections")
+    if not ids:
+        cat = result.output_for_node("catalog")
+        raise CatalogProblem(
+            f"catalog {pipeline.catalog_path} yields no request to generate: {len(cat.images)} valid image row(s) "
+            f"in images.csv, {len(cat.prompts)} valid prompt row(s) in prompts.csv, {len(rejected)} input(s) "
+            f"rejected (see {pipeline.reports_dir / 'rejections.csv'}); every request needs a subject with a "
+            "valid image and a prompt"
+        )
     print(f"catalog: {len(ids)} request(s) planned; {len(rejected)} input(s) rejected "
           f"(see {pipeline.reports_dir / 'rejections.csv'})", file=sys.stderr)
     if ids:
