@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dagster import (
@@ -23,7 +24,7 @@ from dagster import (
 )
 
 from . import catalog as catalog_mod
-from . import plan
+from . import plan, tasks
 from .cli import DAGSTER_YAML, EXIT_CAPPED, EXIT_FAILED, EXIT_OK
 from .defs.assets import ALL_ASSETS
 from .defs.checks import ALL_CHECKS
@@ -71,8 +72,22 @@ class Driver:
         self.session = uuid.uuid4().hex[:12]
         self.resources = {"pipeline": pipeline, "vidu": self.vidu}
         self.done_run_keys: set[str] = set()
+        # Runs execute on a worker thread: Dagster captures SIGINT only on the main thread,
+        # so Ctrl-C reaches us, and the step in flight still finishes and records its work.
+        self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dagster-run")
 
     def run(self, selection: list[str], *, tags=None, run_config=None, raise_on_error=True):
+        future = self._runner.submit(self._materialize, selection, tags, run_config, raise_on_error)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            tasks.STOP.set()
+            print("\nstopping: letting the step in flight record its work (Ctrl-C again to force)…",
+                  file=sys.stderr, flush=True)
+            future.result()
+            raise
+
+    def _materialize(self, selection, tags, run_config, raise_on_error):
         # Dagster's console logger would print every event; the progress line says enough.
         run_config = {**(run_config or {}), "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
         return materialize(

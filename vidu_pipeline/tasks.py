@@ -18,15 +18,20 @@ import logging
 import os
 import socket
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterable
 
 from . import errors
 from .client import ViduClient, poll_delay
-from .ledger import Claim, Ledger, SpendCaps
+from .ledger import Claim, Ledger, LedgerStateError, SpendCaps
 from .plan import RequestSpec
 
 log = logging.getLogger(__name__)
+
+# Set on Ctrl-C: submits and polls not yet started are skipped; those in flight finish and
+# are recorded, so the ledger stays exact.
+STOP = threading.Event()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +123,8 @@ def submit_requests(
         nonlocal stop
         if stop:
             return SubmitOutcome(request_id, False, None, "not attempted: the API refused our key")
+        if STOP.is_set():
+            return SubmitOutcome(request_id, False, None, "not attempted: stopping")
         claim = ledger.claim_for_submit(
             request_id, owner=owner, retry_budget=retry_budget, caps=caps, allow_unknown=allow_unknown
         )
@@ -174,6 +181,15 @@ def poll_due(
     rows = ledger.due_for_poll(now, limit)
 
     def one(row) -> None:
+        try:
+            record(row)
+        except LedgerStateError as exc:
+            # Another poller (a second process, the daemon's sensor) recorded it first.
+            log.debug("%s moved on while polling: %s", row.request_id, exc)
+
+    def record(row) -> None:
+        if STOP.is_set():
+            return
         if time.monotonic() - started > time_budget_s:
             report.out_of_time = True
             return
