@@ -22,10 +22,12 @@ pytestmark = pytest.mark.timeout(120)
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "catalog"
 
 
-def cli(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def cli(tmp_path: Path, *args: str, env: dict | None = None, python: bool = False) -> subprocess.CompletedProcess:
+    """``vidu-pipeline ARGS`` (or, with ``python``, ``python ARGS``) in a fresh process."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("VIDU_", "DAGSTER_"))}
     base["DAGSTER_HOME"] = str(tmp_path / "dagster_home")
-    return subprocess.run([sys.executable, "-m", "vidu_pipeline.cli", *args], env={**base, **(env or {})},
+    cmd = [sys.executable, *args] if python else [sys.executable, "-m", "vidu_pipeline.cli", *args]
+    return subprocess.run(cmd, env={**base, **(env or {})},
                           capture_output=True, text=True, timeout=90, cwd=tmp_path)
 
 
@@ -138,24 +140,46 @@ CATALOG_CASES = {
 }
 
 
+BATCH = """
+import contextlib, io, json, sys
+from vidu_pipeline.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        except BaseException as exc:  # reported as a traceback, which the test refuses
+            code, err = 99, io.StringIO("Traceback: " + repr(exc))
+    results.append({"code": code, "out": out.getvalue(), "err": err.getvalue()})
+print(json.dumps(results))
+"""
+
+
 @pytest.fixture(scope="module")
 def catalog_results(tmp_path_factory):
-    """Every catalog case in its own subprocess, four at a time (each pays Dagster's import)."""
-    from concurrent.futures import ThreadPoolExecutor
+    """Every catalog case through ``vidu-pipeline generate``'s entry point, in ONE subprocess
+    (Dagster's import costs seconds; each case then runs the real catalog runs)."""
+    import json
 
-    def one(case):
-        work = tmp_path_factory.mktemp("case")
-        root = catalog(work / "catalog", **CATALOG_CASES[case][0])
-        return work, cli(work, "generate", "--catalog", str(root), "--data-dir", str(work / "d"))
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(zip(CATALOG_CASES, pool.map(one, CATALOG_CASES)))
+    work = tmp_path_factory.mktemp("cases")
+    argvs, dirs = [], []
+    for i, case in enumerate(CATALOG_CASES):
+        root = catalog(work / f"catalog{i}", **CATALOG_CASES[case][0])
+        dirs.append(work / f"d{i}")
+        argvs.append(["generate", "--catalog", str(root), "--data-dir", str(dirs[-1])])
+    proc = cli(work, "-c", BATCH, json.dumps(argvs), python=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {case: (d, subprocess.CompletedProcess([], r["code"], r["out"], r["err"]))
+            for case, d, r in zip(CATALOG_CASES, dirs, results)}
 
 
 @pytest.mark.parametrize("case", list(CATALOG_CASES))
 def test_bad_catalog_is_refused_with_file_field_and_rule(catalog_results, case):
-    work, result = catalog_results[case]
-    data_dir = work / "d"
+    data_dir, result = catalog_results[case]
     assert_refused(result, *CATALOG_CASES[case][1])
     # Refused before anything could be paid: no embedded simulator was started, no task exists.
     assert not (data_dir / "state" / "simulator" / "simulator.json").exists()
