@@ -8,7 +8,8 @@ of call, because the kinds differ in what is safe to repeat:
 * a submit creates a paid task, so it is retried only when it provably never reached the
   service: the connection could not be opened, or the service answered 429. A dropped
   connection, a read timeout or a 5xx after the body was sent raise
-  :class:`~vidu_pipeline.errors.SubmitOutcomeUnknown` and are never resent.
+  :class:`~vidu_pipeline.errors.SubmitOutcomeUnknown` and are never resent (not even when a
+  5xx carries ``Retry-After``), and a submit never follows a redirect.
 
 The API key goes only to the API's own endpoints (never to video download hosts) and never
 into a message, log line or ``repr``.
@@ -21,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Mapping
@@ -40,6 +42,20 @@ log = logging.getLogger(__name__)
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_JSON_BYTES = 8 * 1024 * 1024  # a task-result body is tiny; anything this big is broken
 DEFAULT_MAX_VIDEO_BYTES = 2 * 1024 * 1024 * 1024
+# A data URI's payload, wherever a server echoes one back into an error message.
+_DATA_URI_PAYLOAD_RE = re.compile(r"(data:[A-Za-z0-9.+/-]*;base64,)[A-Za-z0-9+/=_-]+")
+
+
+class _SubmitRetry(Retry):
+    """The submit's policy: a status is retried only when it is 429.
+
+    urllib3 also retries any 413/429/503 that carries ``Retry-After`` whatever the
+    ``status_forcelist`` says; for a submit, a 503 may come after the task was created, so
+    resending it could pay twice.
+    """
+
+    def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
+        return status_code == 429 and super().is_retry(method, status_code, has_retry_after)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +88,9 @@ class RetryPolicy:
 
     def for_submit(self) -> Retry:
         # read=0 / other=0: once the body may have been sent, never again. Status retries
-        # apply to 429 only (the service refused the task; nothing was created).
-        return Retry(
+        # apply to 429 only (the service refused the task; nothing was created) — also when a
+        # 5xx carries Retry-After (see _SubmitRetry).
+        return _SubmitRetry(
             total=self.retries,
             connect=self.retries,
             read=0,
@@ -145,6 +162,8 @@ class ViduClient:
         from .images import inspect_image_bytes
 
         body = request.to_payload() if isinstance(request, GenerationRequest) else dict(request)
+        if "seed" in body and body["seed"] is None:  # "let the service pick": not sent as null
+            del body["seed"]
         problems = contract.validate_payload(body, inspect=inspect_image_bytes)
         if problems:
             raise errors.InvalidRequest(problems)
@@ -156,8 +175,11 @@ class ViduClient:
         body = self.validate(request)
         url = self.base_url + contract.SUBMIT_PATH
         try:
+            # No redirects: requests would resend the body on a 307/308 (a second paid task,
+            # perhaps to another host).
             resp = self._posts.post(
-                url, json=body, headers=self._auth(), timeout=self.timeout, stream=True
+                url, json=body, headers=self._auth(), timeout=self.timeout, stream=True,
+                allow_redirects=False,
             )
         except requests.RequestException as exc:
             if _never_sent(exc):
@@ -212,7 +234,8 @@ class ViduClient:
             raise errors.MalformedResponse(f"task {task_id}: {exc}", status=200) from None
         if result.task_id != task_id:
             raise errors.MalformedResponse(
-                f"asked for task {task_id}, the service answered for {result.task_id}", status=200
+                f"asked for task {task_id}, the service answered for {self._scrub(result.task_id[:100])}",
+                status=200,
             )
         return result
 
@@ -239,8 +262,9 @@ class ViduClient:
                 if result.succeeded:
                     return result
                 if result.failed:
-                    raise errors.TaskFailed(f"task {task_id} failed: {result.reason or 'no reason given'}",
-                                            reason=result.reason)
+                    reason = self._scrub(result.reason)
+                    raise errors.TaskFailed(f"task {task_id} failed: {reason or 'no reason given'}",
+                                            reason=reason)
                 delay = poll_delay(result, min_interval_s, max_interval_s)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -293,11 +317,18 @@ class ViduClient:
     def _fetch(self, url: str, dest: Path, task_id: str) -> tuple[str, int]:
         where = contract.redact_url(url)
         try:
-            resp = self._gets.get(url, stream=True, timeout=self.timeout)
+            # identity: the size check and the hash are about the bytes of the file as stored.
+            resp = self._gets.get(
+                url, stream=True, timeout=self.timeout, headers={"Accept-Encoding": "identity"}
+            )
         except requests.TooManyRedirects:
             raise errors.DownloadError(f"task {task_id}: too many redirects downloading {where}") from None
-        except (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL) as exc:
-            raise errors.DownloadError(f"task {task_id}: refused download URL {where}: {exc}") from None
+        except (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL,
+                requests.exceptions.MissingSchema) as exc:
+            # Not str(exc): it quotes the whole (redirected) URL, signature included.
+            raise errors.DownloadError(
+                f"task {task_id}: refused download URL {where} or a redirect from it ({_exc_name(exc)})"
+            ) from None
         except requests.RequestException as exc:
             raise errors.DownloadError(f"task {task_id}: download of {where} failed: {_exc_name(exc)}") from None
         with resp:
@@ -352,9 +383,18 @@ class ViduClient:
         return {"Authorization": f"Bearer {self._api_key}"}
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._api_key, "***") if self._api_key else text
+        """Server-supplied text without our key or an echoed data-URI payload."""
+        if self._api_key:
+            text = text.replace(self._api_key, "***")
+        return _DATA_URI_PAYLOAD_RE.sub(r"\1…", text)
 
     def _json(self, resp: requests.Response) -> Any:
+        announced = _int_header(resp, "Content-Length")
+        if announced is not None and announced > MAX_JSON_BYTES:
+            raise errors.MalformedResponse(
+                f"response body announced as {announced:,} bytes, over {MAX_JSON_BYTES:,}; refusing to read",
+                status=resp.status_code,
+            )
         raw = resp.raw.read(MAX_JSON_BYTES + 1, decode_content=True)
         if len(raw) > MAX_JSON_BYTES:
             raise errors.MalformedResponse(
@@ -370,13 +410,14 @@ class ViduClient:
 
     def _error_text(self, resp: requests.Response) -> str:
         reason, message = _error_fields(resp)
-        return self._scrub(" ".join(p for p in (reason, message) if p) or resp.reason or "no details")
+        return self._scrub(" ".join(p for p in (reason, message) if p) or resp.reason or "no details")[:500]
 
     def _error(self, resp: requests.Response, *, task_id: str | None = None) -> errors.ViduError:
         """The typed error for a non-200 answer (after the retry policy gave up)."""
         status = resp.status_code
         reason, message = _error_fields(resp)
         message = self._scrub(message or resp.reason or "no details")
+        reason = self._scrub(reason)[:100] if reason else None
         kw = {"status": status, "reason": reason}
         if status == 400:
             problems = [p.strip() for p in message.split(";") if p.strip()]

@@ -38,7 +38,7 @@ STOP = threading.Event()
 class PollingPolicy:
     min_interval_s: float = 1.0
     max_interval_s: float = 60.0
-    first_poll_default_s: float = 5.0  # before any task has finished, how soon to look
+    first_poll_default_s: float = 2.0  # before any task has finished, how soon to look
     deadline_s: float = 3600.0  # no terminal status by then: reported as unknown
 
 
