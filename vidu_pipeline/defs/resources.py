@@ -95,7 +95,7 @@ class PipelineResource(ConfigurableResource):
 class ViduResource(ConfigurableResource):
     """The API endpoint. No key: the embedded simulator (started on demand, nothing paid)."""
 
-    api_key: str | None = Field(default=None, description="From the VIDU_API_KEY environment variable.")
+    api_key: str | None = Field(default=None, repr=False, description="From the VIDU_API_KEY environment variable.")
     base_url: str = Field(default=DEFAULT_BASE_URL, description="From VIDU_API_BASE_URL.")
 
     def endpoint(self, simulator_state_dir: Path) -> runtime.Endpoint:
