@@ -212,6 +212,7 @@ def video_tasks(
                 asset_key=context.asset_key,
                 partition=outcome.request_id,
                 metadata={
+                    **_sweep_metadata(ledger.get(outcome.request_id)),
                     "task_id": outcome.task_id,
                     "submitted_in_this_run": outcome.submitted,
                     "note": outcome.message,
@@ -263,6 +264,7 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
             asset_key=context.asset_key,
             partition=key,
             metadata={
+                **_sweep_metadata(stored),
                 "path": MetadataValue.path(str(video.path)),
                 "sha256": stored.video_sha256,
                 "bytes": stored.video_bytes,
@@ -281,6 +283,11 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
             description=f"{len(broken)} video(s) could not be collected; they will be retried",
             metadata={"errors": MetadataValue.md("\n".join(f"- {b}" for b in broken))},
         )
+
+
+def _sweep_metadata(row) -> dict:
+    """What a user filters a sweep by in the UI."""
+    return {"subject_id": row.subject_id, "seed": row.seed if row.seed is not None else -1}
 
 
 def _thumbnail(pipeline: PipelineResource, path, key: str):

@@ -112,7 +112,7 @@ def evaluate_tick(context: SensorEvaluationContext, pipeline: PipelineResource, 
         "out_of_time": report.out_of_time,
         "states": {k: v for k, v in counts.items() if v},
     }
-    context.log.info(f"tick: {json.dumps(summary)}")
+    context.log.debug(f"tick: {json.dumps(summary)}")
     cursor = json.dumps({"t": round(now, 1), "polled": report.polled})  # small high-water mark
     if not requests:
         return SensorResult(skip_reason=SkipReason(f"nothing finished; {json.dumps(summary)}"), cursor=cursor)
