@@ -73,9 +73,33 @@ def reference_images(
             "cache_hits": validated.cache_hits,
             "cache_misses": validated.cache_misses,
             "preview": _md_table(preview),
+            **{
+                f"thumbnail_{i}": MetadataValue.path(str(path))
+                for i, path in enumerate(_reference_thumbnails(pipeline, accepted.head(4)))
+            },
         }
     )
     return validated
+
+
+def _reference_thumbnails(pipeline: PipelineResource, accepted: pd.DataFrame) -> list:
+    """Small PNGs of a few accepted images, as files: metadata carries paths, never image bytes."""
+    import io
+
+    from PIL import Image
+
+    cache = pipeline.image_cache()
+    out_dir = pipeline.root / "thumbnails" / "references"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for sha in accepted["sent_sha256"]:
+        path = out_dir / f"{sha[:16]}.png"
+        if not path.exists():
+            with Image.open(io.BytesIO(cache.get_bytes(sha))) as im:
+                im.thumbnail((160, 160))
+                im.convert("RGB").save(path)
+        paths.append(path)
+    return paths
 
 
 @asset(group_name=GROUP)
