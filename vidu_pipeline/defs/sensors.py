@@ -29,6 +29,7 @@ from .partitions import REQUESTS_PARTITIONS_NAME
 from .resources import PipelineResource, ViduResource
 
 RETRY_STUCK_AFTER_S = 300.0  # a batch whose run died is asked for again after this
+VIDEO_RETRY_AFTER_S = 10.0  # a video whose download/verification failed is tried again after this
 MAX_BATCH = 500  # requests per run asked for in one tick
 AUTO_SUBMIT_AFTER_S = 30.0  # leave fresh plans to the run that planned them
 RANGE_START = "dagster/asset_partition_range_start"
@@ -68,7 +69,10 @@ def evaluate_tick(context: SensorEvaluationContext, pipeline: PipelineResource, 
     fresh = set(report.succeeded)
     need_video = [
         r for r in ledger.needing_video(max_video_attempts=pipeline.video_attempts)
-        if r.request_id in fresh or now - r.updated_at > RETRY_STUCK_AFTER_S
+        if r.request_id in fresh
+        or now - r.updated_at > RETRY_STUCK_AFTER_S
+        # its last attempt ended with a recorded error: no run holds it, try again soon
+        or (r.video_attempts > 0 and now - r.updated_at > VIDEO_RETRY_AFTER_S * r.video_attempts)
     ]
     need_video = need_video[:MAX_BATCH]
     if need_video:
