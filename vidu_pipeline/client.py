@@ -258,6 +258,8 @@ class ViduClient:
                 result = self.get_task_result(task_id)
             except errors.RateLimited as exc:
                 result, delay = None, exc.retry_after or max_interval_s
+            except (errors.TransientError, errors.MalformedResponse):
+                result, delay = None, max_interval_s / 2  # keep trying until the deadline
             else:
                 if result.succeeded:
                     return result
@@ -268,7 +270,7 @@ class ViduClient:
                 delay = poll_delay(result, min_interval_s, max_interval_s)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                last = result.status if result else "rate limited"
+                last = result.status if result else "no answer"
                 raise TimeoutError(f"task {task_id} not finished after {timeout_s:.0f} s (last status {last})")
             time.sleep(min(delay, remaining))
 

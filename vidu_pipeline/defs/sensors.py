@@ -15,6 +15,7 @@ import time
 
 from dagster import (
     AssetKey,
+    AssetSelection,
     DefaultSensorStatus,
     RunRequest,
     SensorEvaluationContext,
@@ -125,6 +126,7 @@ def evaluate_tick(context: SensorEvaluationContext, pipeline: PipelineResource, 
 
 @sensor(
     name="vidu_task_sensor",
+    target=AssetSelection.assets("video_tasks", "videos", "lineage"),
     minimum_interval_seconds=15,
     default_status=DefaultSensorStatus.RUNNING,
     description="Polls live Vidu tasks (guided by their eta) and asks for the runs that download "
