@@ -29,7 +29,7 @@ from .cli import DAGSTER_YAML, EXIT_CAPPED, EXIT_FAILED, EXIT_OK
 from .defs.assets import ALL_ASSETS
 from .defs.checks import ALL_CHECKS
 from .defs.resources import SESSION_TAG, PipelineResource, vidu_resource_from_env
-from .defs.sensors import batch_run_request, vidu_task_sensor
+from .defs.sensors import batch_run_requests, vidu_task_sensor
 from .ledger import FAILED, PLANNED, SUBMITTED, SUBMITTING, SUCCEEDED, UNKNOWN
 
 CATALOG_ASSETS = ["catalog", "reference_images", "rejections", "generation_requests"]
@@ -75,16 +75,15 @@ class Driver:
         # Runs execute on a worker thread: Dagster captures SIGINT only on the main thread,
         # so Ctrl-C reaches us, and the step in flight still finishes and records its work.
         self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dagster-run")
+        self.pending: list = []
 
     def run(self, selection: list[str], *, tags=None, run_config=None, raise_on_error=True):
         future = self._runner.submit(self._materialize, selection, tags, run_config, raise_on_error)
+        self.pending.append(future)
         try:
             return future.result()
         except KeyboardInterrupt:
-            tasks.STOP.set()
-            print("\nstopping: letting the step in flight record its work (Ctrl-C again to force)…",
-                  file=sys.stderr, flush=True)
-            future.result()
+            self.stop()
             raise
 
     def _materialize(self, selection, tags, run_config, raise_on_error):
@@ -101,17 +100,33 @@ class Driver:
         )
 
     def run_request(self, request) -> bool:
-        """Execute what the sensor asked for, once per run key (the daemon's dedupe)."""
+        """Queue what the sensor asked for, once per run key (the daemon's dedupe). The run
+        executes on the runner thread while the next ticks keep polling."""
         if request.run_key in self.done_run_keys:
             return False
         self.done_run_keys.add(request.run_key)
-        self.run(
-            [k.to_user_string() for k in request.asset_selection],
-            tags=dict(request.tags),
-            run_config=request.run_config,
-            raise_on_error=False,
-        )
+        self.pending.append(self._runner.submit(
+            self._materialize, [k.to_user_string() for k in request.asset_selection],
+            dict(request.tags), request.run_config, False,
+        ))
         return True
+
+    def drain(self) -> None:
+        """Wait for every queued run; on Ctrl-C, stop new work and let the step in flight finish."""
+        try:
+            for future in self.pending:
+                future.result()
+        except KeyboardInterrupt:
+            self.stop()
+            raise
+        self.pending.clear()
+
+    def stop(self) -> None:
+        tasks.STOP.set()
+        print("\nstopping: letting the step in flight record its work (Ctrl-C again to force)…",
+              file=sys.stderr, flush=True)
+        for future in self.pending:
+            future.result()
 
     def tick(self) -> int:
         context = build_sensor_context(instance=self.instance, resources=self.resources)
@@ -157,8 +172,9 @@ def generate(args) -> int:
         context = build_sensor_context(instance=instance, resources=driver.resources)
         for start in range(0, len(ids), 2000):
             chunk = ids[start:start + 2000]
-            request = batch_run_request(context, "video_tasks", chunk, f"session:{driver.session}:{start}")
-            driver.run(["video_tasks"], tags=dict(request.tags), run_config=request.run_config, raise_on_error=False)
+            for request in batch_run_requests(context, "video_tasks", chunk, f"session:{driver.session}:{start}"):
+                driver.run(["video_tasks"], tags=dict(request.tags), run_config=request.run_config,
+                           raise_on_error=False)
 
     ledger = pipeline.ledger()
     # Tasks that succeeded before an earlier run was killed still lack their video: the sensor
@@ -168,18 +184,23 @@ def generate(args) -> int:
                if r.request_id in wanted]
     if orphans:
         context = build_sensor_context(instance=instance, resources=driver.resources)
-        request = batch_run_request(context, "videos", orphans, f"session:{driver.session}:videos")
-        driver.run(["videos"], tags=dict(request.tags), run_config=request.run_config, raise_on_error=False)
+        for request in batch_run_requests(context, "videos", orphans, f"session:{driver.session}:videos"):
+            driver.run(["videos"], tags=dict(request.tags), run_config=request.run_config, raise_on_error=False)
 
     deadline = time.monotonic() + args.timeout
-    while True:
-        driver.tick()
-        rows = [ledger.get(i) for i in ids]
-        state = session_state(rows, pipeline, ledger, driver.session)
-        progress.show(state)
-        if state["open"] == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(next_wake(rows))
+    try:
+        while True:
+            driver.tick()
+            rows = [ledger.get(i) for i in ids]
+            state = session_state(rows, pipeline, ledger, driver.session)
+            progress.show(state)
+            if (state["open"] == 0 and all(f.done() for f in driver.pending)) or time.monotonic() > deadline:
+                break
+            time.sleep(next_wake(rows))
+        driver.drain()
+    except KeyboardInterrupt:
+        driver.stop()
+        raise
     progress.done()
     driver.run(["lineage"], raise_on_error=False)
     rows = [ledger.get(i) for i in ids]
@@ -284,17 +305,25 @@ def write_contact_sheet(pipeline: PipelineResource, rows) -> Path | None:
     from .video import contact_sheet
 
     items = [
-        (f"{r.subject_id} · {json.loads(r.spec_json)['options']['aspect_ratio']} · seed {r.seed}", Path(r.video_path))
+        (f"{r.subject_id} · {json.loads(r.spec_json)['options']['aspect_ratio']} · seed {r.seed}",
+         _thumbnail_or_video(pipeline, r))
         for r in rows
         if r and r.video_sha256 and r.video_path and Path(r.video_path).exists()
     ]
     if not items:
         return None
     columns = min(len(items), max(1, math.ceil(math.sqrt(len(items)))))
-    image = contact_sheet(items, columns=columns)
+    # At most ~4096 px wide: a sweep of thousands stays a viewable (and bounded-memory) PNG.
+    image = contact_sheet(items, columns=columns, cell_width=max(64, min(320, 4096 // columns)))
     path = pipeline.root / "contact_sheet.png"
     image.save(path)
     return path
+
+
+def _thumbnail_or_video(pipeline: PipelineResource, row) -> Path:
+    """The frame the videos asset already saved (no second decode), else the video itself."""
+    thumb = pipeline.root / "thumbnails" / f"{row.request_id}.png"
+    return thumb if thumb.exists() else Path(row.video_path)
 
 
 def summarize(pipeline: PipelineResource, rows, rejected, sheet: Path | None, *, timed_out: bool) -> int:

@@ -242,7 +242,7 @@ def contact_sheet(
         x = (i % columns) * cell_width
         y = (i // columns) * (cell_height + LABEL_BAND_PX)
         try:
-            frame = frame_image(path, at_s)
+            frame = _still(path) if Path(path).suffix.lower() == ".png" else frame_image(path, at_s)
             frame.thumbnail((cell_width, cell_height))
             sheet.paste(frame, (x + (cell_width - frame.width) // 2, y + (cell_height - frame.height) // 2))
         except VideoInvalid as exc:
@@ -250,6 +250,15 @@ def contact_sheet(
         text = _fit(draw, label, font, cell_width - 8)
         draw.text((x + 4, y + cell_height + LABEL_BAND_PX // 2), text, fill=_LABEL_COLOUR, font=font, anchor="lm")
     return sheet
+
+
+def _still(path: Path) -> Image.Image:
+    """A saved frame (a thumbnail PNG), so a sheet need not decode every video again."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError as exc:
+        raise VideoInvalid(f"unreadable thumbnail: {exc}") from None
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:

@@ -32,24 +32,40 @@ from .resources import PipelineResource, ViduResource
 RETRY_STUCK_AFTER_S = 300.0  # a batch whose run died is asked for again after this
 VIDEO_RETRY_AFTER_S = 10.0  # a video whose download/verification failed is tried again after this
 MAX_BATCH = 500  # requests per run asked for in one tick
+MAX_RANGE_GAP = 64  # partitions between two requests of one run, at most
 AUTO_SUBMIT_AFTER_S = 30.0  # leave fresh plans to the run that planned them
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
 
 
-def batch_run_request(
+def batch_run_requests(
     context: SensorEvaluationContext, asset: str, request_ids: list[str], key_material: str
-) -> RunRequest:
-    """One run over the smallest partition range holding ``request_ids``, narrowed to them."""
+) -> list[RunRequest]:
+    """Runs over partition ranges holding ``request_ids``, each narrowed to them by config.
+
+    A run writes a "planned" event for every partition of its range, so a batch whose requests
+    lie far apart in partition order (tasks finishing out of order) is split wherever the gap
+    exceeds ``MAX_RANGE_GAP``: a range never spans much more than its batch.
+    """
     order = {k: i for i, k in enumerate(context.instance.get_dynamic_partitions(REQUESTS_PARTITIONS_NAME))}
     ids = sorted((r for r in request_ids if r in order), key=order.__getitem__)
+    groups: list[list[str]] = []
+    for rid in ids:
+        if groups and order[rid] - order[groups[-1][-1]] <= MAX_RANGE_GAP:
+            groups[-1].append(rid)
+        else:
+            groups.append([rid])
     digest = hashlib.sha256(key_material.encode()).hexdigest()[:20]
-    return RunRequest(
-        run_key=f"{asset}:{digest}",
-        asset_selection=[AssetKey(asset)],
-        tags={RANGE_START: ids[0], RANGE_END: ids[-1], "vidu/batch_size": str(len(ids)), "vidu/stage": asset},
-        run_config={"ops": {asset: {"config": {"request_ids": ids}}}},
-    )
+    return [
+        RunRequest(
+            run_key=f"{asset}:{digest}:{n}",
+            asset_selection=[AssetKey(asset)],
+            tags={RANGE_START: group[0], RANGE_END: group[-1], "vidu/batch_size": str(len(group)),
+                  "vidu/stage": asset},
+            run_config={"ops": {asset: {"config": {"request_ids": group}}}},
+        )
+        for n, group in enumerate(groups)
+    ]
 
 
 def evaluate_tick(context: SensorEvaluationContext, pipeline: PipelineResource, vidu: ViduResource):
@@ -78,7 +94,7 @@ def evaluate_tick(context: SensorEvaluationContext, pipeline: PipelineResource, 
     need_video = need_video[:MAX_BATCH]
     if need_video:
         material = ",".join(sorted(f"{r.request_id}@{r.updated_at}" for r in need_video))
-        requests.append(batch_run_request(context, "videos", [r.request_id for r in need_video], material))
+        requests += batch_run_requests(context, "videos", [r.request_id for r in need_video], material)
 
     # Failed tasks within their retry budget, and planned requests nobody has submitted yet
     # (e.g. planned by the schedule, or held back by a spend cap earlier).
@@ -94,7 +110,7 @@ def evaluate_tick(context: SensorEvaluationContext, pipeline: PipelineResource, 
     resubmit = resubmit[:MAX_BATCH]
     if resubmit:
         material = ",".join(sorted(f"{r.request_id}@{r.attempts}@{r.updated_at}" for r in resubmit))
-        requests.append(batch_run_request(context, "video_tasks", [r.request_id for r in resubmit], material))
+        requests += batch_run_requests(context, "video_tasks", [r.request_id for r in resubmit], material)
 
     resubmitting = {r.request_id for r in resubmit}
     ended = [r for r in ledger.needing_lineage() if r.state in (FAILED, UNKNOWN) and r.request_id not in resubmitting]
