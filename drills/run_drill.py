@@ -261,6 +261,31 @@ def check_readable(data_dir: Path) -> str:
     return f"ledger {counts}; lineage {rows} row(s)"
 
 
+def leaked_pool_slots(dagster_home: Path, *, free: bool = True) -> list[str]:
+    """Dagster pool slots (``vidu_api``) still claimed after every generate process is dead:
+    a killed run never releases them, and the next runs' steps wait for a slot forever. Frees
+    them (so the drill can go on checking the rest) and returns what was held."""
+    index = Path(dagster_home) / "history" / "runs" / "index.db"
+    if not index.exists():
+        return []
+    con = sqlite3.connect(str(index), timeout=30)
+    try:
+        held = con.execute("SELECT concurrency_key, run_id, step_key FROM concurrency_slots "
+                           "WHERE run_id IS NOT NULL").fetchall()
+    except sqlite3.OperationalError:
+        held = []
+    finally:
+        con.close()
+    if held and free:
+        from dagster import DagsterInstance
+        from dagster._core.instance.ref import InstanceRef
+
+        with DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home))) as instance:
+            for run_id in {r[1] for r in held}:
+                instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+    return [f"{key} slot held by dead run {run_id[:8]} ({step})" for key, run_id, step in held]
+
+
 def kill_at_random(catalog: Path, data_dir: Path, env: dict[str, str], rng: random.Random,
                    log_path: Path, *, low: float = 2.0, high: float = 25.0) -> tuple[bool, float]:
     """Start generate, SIGKILL it after a seeded random delay. (killed?, delay)."""
@@ -553,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         inflight = kill_mid_submit(catalog, data_dir, env, sim, log)
         kills += 1
         print(f"kill 1 (mid-submit): {len(inflight)} request(s) were submitting: {', '.join(inflight[:5])}")
+        leaks = leaked_pool_slots(home)
         for i in range(args.kills):
             killed, delay = kill_at_random(catalog, data_dir, env, rng, log)
             kills += killed
@@ -561,7 +587,10 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - reported as a failed invariant
                 state = f"UNREADABLE: {exc}"
                 readable_problems.append(f"after kill {i + 2}: {exc}")
-            print(f"kill {i + 2}: after {delay:.1f} s ({'killed' if killed else 'had already finished'}); {state}")
+            leaked = leaked_pool_slots(home)
+            leaks += leaked
+            print(f"kill {i + 2}: after {delay:.1f} s ({'killed' if killed else 'had already finished'}); {state}"
+                  + (f"; LEAKED {len(leaked)} pool slot(s), freed" if leaked else ""))
         runs = finish(catalog, data_dir, env)
         print(f"final run(s): exit {[r.returncode for r in runs]}")
         before = terminal_snapshot(data_dir)
@@ -583,6 +612,9 @@ def main(argv: list[str] | None = None) -> int:
                                            if ledger_states(data_dir).get(r) == "unknown"),
                                    f"{len(inflight)} in-flight request(s) ended unknown with one attempt each "
                                    "(recovered by `submitting` → `unknown`)"))
+        report.checks.append(Check("no Dagster pool slot left held by a killed run", not leaks,
+                                   f"{len(leaks)} leaked (next generate would hang on the vidu_api pool "
+                                   f"until freed): {'; '.join(leaks[:3])}" if leaks else "none leaked"))
         report.checks.append(Check("ledger and lineage readable after every kill", not readable_problems,
                                    "; ".join(readable_problems) or f"checked after each of {args.kills} kills"))
     finally:

@@ -29,6 +29,7 @@ from drills.run_drill import (
     finish,
     kill_at_random,
     kill_mid_submit,
+    leaked_pool_slots,
     ledger_states,
     make_catalog,
     run_generate,
@@ -91,11 +92,14 @@ def test_crash_drill_kill9_restart(tmp_path, faulty_sim):
     assert inflight, "the kill should catch requests in the submitting state"
     assert set(ledger_states(data)[r] for r in inflight) == {"submitting"}  # nobody has recovered them yet
     check_readable(data)
+    home = tmp_path / "dagster_home"
+    leaks = leaked_pool_slots(home)  # freed, so the drill can go on; reported at the end
 
     rng = random.Random(20240611)
     for _ in range(5):
         kill_at_random(catalog, data, env, rng, log, low=2.0, high=10.0)
         check_readable(data)
+        leaks += leaked_pool_slots(home)
 
     runs = finish(catalog, data, env, timeout=200)
     assert runs[-1].returncode in (0, 1), runs[-1].stdout[-2000:] + runs[-1].stderr[-2000:]
@@ -119,6 +123,10 @@ def test_crash_drill_kill9_restart(tmp_path, faulty_sim):
             assert accepted.get(row.fingerprint, 0) <= 1
     finally:
         ledger.close()
+    if leaks:
+        pytest.xfail("BUG (generate.py): a SIGKILLed generate leaves its Dagster pool slots (vidu_api, limit 2) "
+                     "claimed; after two such kills every later generate hangs waiting for a slot. Leaked here: "
+                     + "; ".join(leaks))
 
 
 # --- malformed service answers through the pipeline -------------------------------------------------
