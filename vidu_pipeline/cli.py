@@ -58,6 +58,13 @@ def non_negative(text: str) -> int:
     return value
 
 
+def positive(text: str) -> int:
+    value = non_negative(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too small; at least 1 is needed")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidu-pipeline", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tasks-per-day", type=non_negative, help="cap submits in any 24 h (env VIDU_MAX_TASKS_PER_DAY)")
     g.add_argument("--price-per-task", type=float, default=_env_float("VIDU_PRICE_PER_TASK"),
                    help="price of one task, to show the cost of a dry run (env VIDU_PRICE_PER_TASK)")
-    g.add_argument("--retry-budget", type=int, default=3, help="submit attempts per request (default 3)")
+    g.add_argument("--retry-budget", type=positive, default=3, help="submit attempts per request (default 3)")
     g.add_argument("--resubmit-unknown", action="store_true",
                    help="also resubmit requests whose earlier submit had an unknown outcome (may pay twice)")
     g.add_argument("--strict-images", action="store_true", help="reject images that would need re-encoding")

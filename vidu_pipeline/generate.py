@@ -39,6 +39,16 @@ class CatalogProblem(Exception):
     """The catalog or configuration cannot be used at all (message names file and field)."""
 
 
+def check_endpoint_settings() -> None:
+    """A key with a base URL that is not http(s) is a configuration error, said up front."""
+    from . import runtime
+
+    if os.environ.get(runtime.ENV_KEY, "").strip():
+        url = os.environ.get(runtime.ENV_BASE_URL, "").strip()
+        if url and not url.startswith(("http://", "https://")):
+            raise CatalogProblem(f"{runtime.ENV_BASE_URL} must start with http:// or https://, got {url[:80]!r}")
+
+
 def dagster_instance() -> DagsterInstance:
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster_home").resolve())))
     home.mkdir(parents=True, exist_ok=True)
@@ -62,6 +72,25 @@ def pipeline_from_args(args) -> PipelineResource:
     )
 
 
+OWNER_TAG = "vidu/owner"  # host:pid of the generate process executing the run
+
+
+def reap_dead_runs(instance: DagsterInstance) -> list[str]:
+    """Runs a killed ``generate`` left STARTED still hold pool slots, and every later run would
+    wait for them forever. Mark them failed and free their slots (the daemon's run monitoring
+    does this under ``dagster dev``; a headless CLI must do it itself)."""
+    from dagster import DagsterRunStatus, RunsFilter
+
+    reaped = []
+    for run in instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING])):
+        owner = run.tags.get(OWNER_TAG)
+        if owner and not tasks.owner_alive(owner):
+            instance.report_run_failed(run, f"the generate process that ran it ({owner}) is gone")
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+            reaped.append(run.run_id)
+    return reaped
+
+
 class Driver:
     """Executes asset runs in-process with one set of resources and one session tag."""
 
@@ -71,6 +100,7 @@ class Driver:
         self.vidu = vidu_resource_from_env()
         self.session = uuid.uuid4().hex[:12]
         self.resources = {"pipeline": pipeline, "vidu": self.vidu}
+        reap_dead_runs(instance)
         self.done_run_keys: set[str] = set()
         # Runs execute on a worker thread: Dagster captures SIGINT only on the main thread,
         # so Ctrl-C reaches us, and the step in flight still finishes and records its work.
@@ -94,7 +124,7 @@ class Driver:
             selection=[AssetKey(k) for k in selection],
             instance=self.instance,
             resources=self.resources,
-            tags={SESSION_TAG: self.session, **(tags or {})},
+            tags={SESSION_TAG: self.session, OWNER_TAG: tasks.owner_id(), **(tags or {})},
             run_config=run_config,
             raise_on_error=raise_on_error,
         )
@@ -145,6 +175,7 @@ def generate(args) -> int:
         probe.unlink()
     except OSError as exc:
         raise CatalogProblem(f"data folder {pipeline.root} is not writable: {exc.strerror}") from None
+    check_endpoint_settings()
     instance = dagster_instance()
     driver = Driver(instance, pipeline)
     progress = Progress()

@@ -65,7 +65,7 @@ def owner_id(run_id: str | None = None) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{run_id or '-'}"
 
 
-def _owner_alive(owner: str | None) -> bool:
+def owner_alive(owner: str | None) -> bool:
     try:
         host, pid, _ = (owner or "").split(":", 2)
         pid_n = int(pid)
@@ -85,7 +85,7 @@ def _owner_alive(owner: str | None) -> bool:
 def recover_abandoned(ledger: Ledger, *, max_submit_s: float = 900.0) -> list[str]:
     """``submitting`` rows whose owner died (or that are older than any submit can take)
     become ``unknown``: the POST may have been paid for. Returns their ids."""
-    dead = ledger.recover_stale_submitting(max_submit_s, owner_alive=_owner_alive)
+    dead = ledger.recover_stale_submitting(max_submit_s, owner_alive=owner_alive)
     if dead:
         log.warning("%d interrupted submission(s) marked unknown: %s", len(dead), ", ".join(dead[:10]))
     return dead
