@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
-import io
 import json
 import logging
 import re
@@ -25,7 +24,6 @@ from pathlib import Path
 import pytest
 import requests
 import urllib3.util.retry
-from PIL import Image
 
 from vidu_pipeline import client as client_mod
 from vidu_pipeline import contract, errors
@@ -34,6 +32,7 @@ from vidu_pipeline.contract import GenerationRequest, TaskResult, TaskStatus, Vi
 from vidu_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig
 from vidu_pipeline.simulator.faults import Roll
 from vidu_pipeline.video import VideoInvalid, probe_video
+from support import IMG_A, IMG_B, body, data_uri, image_bytes
 
 KEY = "client-test-key"
 SECRET = "sk-SECRET-TEST-1234"
@@ -43,27 +42,6 @@ DATA_URI_RE = re.compile(r"data:image/[^;\s]*;base64,[A-Za-z0-9+/=]{8,}")
 
 
 # --- images and bodies ------------------------------------------------------------------------
-
-
-def image_bytes(width: int, height: int, fmt: str = "PNG", colour=(200, 60, 40)) -> bytes:
-    im = Image.new("RGB", (width, height), colour)
-    for x in range(0, width, 16):
-        im.paste((x % 255, 255 - x % 255, 90), (x, 0, x + 8, height))
-    buf = io.BytesIO()
-    im.save(buf, fmt)
-    return buf.getvalue()
-
-
-def data_uri(data: bytes, subtype: str = "png") -> str:
-    return f"data:image/{subtype};base64,{base64.b64encode(data).decode()}"
-
-
-IMG_A = data_uri(image_bytes(320, 240))
-IMG_B = data_uri(image_bytes(200, 300, "JPEG", (30, 90, 200)), "jpeg")
-
-
-def body(**overrides) -> dict:
-    return {"images": [IMG_A, IMG_B], "prompt": "a red kite over blue hills", **overrides}
 
 
 # --- servers and clients ----------------------------------------------------------------------

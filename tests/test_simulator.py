@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-import io
 import os
 import signal
 import subprocess
@@ -20,36 +19,15 @@ from pathlib import Path
 import av
 import pytest
 import requests
-from PIL import Image
 
 from vidu_pipeline import contract
 from vidu_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig
 from vidu_pipeline.simulator import cli
+from support import IMG_A, body, data_uri, image_bytes
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SCALE = 0.1  # 192×108 for 16:9: fast renders, same pipeline as 1080p
-
-
-def image_bytes(width: int, height: int, fmt: str = "PNG", colour=(200, 60, 40)) -> bytes:
-    im = Image.new("RGB", (width, height), colour)
-    for x in range(0, width, 16):  # some structure, so pans and zooms change pixels
-        im.paste((x % 255, 255 - x % 255, 90), (x, 0, x + 8, height))
-    buf = io.BytesIO()
-    im.save(buf, fmt)
-    return buf.getvalue()
-
-
-def data_uri(data: bytes, subtype: str = "png") -> str:
-    return f"data:image/{subtype};base64,{base64.b64encode(data).decode()}"
-
-
-IMG_A = data_uri(image_bytes(320, 240))
-IMG_B = data_uri(image_bytes(200, 300, "JPEG", (30, 90, 200)), "jpeg")
-
-
-def body(**overrides):
-    return {"images": [IMG_A, IMG_B], "prompt": "a red kite over blue hills", **overrides}
 
 
 @pytest.fixture

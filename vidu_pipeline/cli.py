@@ -9,15 +9,9 @@ until every request of the catalog has reached an end.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import os
-import signal
 import sys
-import time
-import uuid
-from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CAPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 

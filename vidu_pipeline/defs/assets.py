@@ -8,7 +8,6 @@ partition still gets its own materialization with its own metadata.
 
 
 import dataclasses
-import json
 
 import pandas as pd
 from dagster import (

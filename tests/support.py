@@ -1,0 +1,28 @@
+"""Small builders shared by the test modules: images and submit bodies made on the spot."""
+
+import base64
+import io
+
+from PIL import Image
+
+
+def image_bytes(width: int, height: int, fmt: str = "PNG", colour=(200, 60, 40)) -> bytes:
+    """A striped image, so the simulator's pans and zooms change pixels."""
+    im = Image.new("RGB", (width, height), colour)
+    for x in range(0, width, 16):
+        im.paste((x % 255, 255 - x % 255, 90), (x, 0, x + 8, height))
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+def data_uri(data: bytes, subtype: str = "png") -> str:
+    return f"data:image/{subtype};base64,{base64.b64encode(data).decode()}"
+
+
+IMG_A = data_uri(image_bytes(320, 240))
+IMG_B = data_uri(image_bytes(200, 300, "JPEG", (30, 90, 200)), "jpeg")
+
+
+def body(**overrides) -> dict:
+    return {"images": [IMG_A, IMG_B], "prompt": "a red kite over blue hills", **overrides}
