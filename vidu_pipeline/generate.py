@@ -51,6 +51,10 @@ def check_endpoint_settings() -> None:
 
 def dagster_instance() -> DagsterInstance:
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster_home").resolve())))
+    # One "planned" event per batch run instead of one per partition: measured ~10 ms per
+    # partition on SQLite, the largest part of start-up for big sweeps. Trade-off: a failed
+    # batch run does not mark its partitions failed; the ledger and asset checks do.
+    os.environ.setdefault("DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS", "true")
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():
