@@ -70,8 +70,6 @@ def test_bad_flags_are_refused_by_name(tmp_path, flags, needles):
     assert not (tmp_path / "d").exists(), "nothing may be written for a refused command line"
 
 
-@pytest.mark.xfail(reason="BUG (cli.py): --retry-budget is type=int, so 0/-1 reach PipelineResource's "
-                          "pydantic ge=1 check and end in a ValidationError traceback (exit 1)", strict=False)
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_retry_budget_below_one_is_refused_by_name(tmp_path, value):
     result = cli(tmp_path, "generate", "--catalog", str(SAMPLE), "--data-dir", str(tmp_path / "d"),
@@ -192,8 +190,6 @@ def test_empty_catalog_folder(tmp_path):
     assert_refused(result, "neither images.csv nor images.parquet exists")
 
 
-@pytest.mark.xfail(reason="BUG: VIDU_API_BASE_URL that is not http(s) raises ValueError from ViduClient "
-                          "inside the run/sensor and ends in a traceback instead of exit 2", strict=False)
 def test_api_base_url_that_is_not_http(tmp_path):
     result = cli(tmp_path, "generate", "--catalog", str(SAMPLE), "--data-dir", str(tmp_path / "d"),
                  env={"VIDU_API_KEY": "sk-test", "VIDU_API_BASE_URL": "ftp://example.com"})
