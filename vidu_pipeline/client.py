@@ -77,14 +77,20 @@ class RetryPolicy:
             other=self.retries,
             allowed_methods=frozenset({"GET"}),
             status_forcelist=RETRYABLE_STATUSES,
-            backoff_factor=self.backoff_factor,
-            backoff_max=self.backoff_max,
-            backoff_jitter=self.jitter,
-            respect_retry_after_header=True,
-            retry_after_max=int(self.retry_after_max),
-            raise_on_status=False,
+            **self._backoff(),
             redirect=5,
         )
+
+    def _backoff(self) -> dict:
+        """How both policies wait between tries; the last answer is returned, not raised."""
+        return {
+            "backoff_factor": self.backoff_factor,
+            "backoff_max": self.backoff_max,
+            "backoff_jitter": self.jitter,
+            "respect_retry_after_header": True,
+            "retry_after_max": int(self.retry_after_max),
+            "raise_on_status": False,
+        }
 
     def for_submit(self) -> Retry:
         # read=0 / other=0: once the body may have been sent, never again. Status retries
@@ -99,12 +105,7 @@ class RetryPolicy:
             redirect=0,
             allowed_methods=frozenset({"POST"}),
             status_forcelist=frozenset({429}),
-            backoff_factor=self.backoff_factor,
-            backoff_max=self.backoff_max,
-            backoff_jitter=self.jitter,
-            respect_retry_after_header=True,
-            retry_after_max=int(self.retry_after_max),
-            raise_on_status=False,
+            **self._backoff(),
         )
 
 
