@@ -88,6 +88,17 @@ def test_plan_is_insert_if_absent_and_never_touches_existing(ledger, clock):
     assert ledger.counts_by_state()["planned"] == 5
 
 
+def test_get_many_returns_known_rows_across_chunks(ledger):
+    ledger.plan(planned(i) for i in range(1200))  # more than two IN-chunks of 500
+    submit(ledger, "req-00007", "task-7")
+    wanted = [f"req-{i:05d}" for i in range(0, 1200, 2)] + ["no-such-request"]
+    found = ledger.get_many(wanted)
+    assert set(found) == set(wanted) - {"no-such-request"}
+    assert found["req-00000"].state == "planned"
+    assert ledger.get_many(["req-00007"])["req-00007"].task_id == "task-7"
+    assert ledger.get_many([]) == {}
+
+
 def test_spec_json_stored_verbatim(ledger):
     for i in range(5):
         assert ledger.get(f"req-{i:05d}").spec_json == spec(i)

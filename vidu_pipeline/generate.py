@@ -226,7 +226,7 @@ def generate(args) -> int:
     try:
         while True:
             driver.tick()
-            rows = [ledger.get(i) for i in ids]
+            rows = _rows(ledger, ids)
             state = session_state(rows, pipeline, ledger, driver.session)
             progress.show(state)
             if (state["open"] == 0 and all(f.done() for f in driver.pending)) or time.monotonic() > deadline:
@@ -238,7 +238,7 @@ def generate(args) -> int:
         raise
     progress.done()
     driver.run(["lineage"], raise_on_error=False)
-    rows = [ledger.get(i) for i in ids]
+    rows = _rows(ledger, ids)
     sheet = None if args.no_contact_sheet else write_contact_sheet(pipeline, rows)
     return summarize(pipeline, rows, rejected, sheet, timed_out=time.monotonic() > deadline)
 
@@ -255,7 +255,8 @@ def dry_run(driver: Driver, args) -> int:
     seeds = driver.pipeline.seeds or cat.sweep.seeds
     specs = plan.expand(prompts, validated.accepted, seeds)
     ledger = driver.pipeline.ledger()
-    new = [s for s in specs if ledger.get(s.request_id) is None or ledger.get(s.request_id).state == PLANNED]
+    known = ledger.get_many([s.request_id for s in specs])
+    new = [s for s in specs if s.request_id not in known or known[s.request_id].state == PLANNED]
     print(f"dry run: {len(specs)} request(s) from {prompts['subject_id'].nunique() if len(prompts) else 0} "
           f"subject(s) × prompts × {len(seeds)} seed(s); {len(new)} would be submitted, "
           f"{len(specs) - len(new)} already have a task; {len(rejected)} input(s) rejected")
@@ -266,6 +267,12 @@ def dry_run(driver: Driver, args) -> int:
         print(f"the per-run cap ({cap}) would hold back {len(new) - cap} request(s)")
     print("nothing was submitted")
     return EXIT_OK
+
+
+def _rows(ledger, ids: list[str]) -> list:
+    """The session's rows in catalog order (None for an id the ledger lacks)."""
+    found = ledger.get_many(ids)
+    return [found.get(i) for i in ids]
 
 
 def session_state(rows, pipeline: PipelineResource, ledger, session: str) -> dict:

@@ -631,6 +631,16 @@ class Ledger:
         rows = self._select(select(requests_table).where(requests_table.c.request_id == request_id))
         return rows[0] if rows else None
 
+    def get_many(self, request_ids: Sequence[str]) -> dict[str, TaskRow]:
+        """The rows of these ids (absent ones left out), in chunked ``IN`` queries: one
+        round trip per 500 ids instead of one per id."""
+        r = requests_table.c
+        found: dict[str, TaskRow] = {}
+        for i in range(0, len(request_ids), _IN_CHUNK):
+            stmt = select(requests_table).where(r.request_id.in_(request_ids[i : i + _IN_CHUNK]))
+            found.update((row.request_id, row) for row in self._select(stmt))
+        return found
+
     def rows(
         self,
         states: Iterable[str] | None = None,

@@ -1,6 +1,8 @@
 """Asset checks: what a dataset user must know before trusting the output."""
 
 
+import os
+
 import pandas as pd
 from dagster import AssetCheckResult, AssetCheckSeverity, MetadataValue, asset_check
 
@@ -46,7 +48,7 @@ def lineage_complete(pipeline: PipelineResource) -> AssetCheckResult:
         if str(path) not in recorded_paths:
             problems.append(f"{path.name}: file without a lineage row")
     for path in recorded_paths:
-        if not pd.isna(path) and not __import__("os").path.exists(path):
+        if not pd.isna(path) and not os.path.exists(path):
             problems.append(f"{path}: lineage row without its file")
     return AssetCheckResult(
         passed=not problems,
