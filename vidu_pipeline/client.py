@@ -133,6 +133,7 @@ class ViduClient:
     ) -> None:
         if not api_key:
             raise errors.AuthError("no API key given (set VIDU_API_KEY)")
+        check_api_key(api_key)
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"API base URL must start with http:// or https://, got {base_url[:80]!r}")
         self._api_key = api_key
@@ -435,6 +436,18 @@ class ViduClient:
         if status >= 500:
             return errors.TransientError(message, **kw)
         return errors.ViduError(message, **kw)
+
+
+def check_api_key(api_key: str) -> None:
+    """Refuse, before anything is sent, a key that cannot be a bearer token: outside visible
+    ASCII, requests fails deep inside http.client with a trace (or sends mangled bytes) after
+    the ledger recorded an attempt. The message names the position, never the key."""
+    for i, ch in enumerate(api_key):
+        if not 0x21 <= ord(ch) <= 0x7E:
+            raise errors.ConfigurationError(
+                f"VIDU_API_KEY has a character that cannot be sent in an HTTP header at position {i + 1} "
+                f"(U+{ord(ch):04X}); check for a pasted look-alike, white space or a control character"
+            )
 
 
 def poll_delay(result: TaskResult, min_s: float, max_s: float) -> float:

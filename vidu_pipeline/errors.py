@@ -90,3 +90,18 @@ class DownloadError(ViduError):
 
 class VideoURLExpired(DownloadError):
     """The signed video URL has expired (403/404/410 on the download); poll again for a fresh one."""
+
+
+class SubmitRejected(ViduError):
+    """A 4xx other than 400/401/403/429 on submit: the service refused the request and
+    created no task. Not retried as is (the request ends failed with the service's words)."""
+
+
+class ConfigurationError(ViduError):
+    """The settings cannot work at all (e.g. a key with a character no HTTP header can
+    carry). Said before anything is sent; nothing is recorded as attempted."""
+
+
+class StorageError(Exception):
+    """A durable local write failed (disk full, read-only folder). The message says what was
+    kept and where (e.g. a paid task id written to the recovery journal and stderr)."""
