@@ -45,6 +45,23 @@ RESOLUTIONS = ("1080p",)
 DATA_URI_SUBTYPES = ("png", "jpeg", "jpg", "webp")
 VIDEO_DURATION_S = 5
 
+# The service takes "any integer" as a seed. We send only 0..2^31-1: the effective seeds it
+# returns lie there, and every integer type a gateway or a trainer's loader might use (int32,
+# float64, int64, Parquet INT64) holds it exactly. Sweeps list at most MAX_SWEEP_SEEDS seeds.
+SEED_MIN = 0
+SEED_MAX = 2**31 - 1
+MAX_SWEEP_SEEDS = 10_000
+
+
+def seed_problem(value: object) -> str | None:
+    """Why ``value`` is not a seed this pipeline sends, or None."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"seed {value!r} is not an integer"
+    if not SEED_MIN <= value <= SEED_MAX:
+        return f"seed {value} is outside {SEED_MIN}..{SEED_MAX} (0 to 2^31-1)"
+    return None
+
+
 _DATA_URI_RE = re.compile(r"^data:image/([A-Za-z0-9.+-]+);base64,", re.ASCII)
 
 
