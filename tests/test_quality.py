@@ -200,3 +200,9 @@ def test_a_file_without_video_is_refused(tmp_path):
         out.add_stream("aac", rate=48000)
     with pytest.raises((ValueError, av.FFmpegError)):
         quality.measure_video(path)
+
+
+def test_cost_ratio_reports_both_ways_of_measuring(clip):
+    ratio = quality.cost_ratio(clip(), REFS, repeats=1)
+    assert set(ratio) == {"probe_cpu_s", "standalone", "on_probe_frames"}
+    assert all(value > 0 for value in ratio.values())
