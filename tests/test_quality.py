@@ -10,6 +10,7 @@ import io
 import json
 
 import av
+import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image, ImageDraw
@@ -176,6 +177,22 @@ def test_thresholds_change_the_verdicts(clip):
     strict = quality.Thresholds(frozen_share=0.0, blank_share=0.0, min_reference_similarity=1.0)
     assert len(quality.problems(good, strict)) == 3
     assert quality.measure_video(clip(), REFS, strict).frozen
+
+
+def test_a_colour_cast_or_exposure_change_keeps_a_picture_similar():
+    """Generators grade colours (the simulator tints every clip): that is not a different picture."""
+    picture = quality._reference_pixels(REFS[0]).astype(float)
+    for gain, offset in [(1.0, 0.0), (0.86, 30.0), (1.0, 3.0), (0.7, 60.0), (1.1, -12.0)]:
+        cast = [np.clip(picture * gain + offset, 0, 255).astype(np.uint8)]
+        assert quality.reference_similarity(cast, REFS[:1]) > 0.9, (gain, offset)
+    assert quality.reference_similarity([quality._reference_pixels(OTHER_REFS[0])], REFS[:1]) < 0.5
+
+
+def test_one_picture_at_two_render_scales_scores_alike(clip):
+    """Small changes in a frame (here: thin strokes blurred by a smaller render) must not flip a
+    large flat region from one colour class to another and halve the similarity."""
+    small, larger = (figures(clip(defect="frozen", render_scale=s)).reference_similarity for s in (0.3, 0.5))
+    assert abs(small - larger) < 0.1, (small, larger)
 
 
 # --- small parts --------------------------------------------------------------------------

@@ -49,7 +49,7 @@ SAMPLE_FPS = 8.0  # samples per second of video
 SAMPLE_SIDE = 128  # px, longest side of a sample
 MAX_SAMPLES = 64  # bounds memory for long videos: later frames are not sampled
 FALLBACK_FPS = 24  # to time frames that carry no timestamp
-COLOUR_CUT = 0.5  # std from a channel's mean that separates "near" from "below"/"above" (histograms)
+COLOUR_SPREAD = 0.7  # std from a channel's mean at which a pixel is fully "below"/"above" (histograms)
 HASH_SIZE = 8  # 8×8 DCT coefficients: 64-bit hashes
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601
 
@@ -239,17 +239,19 @@ def _reference_pixels(data: bytes) -> np.ndarray:
 
 
 def _histogram(rgb: np.ndarray) -> np.ndarray:
-    """The share of pixels in each of 27 colour classes, after grey-world normalisation.
+    """Shares of 27 colour classes (each channel below / near / above its mean), summing to 1.
 
-    Each channel is standardised over the image (so a tint, an exposure or a white-balance
-    change, i.e. a per-channel ``a * x + b``, does not matter) and cut into below / near / above
-    its mean (``COLOUR_CUT`` std); a pixel's class is the triple of its channels' cuts.
+    Each channel is standardised over the image first, so a tint, an exposure or a white-balance
+    change (a per-channel ``a * x + b``) does not matter. Pixels are shared between neighbouring
+    classes in proportion to where they sit (soft binning, full weight at ``COLOUR_SPREAD``
+    std): a flat region near a class boundary must not flip wholesale between two renders.
     """
     pixels = rgb[::2, ::2].reshape(-1, 3).astype(np.float32)  # every other pixel: plenty for 27 classes
-    z = (pixels - pixels.mean(axis=0)) / (pixels.std(axis=0) + 1e-6)
-    cut = (z > -COLOUR_CUT).astype(np.int64) + (z > COLOUR_CUT)
-    counts = np.bincount((cut[:, 0] * 3 + cut[:, 1]) * 3 + cut[:, 2], minlength=27).astype(np.float64)
-    return counts / counts.sum()
+    z = np.clip((pixels - pixels.mean(axis=0)) / (pixels.std(axis=0) + 1e-6) / COLOUR_SPREAD, -1.0, 1.0)
+    weights = np.stack([np.maximum(-z, 0.0), 1.0 - np.abs(z), np.maximum(z, 0.0)], axis=2)  # pixel, channel, class
+    red_green = (weights[:, 0, :, None] * weights[:, 1, None, :]).reshape(-1, 9)
+    joint = (red_green.T @ weights[:, 2]).ravel()  # class index: (red * 3 + green) * 3 + blue
+    return joint / joint.sum()
 
 
 # --- gates --------------------------------------------------------------------------------
