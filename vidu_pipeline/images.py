@@ -41,6 +41,7 @@ from .sources import (  # noqa: F401 - re-exported
     URL_TIMEOUT,
     SourceError,
     fetch_url,
+    not_regular_reason,
     read_local,
 )
 

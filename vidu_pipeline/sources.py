@@ -42,14 +42,14 @@ def not_regular_reason(mode: int) -> str | None:
     if stat.S_ISREG(mode):
         return None
     kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
-    return f"it is {kind}, not a regular file; not opened"
+    return f"it is {kind}, not a regular file"
 
 
 def read_local(path: str | os.PathLike) -> bytes:
     """Read a regular file, refusing before reading when it is over the file-size limit.
 
     Anything else (FIFO, socket, device, directory, a symlink to one) is refused on ``stat``
-    without being opened; the file is then opened non-blocking and checked again with ``fstat``,
+    before any open; the file is then opened non-blocking and checked again with ``fstat``,
     so one swapped in between cannot block the read either.
     """
     try:
