@@ -281,7 +281,7 @@ def _sweep_seeds(name: str, doc: dict) -> list[int]:
 def _read_sweep(path: Path, rejections: list[Rejection]) -> Sweep:
     if not os.path.lexists(path):
         raise CatalogError(f"{path}: missing; it needs `seeds: [...]` or `seed_start` + `seed_count`")
-    with _open_regular(path, MAX_SWEEP_BYTES, f"{MAX_SWEEP_SEEDS} seeds fit in about 150,000") as f:
+    with _open_regular(path, MAX_SWEEP_BYTES, f"a sweep has at most {MAX_SWEEP_SEEDS} seeds") as f:
         data = f.read()
     try:
         doc = yaml.load(data.decode("utf-8-sig"), Loader=_YamlLoader)
