@@ -181,18 +181,26 @@ _YamlLoader.add_implicit_resolver(
 
 def _open_regular(path: Path, limit: int, why: str = ""):
     """Open a catalog file for reading, refusing (CatalogError) anything but a regular file of at
-    most ``limit`` bytes. Opened non-blocking and checked with fstat: a FIFO cannot hang a run."""
+    most ``limit`` bytes: checked with stat before opening (a device is never opened), opened
+    non-blocking and checked again with fstat (a FIFO swapped in between cannot hang a run)."""
+
+    def check(st: os.stat_result) -> None:
+        problem = img.not_regular_reason(st.st_mode)
+        too_big = f"{st.st_size:,} bytes, at most {limit:,}" + (f" ({why})" if why else "")
+        if problem or st.st_size > limit:
+            raise CatalogError(f"{path.name}: {problem or too_big}")
+
     try:
+        check(os.stat(path))
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise CatalogError(f"{path}: cannot be opened ({exc.strerror or exc})") from None
     f = open(fd, "rb")
-    st = os.fstat(fd)
-    problem = img.not_regular_reason(st.st_mode)
-    if problem or st.st_size > limit:
+    try:
+        check(os.fstat(fd))
+    except BaseException:
         f.close()
-        too_big = f"{st.st_size:,} bytes, at most {limit:,}" + (f" ({why})" if why else "")
-        raise CatalogError(f"{path.name}: {problem or too_big}")
+        raise
     return f
 
 
