@@ -270,7 +270,7 @@ def _sweep_seeds(name: str, doc: dict) -> list[int]:
         if len(listed) > MAX_SWEEP_SEEDS:
             raise CatalogError(f"{name}: seeds: {len(listed)} seeds, at most {MAX_SWEEP_SEEDS}")
         for i, seed in enumerate(listed):
-            problem = seed_problem(seed)
+            problem = seed_problem(_integer(name, f"seeds[{i}]", seed))
             if problem:
                 raise CatalogError(f"{name}: seeds[{i}]: {_short(problem)}")
         return listed
