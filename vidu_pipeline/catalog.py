@@ -24,7 +24,6 @@ import pandas as pd
 import yaml
 
 from . import images as img
-from .errors import StorageError
 from .contract import (
     ASPECT_RATIOS,
     DEFAULTS,
@@ -37,6 +36,7 @@ from .contract import (
     redact_url,
     seed_problem,
 )
+from .errors import StorageError
 
 OPTION_COLUMNS = ("aspect_ratio", "movement_amplitude", "bgm", "duration", "resolution")
 IMAGE_COLUMNS = ("subject_id", "image", "view")
@@ -221,8 +221,8 @@ def _read_table(root: Path, stem: str, required: tuple[str, ...], known: tuple[s
                 df = pd.read_parquet(f)
                 df = df.astype(object).where(df.notna(), "").astype(str)
         except UnicodeDecodeError as exc:
-            raise CatalogError(f"{path.name}: is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
-                               f"offset {exc.start}); save it as UTF-8") from None
+            raise CatalogError(f"{path.name}: is not UTF-8 text (found byte 0x{exc.object[exc.start]:02x}); "
+                               f"save it as UTF-8") from None
         except Exception as exc:
             raise CatalogError(f"{path.name}: cannot be parsed ({type(exc).__name__}: {exc})") from None
     df.columns = [str(c).strip().lower() for c in df.columns]
