@@ -517,8 +517,7 @@ def test_a_table_that_is_not_utf8_is_a_catalog_error(tmp_path):
     (tmp_path / "prompts.csv").write_bytes("subject_id,prompt\na,café au lait\n".encode("latin-1"))
     with pytest.raises(cat.CatalogError) as err:
         cat.load_catalog(tmp_path)
-    assert str(err.value).startswith("prompts.csv: is not UTF-8 text (byte 0xe9")
-    assert str(err.value).endswith("save it as UTF-8")
+    assert str(err.value) == "prompts.csv: is not UTF-8 text (found byte 0xe9); save it as UTF-8"
 
 
 def test_bom_in_every_file_is_accepted(tmp_path):
