@@ -114,9 +114,8 @@ def rejections(
     frame = catalog_mod.rejections_frame(
         [*catalog.rejections, *reference_images.rejections, *prompt_rejections]
     )
-    pipeline.reports_dir.mkdir(parents=True, exist_ok=True)
-    path = pipeline.reports_dir / "rejections.csv"
-    frame.to_csv(path, index=False)
+    # The CSV is for spreadsheets: formula-like cells are escaped there; this output keeps the text.
+    path = catalog_mod.write_rejections_csv(frame, pipeline.reports_dir / "rejections.csv")
     context.add_output_metadata(
         {
             "rejections": len(frame),
