@@ -80,7 +80,9 @@ class Call:
 
 
 def _shut(conn: HTTPConnection) -> None:
-    sock = conn.sock
+    # conn.sock is dropped once a "Connection: close" answer's headers are read, while the
+    # body is still read from that socket: hence the connection's own reference to it.
+    sock = conn.sock or getattr(conn, "vidu_sock", None)
     if sock is None:
         return  # still connecting: connect() checks the deadline when it is done
     try:
@@ -150,6 +152,7 @@ class _Attached:
 
     def connect(self) -> None:
         super().connect()  # type: ignore[misc]
+        self.vidu_sock = self.sock
         call = current()
         if call is not None and call.expired:
             self.close()  # type: ignore[attr-defined]
@@ -161,6 +164,8 @@ class _Attached:
             if call.expired:  # nothing of this request has been sent
                 raise ConnectTimeoutError(self, f"total deadline of {call.seconds:.0f} s passed before sending")
             call.attach(self)  # type: ignore[arg-type]
+        if self.sock is not None:  # type: ignore[attr-defined]
+            self.vidu_sock = self.sock  # type: ignore[attr-defined]
         super().request(*args, **kwargs)  # type: ignore[misc]
 
 
