@@ -1219,3 +1219,23 @@ def test_downloaded_video_gets_the_umask_mode(hostile, make_client, tmp_path, um
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "v.mp4").stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.timeout(60)
+def test_simulator_drip_ends_at_the_deadline_with_the_task_created(make_sim, make_client):
+    """The drill's version: the simulator creates the task, then drips its answer."""
+    sim = make_sim(faults=FaultConfig(drip=1.0, drip_s=0.5))
+    with pytest.raises(errors.SubmitOutcomeUnknown):
+        make_client(sim.base_url, **SHORT).submit(body(images=[IMG_A]))
+    assert stats(sim)["submits"]["accepted"] == 1  # paid, and never resent
+
+
+def test_simulator_echoed_key_is_scrubbed_by_the_client(make_sim, make_client):
+    sim = make_sim(api_key=SECRET, faults=FaultConfig(echo_auth_in_reason=1.0))
+    client = make_client(sim.base_url, key=SECRET)
+    task_id = client.submit(body(images=[IMG_A]))
+    with pytest.raises(errors.TaskFailed) as info:
+        client.wait(task_id, timeout_s=60, min_interval_s=0.05, max_interval_s=0.2)
+    assert "Authorization: Bearer ***" in info.value.reason
+    check_error(info.value)
+    assert SECRET not in client.get_task_result(task_id).reason
