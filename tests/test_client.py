@@ -1239,3 +1239,17 @@ def test_simulator_echoed_key_is_scrubbed_by_the_client(make_sim, make_client):
     assert "Authorization: Bearer ***" in info.value.reason
     check_error(info.value)
     assert SECRET not in client.get_task_result(task_id).reason
+
+
+def test_urllib3_log_lines_do_not_carry_signed_url_queries(hostile, make_client, tmp_path, caplog):
+    """urllib3 logs each request line at DEBUG; a signed URL's query is a credential."""
+    caplog.set_level(logging.DEBUG)
+    logging.getLogger("urllib3").setLevel(logging.DEBUG)
+    hostile.on("GET", "/v.mp4", reply(200, b"\x00\x00\x00\x18ftypmp42" + bytes(100)))
+    hostile.on("GET", "/moved.mp4", reply(302, b"", {"Location": "/v.mp4?sig=TOPSECRETSIG2&expires=9"}))
+    client = make_client(hostile.url)
+    client.download(succeeded(hostile.url + "/moved.mp4?sig=TOPSECRETSIG&expires=9"), tmp_path / "v.mp4")
+    assert hostile.count("GET", "/v.mp4") == 1
+    lines = [caplog.handler.format(r) for r in caplog.records if r.name.startswith("urllib3")]
+    assert any("/moved.mp4" in line for line in lines)  # the request lines were logged
+    assert not [line for line in lines if "TOPSECRETSIG" in line], lines

@@ -29,6 +29,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -584,6 +585,30 @@ def _retry_after(resp: requests.Response) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None
+
+
+class RedactQueryStrings(logging.Filter):
+    """Drops query strings from urllib3's log lines: its DEBUG lines quote each request's URL,
+    and a signed video URL carries its signature there."""
+
+    _QUERY_RE = re.compile(r"\?[^\s\"'<>]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = self._QUERY_RE.sub("?…", record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._QUERY_RE.sub("?…", a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def _redact_urllib3_logs() -> None:
+    for name in ("urllib3.connectionpool", "urllib3.util.retry", "urllib3.poolmanager"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactQueryStrings) for f in logger.filters):
+            logger.addFilter(RedactQueryStrings())
+
+
+_redact_urllib3_logs()
 
 
 def _int_header(resp: requests.Response, name: str) -> int | None:
