@@ -7,9 +7,10 @@ of call, because the kinds differ in what is safe to repeat:
   retried with capped exponential backoff and jitter, honouring ``Retry-After``;
 * a submit creates a paid task, so it is retried only when it provably never reached the
   service: the connection could not be opened, or the service answered 429. A dropped
-  connection, a read timeout or a 5xx after the body was sent raise
-  :class:`~vidu_pipeline.errors.SubmitOutcomeUnknown` and are never resent (not even when a
-  5xx carries ``Retry-After``), and a submit never follows a redirect.
+  connection, a passed deadline, or any answer that does not prove whether a task was created
+  (5xx, 202, a 3xx, a broken 200…) raise :class:`~vidu_pipeline.errors.SubmitOutcomeUnknown`
+  and are never resent (not even when a 5xx carries ``Retry-After``), and a submit never
+  follows a redirect.
 
 Every call has a total deadline (connect, headers and body together; see
 :mod:`~vidu_pipeline.deadline`), so a server that drips bytes cannot hold it forever. No
@@ -250,15 +251,18 @@ class ViduClient:
         try:
             task_id = answers.task_id_in(self._json(resp, call))
         except (_BodyCut, errors.MalformedResponse) as exc:
-            raise errors.SubmitOutcomeUnknown(
-                f"submit answered 200 but {exc}; a paid task may exist — not resending", status=200
-            ) from None
+            raise self._no_task_id(getattr(exc, "message", str(exc))) from None
         if task_id is None or self._scrub.has_key(task_id):
-            raise errors.SubmitOutcomeUnknown(
-                "submit answered 200 without a usable task_id; a paid task may exist — not resending",
-                status=200,
-            )
+            raise self._no_task_id(f"task_id is not a non-empty string of at most {answers.MAX_TASK_ID_CHARS} "
+                                   "visible ASCII characters")
         return task_id
+
+    @staticmethod
+    def _no_task_id(detail: str) -> errors.SubmitOutcomeUnknown:
+        return errors.SubmitOutcomeUnknown(
+            f"submit answered 200 without a usable task_id ({detail}); a paid task may exist — not resending",
+            status=200,
+        )
 
     # --- poll ----------------------------------------------------------------------------
 
@@ -465,7 +469,7 @@ class ViduClient:
         try:
             raw = resp.raw.read(MAX_JSON_BYTES + 1, decode_content=True)
         except _TRANSFER_ERRORS as exc:
-            raise _BodyCut(f"the body was cut off ({self._cut_reason(exc, call)})") from None
+            raise _BodyCut(f"the body was cut off: {self._cut_reason(exc, call)}") from None
         if len(raw) > MAX_JSON_BYTES:
             raise errors.MalformedResponse(
                 f"response body over {MAX_JSON_BYTES:,} bytes; refusing to parse", status=resp.status_code
@@ -474,7 +478,7 @@ class ViduClient:
             return json.loads(raw)
         except ValueError:
             if call.expired:  # a close-delimited body ends "normally" when its socket is cut
-                raise _BodyCut(f"the body was cut off ({self._cut_reason(None, call)})") from None
+                raise _BodyCut(f"the body was cut off: {self._cut_reason(None, call)}") from None
             raise errors.MalformedResponse(
                 f"response is not JSON: {self._scrub(raw[:2000].decode('utf-8', 'replace'))[:120]!r}",
                 status=resp.status_code,
