@@ -1253,3 +1253,17 @@ def test_urllib3_log_lines_do_not_carry_signed_url_queries(hostile, make_client,
     lines = [caplog.handler.format(r) for r in caplog.records if r.name.startswith("urllib3")]
     assert any("/moved.mp4" in line for line in lines)  # the request lines were logged
     assert not [line for line in lines if "TOPSECRETSIG" in line], lines
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("call", ["submit", "poll"])
+def test_retry_waits_count_against_the_deadline(hostile, make_client, call):
+    """A Retry-After longer than the time left is not waited out: the 429 is the answer."""
+    answer = reply(429, {"message": "slow down"}, {"Retry-After": "30"})
+    hostile.on("POST", contract.SUBMIT_PATH, answer)
+    hostile.on("GET", contract.TASK_RESULT_PATH, answer)
+    client = make_client(hostile.url, retry=RetryPolicy(retries=3, retry_after_max=60), **SHORT)
+    with pytest.raises(errors.RateLimited) as info:
+        client.submit(body()) if call == "submit" else client.get_task_result("t-1")
+    assert info.value.retry_after == 30
+    assert len(hostile.seen) == 1
