@@ -71,11 +71,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.server_of.seen.append({"method": self.command, "path": path, "query": query,
                                     "headers": dict(self.headers), "body": body})
         script = self.server_of.routes.get((self.command, path), reply(404, b'{"message": "no route"}'))
+        self.close_connection = True  # unless the script keeps the connection alive
         try:
             script(self)
         except OSError:
-            pass  # the client hung up (e.g. its deadline cut the connection)
-        self.close_connection = True
+            self.close_connection = True  # the client hung up (e.g. its deadline cut the connection)
 
     do_GET = do_POST = _handle
 
@@ -94,13 +94,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.write(data[i:i + 1])
 
 
-def head(status: int, headers: dict[str, str] | None = None, length: int | None = None) -> bytes:
+def head(status: int, headers: dict[str, str] | None = None, length: int | None = None,
+         keep_alive: bool = False) -> bytes:
     """A status line and headers; Content-Length only when given."""
     lines = [f"HTTP/1.1 {status} Whatever"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     if length is not None:
         lines.append(f"Content-Length: {length}")
-    lines.append("Connection: close")
+    if not keep_alive:
+        lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
@@ -110,10 +112,17 @@ def as_bytes(body: bytes | dict | str) -> bytes:
     return body.encode() if isinstance(body, str) else body
 
 
-def reply(status: int, body: bytes | dict | str = b"", headers: dict[str, str] | None = None) -> Script:
-    """A complete answer (Content-Length set)."""
+def reply(status: int, body: bytes | dict | str = b"", headers: dict[str, str] | None = None,
+          keep_alive: bool = False) -> Script:
+    """A complete answer (Content-Length set); ``keep_alive`` leaves the connection open for
+    the client's next request."""
     data = as_bytes(body)
-    return lambda h: h.write(head(status, {"Content-Type": "application/json", **(headers or {})}, len(data)) + data)
+
+    def script(h: _Handler) -> None:
+        h.write(head(status, {"Content-Type": "application/json", **(headers or {})}, len(data), keep_alive) + data)
+        h.close_connection = not keep_alive
+
+    return script
 
 
 def raw(data: bytes) -> Script:
