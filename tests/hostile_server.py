@@ -68,8 +68,9 @@ class _Handler(BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        self.server_of.seen.append({"method": self.command, "path": path, "query": query,
-                                    "headers": dict(self.headers), "body": body})
+        self.server_of.seen.append(
+            {"method": self.command, "path": path, "query": query, "headers": dict(self.headers), "body": body}
+        )
         script = self.server_of.routes.get((self.command, path), reply(404, b'{"message": "no route"}'))
         self.close_connection = True  # unless the script keeps the connection alive
         try:
@@ -91,11 +92,12 @@ class _Handler(BaseHTTPRequestHandler):
         for i in range(len(data)):
             if self.server_of.stopping.wait(every_s):
                 return
-            self.write(data[i:i + 1])
+            self.write(data[i : i + 1])
 
 
-def head(status: int, headers: dict[str, str] | None = None, length: int | None = None,
-         keep_alive: bool = False) -> bytes:
+def head(
+    status: int, headers: dict[str, str] | None = None, length: int | None = None, keep_alive: bool = False
+) -> bytes:
     """A status line and headers; Content-Length only when given."""
     lines = [f"HTTP/1.1 {status} Whatever"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
@@ -112,8 +114,9 @@ def as_bytes(body: bytes | dict | str) -> bytes:
     return body.encode() if isinstance(body, str) else body
 
 
-def reply(status: int, body: bytes | dict | str = b"", headers: dict[str, str] | None = None,
-          keep_alive: bool = False) -> Script:
+def reply(
+    status: int, body: bytes | dict | str = b"", headers: dict[str, str] | None = None, keep_alive: bool = False
+) -> Script:
     """A complete answer (Content-Length set); ``keep_alive`` leaves the connection open for
     the client's next request."""
     data = as_bytes(body)

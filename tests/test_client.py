@@ -12,9 +12,9 @@ import hashlib
 import json
 import logging
 import os
-import stat
 import re
 import socket
+import stat
 import threading
 import time
 import traceback
@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import requests
 import urllib3.util.retry
+from hostile_server import HostileServer, drip_body, drip_headers, raw, reply, truncated
+from support import IMG_A, IMG_B, body, data_uri, image_bytes
 
 from vidu_pipeline import client as client_mod
 from vidu_pipeline import contract, errors
@@ -34,7 +36,6 @@ from vidu_pipeline.contract import GenerationRequest, TaskResult, TaskStatus, Vi
 from vidu_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig
 from vidu_pipeline.simulator.faults import Roll
 from vidu_pipeline.video import VideoInvalid, probe_video
-from support import IMG_A, IMG_B, body, data_uri, image_bytes
 
 KEY = "client-test-key"
 SECRET = "sk-SECRET-TEST-1234"
@@ -933,10 +934,6 @@ def test_no_secret_in_messages_reprs_or_logs(make_sim, make_client, fake, tmp_pa
 
 # --- every submit answer, classified exactly (issue 10, case 2) ------------------------------
 
-from hostile_server import (  # noqa: E402
-    HostileServer, drip_body, drip_headers, raw, reply, truncated,
-)
-
 SUBMIT_KINDS = {
     200: None,
     **{s: errors.SubmitOutcomeUnknown for s in (100, 101, 201, 202, 203, 204, 206, 299)},
@@ -1293,6 +1290,6 @@ def test_deadlines_of_concurrent_calls_cut_only_their_own_sockets(hostile, make_
 
     ids = [f"{'slow' if i % 2 else 'fast'}-{i}" for i in range(40)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        outcomes = dict(zip(ids, pool.map(poll, ids)))
+        outcomes = dict(zip(ids, pool.map(poll, ids), strict=True))
     assert outcomes == {i: ("cut" if i.startswith("slow") else i) for i in ids}
     assert hostile.connections < len(ids)  # connections were reused between calls

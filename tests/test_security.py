@@ -18,7 +18,6 @@ tests/test_images.py and the ``url_scheme`` rows of tests/test_catalog.py.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -126,7 +125,6 @@ def test_key_and_payloads_never_stored_or_printed(tmp_path, leak_sim, monkeypatc
 
 def test_repr_of_resources_clients_and_endpoints(monkeypatch, tmp_path):
     from vidu_pipeline import errors
-    from vidu_pipeline.client import ViduClient
     from vidu_pipeline.defs.resources import PipelineResource, ViduResource, vidu_resource_from_env
 
     monkeypatch.setenv("VIDU_API_KEY", KEY)

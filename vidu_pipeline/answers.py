@@ -61,8 +61,12 @@ class Scrubber:
     can split a key and leave a prefix nothing matches any more."""
 
     def __init__(self, api_key: str) -> None:
-        forms = {api_key, urllib.parse.quote(api_key, safe=""), urllib.parse.quote_plus(api_key),
-                 json.dumps(api_key)[1:-1]} - {""}
+        forms = {
+            api_key,
+            urllib.parse.quote(api_key, safe=""),
+            urllib.parse.quote_plus(api_key),
+            json.dumps(api_key)[1:-1],
+        } - {""}
         alternatives = "|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True))
         self._key_re = re.compile(alternatives, re.IGNORECASE) if alternatives else None
 

@@ -315,19 +315,19 @@ class ViduClient:
             try:
                 result = self.get_task_result(task_id)
             except errors.RateLimited as exc:
-                result, delay = None, exc.retry_after or max_interval_s
+                last, delay = "no answer", exc.retry_after or max_interval_s
             except (errors.TransientError, errors.MalformedResponse):
-                result, delay = None, max_interval_s / 2  # keep trying until the deadline
+                last, delay = "no answer", max_interval_s / 2  # keep trying until the deadline
             else:
                 if result.succeeded:
                     return result
                 if result.failed:  # reason already scrubbed by get_task_result
-                    raise errors.TaskFailed(f"task {task_id} failed: {result.reason or 'no reason given'}",
-                                            reason=result.reason)
-                delay = poll_delay(result, min_interval_s, max_interval_s)
+                    raise errors.TaskFailed(
+                        f"task {task_id} failed: {result.reason or 'no reason given'}", reason=result.reason
+                    )
+                last, delay = result.status, poll_delay(result, min_interval_s, max_interval_s)
             remaining = deadline_at - time.monotonic()
             if remaining <= 0:
-                last = result.status if result else "no answer"
                 raise TimeoutError(f"task {task_id} not finished after {timeout_s:.0f} s (last status {last})")
             time.sleep(min(delay, remaining))
 
@@ -511,16 +511,15 @@ class ViduClient:
         """The typed error for a non-200 answer (after the retry policy gave up)."""
         status = resp.status_code
         reason, message = self._error_words(resp)
-        kw = {"status": status, "reason": reason}
         if kind is errors.InvalidRequest:
             problems = [p.strip() for p in message.split(";") if p.strip()]
-            return errors.InvalidRequest(problems or [message], **kw)
+            return errors.InvalidRequest(problems or [message], status=status, reason=reason)
         if kind is errors.TaskNotFound:
             what = f"task {task_id} not found" if task_id else "not found"
-            return errors.TaskNotFound(f"{what}: {message}", **kw)
+            return errors.TaskNotFound(f"{what}: {message}", status=status, reason=reason)
         if kind is errors.RateLimited:
-            return errors.RateLimited(message, retry_after=_retry_after(resp), **kw)
-        return kind(message, **kw)
+            return errors.RateLimited(message, retry_after=_retry_after(resp), status=status, reason=reason)
+        return kind(message, status=status, reason=reason)
 
 
 def check_api_key(api_key: str) -> None:

@@ -46,15 +46,15 @@ class Call:
         self.expired = False
         self.done = False
         self._lock = threading.Lock()
-        self._connections: list[HTTPConnection] = []
+        self._connections: list[_HTTPConnection] = []
 
     def remaining(self) -> float:
         return self.expires_at - time.monotonic()
 
-    def attach(self, conn: HTTPConnection) -> None:
+    def attach(self, conn: _HTTPConnection) -> None:
         """This connection now works for this call (a pooled one may have served another)."""
         with self._lock:
-            conn.vidu_call = self  # type: ignore[attr-defined]
+            conn.vidu_call = self
             if conn not in self._connections:
                 self._connections.append(conn)
             if self.expired:
@@ -67,30 +67,28 @@ class Call:
                 return
             self.expired = True
             for conn in self._connections:
-                if getattr(conn, "vidu_call", None) is self:
+                if conn.vidu_call is self:
                     _shut(conn)
 
     def finish(self) -> None:
         with self._lock:
             self.done = True
             for conn in self._connections:
-                if getattr(conn, "vidu_call", None) is self:
-                    conn.vidu_call = None  # type: ignore[attr-defined]
+                if conn.vidu_call is self:
+                    conn.vidu_call = None
             self._connections.clear()
 
 
-def _shut(conn: HTTPConnection) -> None:
+def _shut(conn: _HTTPConnection) -> None:
     # conn.sock is dropped once a "Connection: close" answer's headers are read, while the
     # body is still read from that socket: hence the connection's own reference to it.
-    sock = conn.sock or getattr(conn, "vidu_sock", None)
+    sock = conn.sock or conn.vidu_sock
     if sock is None:
         return  # still connecting: connect() checks the deadline when it is done
-    try:
-        # The plain socket's shutdown, also under TLS: SSLSocket.shutdown would drop the TLS
-        # object under a reader in another thread.
+    # The plain socket's shutdown, also under TLS: SSLSocket.shutdown would drop the TLS
+    # object under a reader in another thread.
+    with contextlib.suppress(OSError):
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 class Watchdog:
@@ -147,15 +145,18 @@ def current() -> Call | None:
 # --- urllib3 and requests, made to report to the current call --------------------------------
 
 
-class _Attached:
-    """Mixin for urllib3 connections: join the current call before any byte is sent."""
+class _HTTPConnection(HTTPConnection):
+    """urllib3's connection, joining the current call before any byte is sent."""
+
+    vidu_sock: socket.socket | None = None
+    vidu_call: Call | None = None
 
     def connect(self) -> None:
-        super().connect()  # type: ignore[misc]
+        super().connect()
         self.vidu_sock = self.sock
         call = current()
         if call is not None and call.expired:
-            self.close()  # type: ignore[attr-defined]
+            self.close()
             raise ConnectTimeoutError(self, f"total deadline of {call.seconds:.0f} s passed while connecting")
 
     def request(self, *args, **kwargs) -> None:
@@ -163,17 +164,13 @@ class _Attached:
         if call is not None:
             if call.expired:  # nothing of this request has been sent
                 raise ConnectTimeoutError(self, f"total deadline of {call.seconds:.0f} s passed before sending")
-            call.attach(self)  # type: ignore[arg-type]
-        if self.sock is not None:  # type: ignore[attr-defined]
-            self.vidu_sock = self.sock  # type: ignore[attr-defined]
-        super().request(*args, **kwargs)  # type: ignore[misc]
+            call.attach(self)
+        if self.sock is not None:
+            self.vidu_sock = self.sock
+        super().request(*args, **kwargs)
 
 
-class _HTTPConnection(_Attached, HTTPConnection):
-    pass
-
-
-class _HTTPSConnection(_Attached, HTTPSConnection):
+class _HTTPSConnection(_HTTPConnection, HTTPSConnection):
     pass
 
 
@@ -217,9 +214,10 @@ class DeadlineRetry(Retry):
         new = super().increment(method, url, response, error, _pool, _stacktrace)
         call = current()
         if call is not None:
-            wait = (self.respect_retry_after_header and response is not None
-                    and new.get_retry_after(response)) or new.get_backoff_time()
+            wait = (
+                self.respect_retry_after_header and response is not None and new.get_retry_after(response)
+            ) or new.get_backoff_time()
             if call.expired or call.remaining() <= wait:
                 reason = error or ResponseError(f"no time left for a retry within {call.seconds:.0f} s")
-                raise MaxRetryError(_pool, url, reason) from reason  # type: ignore[arg-type]
+                raise MaxRetryError(_pool, url, reason) from reason
         return new
