@@ -19,7 +19,7 @@ def test_definitions_hold_the_data_flow():
     assert graph.get(AssetKey("videos")).parent_keys == {AssetKey("video_tasks")}
     assert graph.get(AssetKey("lineage")).parent_keys == {AssetKey("videos")}
     assert {c.name for c in graph.asset_check_keys} == {
-        "images_accepted", "lineage_complete", "videos_match_requests", "no_unknown_tasks"}
+        "images_accepted", "lineage_complete", "videos_match_requests", "no_unknown_tasks", "videos_verified"}
     sensor = defs.resolve_sensor_def("vidu_task_sensor")
     assert sensor.default_status == DefaultSensorStatus.RUNNING
     schedule = defs.resolve_schedule_def("vidu_generation_schedule")
@@ -45,3 +45,75 @@ def test_workspace_validates_like_dagster_dev(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "passed validation" in result.stdout + result.stderr
+
+
+def test_every_stage_has_a_named_job_with_its_checks():
+    nodes = {name: set(defs.resolve_job_def(name).graph.node_dict)
+             for name in ("vidu_plan_job", "vidu_submit_job", "vidu_collect_job", "vidu_lineage_job")}
+    assert nodes["vidu_submit_job"] == {"video_tasks"}
+    assert nodes["vidu_collect_job"] == {"videos", "videos_videos_verified"}
+    assert nodes["vidu_lineage_job"] == {"lineage", "lineage_lineage_complete",
+                                         "lineage_videos_match_requests", "lineage_no_unknown_tasks"}
+    assert "generation_requests" in nodes["vidu_plan_job"]
+    for name in nodes:
+        assert defs.resolve_job_def(name).tags["vidu/stage"]
+    automation = defs.resolve_sensor_def("vidu_automation_sensor")
+    assert automation.default_status == DefaultSensorStatus.RUNNING
+
+
+def _lineage_requested(instance, condition_defs, cursor):
+    from dagster import evaluate_automation_conditions
+
+    result = evaluate_automation_conditions(defs=condition_defs, instance=instance, cursor=cursor)
+    return result.get_num_requested(AssetKey("lineage")), result.cursor
+
+
+def _condition_defs(condition):
+    """The videos → lineage edge as it is in the code location, with ``condition`` on lineage."""
+    from dagster import asset
+
+    from vidu_pipeline.defs.partitions import requests_partitions
+
+    @asset(name="videos", partitions_def=requests_partitions)
+    def videos_stub(): ...
+
+    @asset(name="lineage", deps=["videos"], automation_condition=condition)
+    def lineage_stub(): ...
+
+    return [videos_stub, lineage_stub]
+
+
+def _materialize(instance, key, partition=None):
+    from dagster import AssetMaterialization
+
+    instance.report_runless_asset_event(AssetMaterialization(asset_key=key, partition=partition))
+
+
+def test_lineage_refreshes_after_each_videos_batch_while_other_partitions_are_missing():
+    from dagster import AutomationCondition, instance_for_test
+
+    from vidu_pipeline.defs.jobs import LINEAGE_AFTER_VIDEOS
+    from vidu_pipeline.defs.partitions import REQUESTS_PARTITIONS_NAME
+
+    assert defs.resolve_assets_def("lineage").automation_conditions_by_key[AssetKey("lineage")] == LINEAGE_AFTER_VIDEOS
+    for condition, fires_with_missing in ((LINEAGE_AFTER_VIDEOS, True), (AutomationCondition.eager(), False)):
+        with instance_for_test() as instance:
+            instance.add_dynamic_partitions(REQUESTS_PARTITIONS_NAME, ["a-s1-1", "b-s1-2", "c-s1-3"])
+            condition_defs = _condition_defs(condition)
+            _materialize(instance, "lineage")
+            requested, cursor = _lineage_requested(instance, condition_defs, None)
+            assert requested == 0, "nothing new upstream: no run"
+            _materialize(instance, "videos", "a-s1-1")  # one batch of three
+            requested, cursor = _lineage_requested(instance, condition_defs, cursor)
+            assert requested == (1 if fires_with_missing else 0)
+            if fires_with_missing:
+                requested, cursor = _lineage_requested(instance, condition_defs, cursor)
+                assert requested == 0, "requested once per batch, not every tick"
+                _materialize(instance, "lineage")
+                _materialize(instance, "videos", "b-s1-2")
+                requested, cursor = _lineage_requested(instance, condition_defs, cursor)
+                assert requested == 1, "and again after the next batch"
+                # The last batch lands between the request and the next tick: not forgotten.
+                _materialize(instance, "videos", "c-s1-3")
+                requested, cursor = _lineage_requested(instance, condition_defs, cursor)
+                assert requested == 1, "a batch that landed after the request is picked up"

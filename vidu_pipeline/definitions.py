@@ -7,7 +7,8 @@ from dagster import Definitions
 from .defs.assets import ALL_ASSETS
 from .defs.checks import ALL_CHECKS
 from .defs.resources import PipelineResource, vidu_resource_from_env
-from .defs.schedules import generation_schedule, plan_job
+from .defs.jobs import ALL_JOBS, vidu_automation_sensor
+from .defs.schedules import generation_schedule
 from .defs.sensors import vidu_task_sensor
 
 
@@ -15,8 +16,8 @@ def build_definitions(pipeline: PipelineResource | None = None) -> Definitions:
     return Definitions(
         assets=ALL_ASSETS,
         asset_checks=ALL_CHECKS,
-        jobs=[plan_job],
-        sensors=[vidu_task_sensor],
+        jobs=ALL_JOBS,
+        sensors=[vidu_task_sensor, vidu_automation_sensor],
         schedules=[generation_schedule],
         resources={
             "pipeline": pipeline or PipelineResource(data_dir=os.environ.get("VIDU_DATA_DIR", "data")),
