@@ -51,9 +51,9 @@ def test_every_stage_has_a_named_job_with_its_checks():
     nodes = {name: set(defs.resolve_job_def(name).graph.node_dict)
              for name in ("vidu_plan_job", "vidu_submit_job", "vidu_collect_job", "vidu_lineage_job")}
     assert nodes["vidu_submit_job"] == {"video_tasks"}
-    assert nodes["vidu_collect_job"] == {"videos", "videos_videos_verified"}
-    assert nodes["vidu_lineage_job"] == {"lineage", "lineage_lineage_complete",
-                                         "lineage_videos_match_requests", "lineage_no_unknown_tasks"}
+    assert nodes["vidu_collect_job"] == {"videos"}  # its check would always be skipped there
+    assert nodes["vidu_lineage_job"] == {"lineage", "lineage_lineage_complete", "lineage_videos_match_requests",
+                                         "lineage_no_unknown_tasks", "videos_videos_verified"}
     assert "generation_requests" in nodes["vidu_plan_job"]
     for name in nodes:
         assert defs.resolve_job_def(name).tags["vidu/stage"]
@@ -117,3 +117,21 @@ def test_lineage_refreshes_after_each_videos_batch_while_other_partitions_are_mi
                 _materialize(instance, "videos", "c-s1-3")
                 requested, cursor = _lineage_requested(instance, condition_defs, cursor)
                 assert requested == 1, "a batch that landed after the request is picked up"
+
+
+def test_the_automation_sensor_refreshes_lineage_and_the_videos_check_after_a_batch():
+    from dagster import AssetCheckKey, evaluate_automation_conditions, instance_for_test
+
+    from vidu_pipeline.defs.partitions import REQUESTS_PARTITIONS_NAME
+
+    videos_check = AssetCheckKey(AssetKey("videos"), "videos_verified")
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions(REQUESTS_PARTITIONS_NAME, ["a-s1-1", "b-s1-2"])
+        _materialize(instance, "lineage")
+        cursor = evaluate_automation_conditions(defs=defs, instance=instance).cursor
+        _materialize(instance, "videos", "a-s1-1")
+        result = evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+        requested = {r.key for r in result.results if r.true_subset.size}
+        assert requested == {AssetKey("lineage"), videos_check}
+        result = evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
+        assert result.total_requested == 0

@@ -9,6 +9,7 @@ from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeve
 from .. import catalog as catalog_mod
 from ..ledger import FAILED, SUCCEEDED, UNKNOWN
 from .assets import lineage, reference_images, videos
+from .jobs import AFTER_VIDEOS_BATCH
 from .partitions import REQUESTS_PARTITIONS_NAME
 from .resources import PipelineResource
 
@@ -90,6 +91,7 @@ def no_unknown_tasks(pipeline: PipelineResource) -> AssetCheckResult:
 
 @asset_check(
     asset=videos,
+    automation_condition=AFTER_VIDEOS_BATCH,
     description="Every requested partition has a verified video: its request succeeded and its MP4 "
     "decoded end to end and matches the request. Warns while some are still in flight; fails (error) "
     "when one failed, is unknown, or does not match.",

@@ -37,17 +37,20 @@ submit_job = define_asset_job(
     tags={STAGE_TAG: "submit"},
 )
 
+# videos yields one AssetMaterialization per collected partition and no output, so a check in
+# the same run would always be skipped: videos_verified runs after the batch instead (the
+# automation sensor, and vidu_lineage_job).
 collect_job = define_asset_job(
     "vidu_collect_job",
-    selection=AssetSelection.assets("videos"),  # with its check, videos_verified
+    selection=AssetSelection.assets("videos").without_checks(),
     description="Download, verify and store the videos of finished tasks; partitioned by request.",
     tags={STAGE_TAG: "collect"},
 )
 
 lineage_job = define_asset_job(
     "vidu_lineage_job",
-    selection=AssetSelection.assets("lineage"),  # with its checks
-    description="Append new outcomes to the Parquet lineage table, compact it, and check it.",
+    selection=AssetSelection.assets("lineage") | AssetSelection.checks_for_assets("videos"),
+    description="Append new outcomes to the Parquet lineage table, compact it, and check it and the videos.",
     tags={STAGE_TAG: "lineage"},
 )
 
@@ -63,18 +66,20 @@ ALL_JOBS = [plan_job, submit_job, collect_job, lineage_job]
 # Never while a videos run or a lineage run is going (the checks would see half a batch).
 _VIDEOS_UPDATED = AutomationCondition.newly_missing() | AutomationCondition.any_deps_updated()
 _HANDLED = (AutomationCondition.newly_requested() | AutomationCondition.initial_evaluation()) & ~_VIDEOS_UPDATED
-LINEAGE_AFTER_VIDEOS = (
-    _VIDEOS_UPDATED.since(_HANDLED)
-    & ~AutomationCondition.any_deps_in_progress()
-    & ~AutomationCondition.in_progress()
-).with_label("after each videos batch")
+AFTER_VIDEOS_BATCH = (_VIDEOS_UPDATED.since(_HANDLED) & ~AutomationCondition.any_deps_in_progress()).with_label(
+    "after each videos batch"
+)
+LINEAGE_AFTER_VIDEOS = (AFTER_VIDEOS_BATCH & ~AutomationCondition.in_progress()).with_label(
+    "after each videos batch, not while running"
+)
 
 vidu_automation_sensor = AutomationConditionSensorDefinition(
     "vidu_automation_sensor",
-    target=AssetSelection.assets("lineage"),
+    target=AssetSelection.assets("lineage") | AssetSelection.checks_for_assets("videos"),
     default_status=DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=15,
     run_tags={STAGE_TAG: "lineage"},
     emit_backfills=False,
-    description="Re-materializes the lineage table (and runs its checks) after each batch of new videos.",
+    description="After each batch of new videos: re-materializes the lineage table (with its "
+    "checks) and runs the videos check.",
 )
