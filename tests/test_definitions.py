@@ -125,6 +125,8 @@ def test_the_automation_sensor_refreshes_lineage_and_the_videos_check_after_a_ba
     from vidu_pipeline.defs.partitions import REQUESTS_PARTITIONS_NAME
 
     videos_check = AssetCheckKey(AssetKey("videos"), "videos_verified")
+    lineage_checks = {AssetCheckKey(AssetKey("lineage"), name)
+                      for name in ("lineage_complete", "videos_match_requests", "no_unknown_tasks")}
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(REQUESTS_PARTITIONS_NAME, ["a-s1-1", "b-s1-2"])
         _materialize(instance, "lineage")
@@ -132,6 +134,6 @@ def test_the_automation_sensor_refreshes_lineage_and_the_videos_check_after_a_ba
         _materialize(instance, "videos", "a-s1-1")
         result = evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
         requested = {r.key for r in result.results if r.true_subset.size}
-        assert requested == {AssetKey("lineage"), videos_check}
+        assert requested == {AssetKey("lineage"), videos_check, *lineage_checks}
         result = evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
         assert result.total_requested == 0

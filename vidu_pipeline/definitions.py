@@ -2,7 +2,7 @@
 
 import os
 
-from dagster import Definitions
+from dagster import Definitions, in_process_executor
 
 from .defs.assets import ALL_ASSETS
 from .defs.checks import ALL_CHECKS
@@ -17,6 +17,9 @@ def build_definitions(pipeline: PipelineResource | None = None) -> Definitions:
         assets=ALL_ASSETS,
         asset_checks=ALL_CHECKS,
         jobs=ALL_JOBS,
+        # Steps are light and mostly sequential: one process per run, not one per step
+        # (a process start costs seconds on a small machine).
+        executor=in_process_executor,
         sensors=[vidu_task_sensor, vidu_automation_sensor],
         schedules=[generation_schedule],
         resources={

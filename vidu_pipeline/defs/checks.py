@@ -9,7 +9,7 @@ from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeve
 from .. import catalog as catalog_mod
 from ..ledger import FAILED, SUCCEEDED, UNKNOWN
 from .assets import lineage, reference_images, videos
-from .jobs import AFTER_VIDEOS_BATCH
+from .jobs import AFTER_VIDEOS_BATCH, WITH_ITS_ASSET
 from .partitions import REQUESTS_PARTITIONS_NAME
 from .resources import PipelineResource
 
@@ -29,7 +29,7 @@ def images_accepted(reference_images: catalog_mod.ValidatedImages) -> AssetCheck
     return AssetCheckResult(passed=not rejected, severity=AssetCheckSeverity.WARN, metadata=metadata)
 
 
-@asset_check(asset=lineage, description="Every stored video has exactly one lineage row and one file, and every file a row.")
+@asset_check(asset=lineage, automation_condition=WITH_ITS_ASSET, description="Every stored video has exactly one lineage row and one file, and every file a row.")
 def lineage_complete(pipeline: PipelineResource) -> AssetCheckResult:
     table = pipeline.lineage().read()
     with_video = [r for r in pipeline.ledger().rows(states=[SUCCEEDED]) if r.video_sha256]
@@ -59,7 +59,7 @@ def lineage_complete(pipeline: PipelineResource) -> AssetCheckResult:
     )
 
 
-@asset_check(asset=lineage, description="Stored videos match their requests (size, 5 s, audio iff bgm) and none failed verification for good.")
+@asset_check(asset=lineage, automation_condition=WITH_ITS_ASSET, description="Stored videos match their requests (size, 5 s, audio iff bgm) and none failed verification for good.")
 def videos_match_requests(pipeline: PipelineResource) -> AssetCheckResult:
     problems: list[str] = []
     for row in pipeline.ledger().rows(states=[SUCCEEDED]):
@@ -74,7 +74,7 @@ def videos_match_requests(pipeline: PipelineResource) -> AssetCheckResult:
     )
 
 
-@asset_check(asset=lineage, description="Lists requests whose outcome is unknown (a paid task may exist); they are never resubmitted automatically.")
+@asset_check(asset=lineage, automation_condition=WITH_ITS_ASSET, description="Lists requests whose outcome is unknown (a paid task may exist); they are never resubmitted automatically.")
 def no_unknown_tasks(pipeline: PipelineResource) -> AssetCheckResult:
     unknown = pipeline.ledger().rows(states=[UNKNOWN])
     return AssetCheckResult(

@@ -73,6 +73,11 @@ LINEAGE_AFTER_VIDEOS = (AFTER_VIDEOS_BATCH & ~AutomationCondition.in_progress())
     "after each videos batch, not while running"
 )
 
+# The lineage checks run in the same run as the lineage materialization the sensor asks for.
+WITH_ITS_ASSET = AutomationCondition.any_deps_match(AutomationCondition.will_be_requested()).with_label(
+    "with its asset"
+)
+
 vidu_automation_sensor = AutomationConditionSensorDefinition(
     "vidu_automation_sensor",
     target=AssetSelection.assets("lineage") | AssetSelection.checks_for_assets("videos"),
