@@ -28,9 +28,9 @@ def test_definitions_hold_the_data_flow():
 
 def test_the_key_is_an_env_var_reference_not_a_value(monkeypatch):
     monkeypatch.setenv("VIDU_API_KEY", "sk-should-not-appear")
-    from vidu_pipeline.defs.resources import vidu_resource_from_env
-
     from dagster import EnvVar
+
+    from vidu_pipeline.defs.resources import vidu_resource_from_env
 
     resource = vidu_resource_from_env()
     assert isinstance(resource.api_key, EnvVar) and resource.api_key.env_var_name == "VIDU_API_KEY"

@@ -136,7 +136,7 @@ def test_videos_check_lists_what_is_missing_and_passes_when_all_are_verified(gen
 
 
 def test_lineage_shows_row_count_schema_and_relative_path(generated):
-    instance, resources, pipeline, keys, _ = generated
+    instance, resources, _, keys, _ = generated
     result = run(instance, resources, ["lineage"])
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"lineage_complete": True, "videos_match_requests": True, "no_unknown_tasks": True}

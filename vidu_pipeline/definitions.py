@@ -6,8 +6,8 @@ from dagster import Definitions, in_process_executor
 
 from .defs.assets import ALL_ASSETS
 from .defs.checks import ALL_CHECKS
-from .defs.resources import PipelineResource, vidu_resource_from_env
 from .defs.jobs import ALL_JOBS, vidu_automation_sensor
+from .defs.resources import PipelineResource, vidu_resource_from_env
 from .defs.schedules import generation_schedule
 from .defs.sensors import vidu_task_sensor
 

@@ -221,7 +221,7 @@ def jpeg_data_uri(image: Image.Image, width: int = 320, quality: int = 75) -> st
     Dagster UI shows it in Markdown metadata without serving any file."""
     small = image.convert("RGB")
     if small.width > width:
-        small = small.resize((width, max(1, round(small.height * width / small.width))), Image.LANCZOS)
+        small = small.resize((width, max(1, round(small.height * width / small.width))), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     small.save(buf, format="JPEG", quality=quality, optimize=True)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

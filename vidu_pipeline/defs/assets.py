@@ -287,6 +287,7 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
             continue
         collected.append(key)
         stored = ledger.get(key)
+        assert stored is not None and stored.video_sha256, f"{key}: collected but not in the ledger"
         yield AssetMaterialization(
             asset_key=context.asset_key,
             partition=key,
