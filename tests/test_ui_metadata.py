@@ -116,6 +116,9 @@ def test_each_video_partition_shows_its_clip_request_and_timings(generated):
         assert len(references) == len(spec.image_sha256s) >= 1
         assert all(image.width <= 96 and size < 10_000 for image, size in references)
         assert str(pipeline.root) not in json.dumps({k: str(v.value) for k, v in meta.items()})
+    # each reference image is shrunk once, not once per video
+    assert len(list((pipeline.root / "thumbnails" / "references").glob("*-96.jpg"))) == len(
+        {sha for key in keys for sha in RequestSpec.from_json(ledger.get(key).spec_json).image_sha256s})
 
 
 def test_videos_check_lists_what_is_missing_and_passes_when_all_are_verified(generated):

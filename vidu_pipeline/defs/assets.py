@@ -8,6 +8,7 @@ partition still gets its own materialization with its own metadata.
 
 
 import dataclasses
+import os
 
 import pandas as pd
 from dagster import (
@@ -407,23 +408,36 @@ def _video_metadata(pipeline: PipelineResource, row, video: collect.CollectedVid
 
 
 def _reference_markdown(pipeline: PipelineResource, spec) -> str:
-    """The reference images sent, as small inline JPEGs with their hashes."""
+    """The reference images sent, as small inline JPEGs."""
+    cells = []
+    for sha in spec.image_sha256s:
+        try:
+            cells.append(f"![{sha[:12]}]({_reference_thumbnail_uri(pipeline, sha)})")
+        except (KeyError, OSError) as exc:
+            cells.append(f"`{sha[:12]}…` ({exc})")
+    return " ".join(cells) or "_none_"
+
+
+def _reference_thumbnail_uri(pipeline: PipelineResource, sha: str) -> str:
+    """A reference image's small JPEG as a data URI, made once per image and kept under
+    <data_dir>/thumbnails/references/ (a subject's images recur in every one of its videos)."""
+    import base64
     import io
 
     from PIL import Image
 
     from ..video import jpeg_data_uri
 
-    cache = pipeline.image_cache()
-    cells = []
-    for sha in spec.image_sha256s:
-        try:
-            with Image.open(io.BytesIO(cache.get_bytes(sha))) as im:
-                uri = jpeg_data_uri(im, width=REFERENCE_THUMBNAIL_WIDTH, quality=70)
-            cells.append(f"![{sha[:12]}]({uri})")
-        except (KeyError, OSError) as exc:
-            cells.append(f"`{sha[:12]}…` ({exc})")
-    return " ".join(cells) or "_none_"
+    path = pipeline.root / "thumbnails" / "references" / f"{sha[:16]}-{REFERENCE_THUMBNAIL_WIDTH}.jpg"
+    if not path.exists():
+        with Image.open(io.BytesIO(pipeline.image_cache().get_bytes(sha))) as im:
+            uri = jpeg_data_uri(im, width=REFERENCE_THUMBNAIL_WIDTH, quality=70)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(base64.b64decode(uri.split(",", 1)[1]))
+        tmp.replace(path)  # readers never see half a file
+        return uri
+    return "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def _lineage_table_schema() -> TableSchema:
