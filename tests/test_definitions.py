@@ -137,3 +137,17 @@ def test_the_automation_sensor_refreshes_lineage_and_the_videos_check_after_a_ba
         assert requested == {AssetKey("lineage"), videos_check, *lineage_checks}
         result = evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
         assert result.total_requested == 0
+
+
+def test_scheduled_plan_runs_say_which_catalog_and_seeds(tmp_path):
+    from dagster import build_schedule_context
+
+    from vidu_pipeline.defs.resources import PipelineResource
+    from vidu_pipeline.defs.schedules import generation_schedule
+
+    pipeline = PipelineResource(data_dir=str(tmp_path), seeds=[3, 4])
+    [request] = generation_schedule.evaluate_tick(
+        build_schedule_context(resources={"pipeline": pipeline})).run_requests
+    assert request.tags["vidu/catalog"] == str(tmp_path.resolve() / "catalog")
+    assert request.tags["vidu/seeds"] == "3,4"
+    assert generation_schedule.job_name == "vidu_plan_job"
