@@ -184,13 +184,14 @@ def test_reproduce_matches_on_the_simulator(work, sim):
     assert cli(work, sim, *generate_args(work, "--seeds", "7")).returncode == 0
     table = LineageStore(work / "data" / "lineage").read()
     request_id = table["request_id"].iloc[0]
-    result = cli(work, sim, "reproduce", request_id, "--data-dir", str(work / "data"))
+    result = cli(work, sim, "reproduce", request_id, "--yes", "--data-dir", str(work / "data"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "MATCH" in result.stdout
     assert sim.stats()["submits"]["accepted"] == 6  # 5 requests + 1 reproduction
+    assert (work / "data" / "reproductions" / f"{request_id}-r1.mp4").exists()
 
-    missing = cli(work, sim, "reproduce", "no-such-request", "--data-dir", str(work / "data"))
-    assert missing.returncode == 2 and "no lineage row for request 'no-such-request'" in missing.stderr
+    missing = cli(work, sim, "reproduce", "no-such-request", "--yes", "--data-dir", str(work / "data"))
+    assert missing.returncode == 2 and "no request 'no-such-request' in the ledger" in missing.stderr
 
 
 def test_without_a_key_the_embedded_simulator_is_used(work):
