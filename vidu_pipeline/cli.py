@@ -219,9 +219,11 @@ def disk_message(exc: BaseException) -> str:
     for e in _chain(exc):
         if isinstance(e, errors.StorageError):
             return str(e)
-        if isinstance(e, OSError) and e.filename:
-            return f"no space left for {e.filename} ({e.strerror})"
-    return "no space left on the device of the data folder or the ledger (database or disk is full)"
+        if isinstance(e, OSError):
+            return f"the disk is full: {e.strerror}" + (f" ({e.filename})" if e.filename else "")
+        if type(e).__name__ == "OperationalError":
+            return f"the disk is full: the ledger could not be written ({getattr(e, 'orig', e)})"
+    return f"the disk is full ({exc})"
 
 
 def _chain(exc: BaseException | None):

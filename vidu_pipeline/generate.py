@@ -219,12 +219,12 @@ def raise_for_run(result) -> None:
         return
     for event in result.all_events:
         if event.is_step_failure:
-            stop = stopping_error(event.step_failure_data.error)
+            stop = stopping_error(event.step_key, event.step_failure_data.error)
             if stop:
                 raise stop
 
 
-def stopping_error(error) -> Exception | None:
+def stopping_error(step: str, error) -> Exception | None:
     """The CLI-level exception for a failed step's serialized error chain, or None."""
     for err in _error_chain(error):
         text = _error_text(err)
@@ -235,9 +235,10 @@ def stopping_error(error) -> Exception | None:
         if err.cls_name == "StorageError":
             return errors.StorageError(text)
         if err.cls_name == "OperationalError" and "disk is full" in text:
-            return errors.StorageError(f"the ledger could not be written: {text}")
+            return errors.StorageError(f"the disk is full: step {step} could not write the ledger "
+                                       "(database or disk is full)")
         if f"[Errno {errno.ENOSPC}]" in text or f"[Errno {errno.EDQUOT}]" in text:
-            return errors.StorageError(text)
+            return errors.StorageError(f"the disk is full: step {step}: {text}")
     return None
 
 
@@ -550,9 +551,10 @@ def reproduce(args) -> int:
     tasks.recover_abandoned(ledger)
     client, endpoint = vidu_resource_from_env().client(pipeline.simulator_state_dir)
     with client:
-        row = reproduction_row(ledger, original)
-        if row.state == PLANNED:
+        row, number = open_reproduction(ledger, original)
+        if row is None or row.state == PLANNED:
             confirm_paid_submit(args, endpoint, original.request_id)
+            row = row or plan_reproduction(ledger, original, number)
             code = submit_reproduction(pipeline, ledger, client, row.request_id)
             if code is not None:
                 return code
@@ -583,15 +585,20 @@ def reproduce(args) -> int:
     return EXIT_OK if same else EXIT_FAILED
 
 
-def reproduction_row(ledger, original):
-    """The reproduction to work on: the latest one if it is still open (planned, in flight, or
-    succeeded without its video), else a new planned row with the next number."""
+def open_reproduction(ledger, original):
+    """The latest reproduction if it is still open (planned, in flight, or succeeded without
+    its video), else None; and the number a new one would take."""
     n, latest = 1, None
     while (row := ledger.get(f"{original.request_id}-r{n}")) is not None:
         latest, n = row, n + 1
     if latest is not None and (latest.state in (PLANNED, SUBMITTING, SUBMITTED)
                                or (latest.state == SUCCEEDED and not latest.video_sha256)):
-        return latest
+        return latest, n
+    return None, n
+
+
+def plan_reproduction(ledger, original, n: int):
+    """A planned ledger row ``<request_id>-r<n>``: the original's spec with its effective seed."""
     spec = plan.RequestSpec.from_json(original.spec_json)
     seed = original.effective_seed if original.effective_seed is not None else spec.seed
     spec = dataclasses.replace(spec, request_id=f"{original.request_id}-r{n}", seed=seed)
