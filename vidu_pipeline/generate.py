@@ -478,8 +478,9 @@ def summarize(pipeline: PipelineResource, rows, rejected, sheet: Path | None, *,
     for row in rows:
         if row is None:
             continue
-        problems = video_problems(row) if row.video_sha256 else []
-        key = ("mismatched" if problems else "succeeded") if row.state == SUCCEEDED and row.video_sha256 else row.state
+        stored = row.state == SUCCEEDED and row.video_sha256
+        problems = video_problems(row) if stored else []
+        key = ("mismatched" if problems else "succeeded") if stored else row.state
         by_state[key] = by_state.get(key, 0) + 1
         if problems:
             failed.append(f"  {row.request_id}: mismatched: video does not match its request: {'; '.join(problems)}")
@@ -493,7 +494,7 @@ def summarize(pipeline: PipelineResource, rows, rejected, sheet: Path | None, *,
     if sheet:
         print(f"  contact sheet: {sheet}")
     if failed:
-        print("not finished:")
+        print("not succeeded:")
         print("\n".join(failed[:50]))
     planned = by_state.get(PLANNED, 0)
     if planned:
