@@ -25,6 +25,7 @@ import pytest
 
 from tests.test_cli import SAMPLE, SimProcess, cli_env, generate_args
 from vidu_pipeline import contract
+from vidu_pipeline import errors as errors_mod
 from vidu_pipeline.ledger import Ledger
 
 pytestmark = pytest.mark.timeout(240)
@@ -326,3 +327,58 @@ def test_reproduce_honours_the_spend_caps(data, tmp_path, cap):
     assert fake.requests == 0
     row = ledger_of(data).get(f"{rid}-r1")
     assert row.state == "planned" and row.attempts == 0
+
+
+@pytest.mark.parametrize("answer,submitted", [("n", 0), ("y", 1)])
+def test_reproduce_asks_on_a_terminal(data, tmp_path, answer, submitted):
+    import os
+
+    fake = FakeVidu(video=tiny_mp4(tmp_path / "clip.mp4"))
+    rid = first_request(data)
+    master, slave = os.openpty()
+    try:
+        os.write(master, f"{answer}\n".encode())
+        result = subprocess.run([sys.executable, "-m", "vidu_pipeline.cli", "reproduce", rid, "--data-dir", str(data)],
+                                cwd=tmp_path, env=fake_env(tmp_path, fake), stdin=slave, capture_output=True,
+                                text=True, timeout=120)
+    finally:
+        os.close(slave)
+        os.close(master)
+        fake.stop()
+    assert f"Submit 1 paid task to reproduce {rid}? [y/N]" in result.stdout
+    assert fake.accepted == submitted
+    if not submitted:
+        assert_one_clean_error(result, 2, "not confirmed", "nothing was submitted")
+        assert ledger_of(data).get(f"{rid}-r1") is None
+    else:
+        assert ledger_of(data).get(f"{rid}-r1").task_id
+
+
+# --- which run failures stop generate (Dagster's serialized errors, via materialize) ------------
+
+
+@pytest.mark.parametrize("raised,expected,words", [
+    (lambda: errors_mod.AuthError("invalid api key", status=401), "AuthError", "HTTP 401: invalid api key"),
+    (lambda: errors_mod.StorageError("task t-1 kept in recovery.jsonl"), "StorageError", "kept in recovery.jsonl"),
+    (lambda: errors_mod.ConfigurationError("VIDU_API_KEY has a bad character"), "ConfigurationError", "VIDU_API_KEY"),
+    (lambda: OSError(28, "No space left on device"), "StorageError", "step boom: [Errno 28] No space left"),
+    (lambda: ValueError("an ordinary step failure"), None, None),
+])
+def test_run_failures_that_stop_generate(tmp_path, raised, expected, words):
+    from dagster import DagsterInstance, asset, materialize
+
+    from vidu_pipeline.generate import raise_for_run
+
+    @asset
+    def boom():
+        raise raised()
+
+    with DagsterInstance.local_temp(str(tmp_path)) as instance:
+        result = materialize([boom], instance=instance, raise_on_error=False)
+    assert not result.success
+    if expected is None:
+        raise_for_run(result)  # left to the ledger: no exception
+        return
+    with pytest.raises(getattr(errors_mod, expected)) as caught:
+        raise_for_run(result)
+    assert words in str(caught.value)

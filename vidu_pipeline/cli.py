@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CAPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CAPPED = 0, 1, 2, 3  # a signal: 128 + its number (130, 143)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 DAGSTER_YAML = """\
