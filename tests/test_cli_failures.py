@@ -281,7 +281,7 @@ def all_files(root: Path) -> set[Path]:
 
 
 def test_reproduce_never_uses_the_task_id_as_a_path(data, tmp_path):
-    fake = FakeVidu(task_id="../../../escaped", video=tiny_mp4(tmp_path / "clip.mp4"))
+    fake = FakeVidu(task_id="../../../../escaped", video=tiny_mp4(tmp_path / "clip.mp4"))
     outside_before = all_files(tmp_path) - all_files(data)
     rid = first_request(data)
     try:
@@ -294,9 +294,9 @@ def test_reproduce_never_uses_the_task_id_as_a_path(data, tmp_path):
     assert sorted(p.name for p in (data / "reproductions").iterdir()) == [f"{rid}-r1.mp4"]
     ledger = ledger_of(data)
     row = ledger.get(f"{rid}-r1")
-    assert row.task_id == "../../../escaped" and row.video_path == str(data / "reproductions" / f"{rid}-r1.mp4")
+    assert row.task_id == "../../../../escaped" and row.video_path == str(data / "reproductions" / f"{rid}-r1.mp4")
     [attempt] = ledger.attempts_for(f"{rid}-r1")
-    assert attempt.task_id == "../../../escaped" and attempt.outcome == "submitted"
+    assert attempt.task_id == "../../../../escaped" and attempt.outcome == "submitted"
     assert fake.accepted == 1
 
 
