@@ -362,6 +362,7 @@ def test_reproduce_asks_on_a_terminal(data, tmp_path, answer, submitted):
     (lambda: errors_mod.StorageError("task t-1 kept in recovery.jsonl"), "StorageError", "kept in recovery.jsonl"),
     (lambda: errors_mod.ConfigurationError("VIDU_API_KEY has a bad character"), "ConfigurationError", "VIDU_API_KEY"),
     (lambda: OSError(28, "No space left on device"), "StorageError", "step boom: [Errno 28] No space left"),
+    (lambda: sqlite_full(), "StorageError", "step boom could not write the ledger (database or disk is full)"),
     (lambda: ValueError("an ordinary step failure"), None, None),
 ])
 def test_run_failures_that_stop_generate(tmp_path, raised, expected, words):
@@ -382,3 +383,31 @@ def test_run_failures_that_stop_generate(tmp_path, raised, expected, words):
     with pytest.raises(getattr(errors_mod, expected)) as caught:
         raise_for_run(result)
     assert words in str(caught.value)
+
+
+def sqlite_full():
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    return OperationalError("INSERT INTO requests …", {}, sqlite3.OperationalError("database or disk is full"))
+
+
+def test_a_full_sqlite_database_reads_as_a_full_disk(tmp_path):
+    """The real error SQLite gives when it cannot grow the file, as the CLI's main sees it."""
+    import sqlalchemy as sa
+
+    from vidu_pipeline.cli import disk_full, disk_message
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'full.sqlite'}")
+
+    @sa.event.listens_for(engine, "connect")
+    def _tiny(dbapi_connection, _record):
+        dbapi_connection.execute("PRAGMA max_page_count=8")
+
+    with pytest.raises(sa.exc.OperationalError) as caught, engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x BLOB)")
+        conn.exec_driver_sql("INSERT INTO t VALUES (zeroblob(100000))")
+    assert disk_full(caught.value)
+    assert disk_message(caught.value) == "the disk is full: the ledger could not be written (database or disk is full)"
+    assert not disk_full(ValueError("database or disk is full"))
