@@ -51,8 +51,10 @@ class FakeVidu:
     """A loopback Vidu answering ``submit_status``/``poll_status`` (401 …) or, with 200, a task
     id (``task_id`` or a fresh uuid) and a task that has SUCCEEDED with ``video`` as its clip."""
 
-    def __init__(self, *, submit_status=200, poll_status=200, task_id: str | None = None, video: bytes = b""):
+    def __init__(self, *, submit_status=200, poll_status=200, task_id: str | None = None, video: bytes = b"",
+                 status: str = "TASK_STATUS_SUCCEED"):
         self.submit_status, self.poll_status, self.task_id, self.video = submit_status, poll_status, task_id, video
+        self.status = status  # what every task reports; a test may change it
         self.accepted = 0
         self.requests = 0
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -91,12 +93,13 @@ class FakeVidu:
                 if fake.poll_status != 200:
                     return self.refuse(fake.poll_status)
                 task_id = parse_qs(url.query)["task_id"][0]
+                done = fake.status == "TASK_STATUS_SUCCEED"
                 self.send_json(200, {
-                    "task": {"task_id": task_id, "task_type": contract.TASK_TYPE, "status": "TASK_STATUS_SUCCEED",
-                             "reason": "", "eta": 0, "progress_percent": 100},
+                    "task": {"task_id": task_id, "task_type": contract.TASK_TYPE, "status": fake.status,
+                             "reason": "", "eta": 0 if done else 2, "progress_percent": 100 if done else 50},
                     "extra": {"seed": "7", "debug_info": {}},
                     "videos": [{"video_url": f"{fake.base_url}/video.mp4", "video_url_ttl": "3600",
-                                "video_type": "mp4"}],
+                                "video_type": "mp4"}] if done else [],
                     "images": [], "audios": [],
                 })
 
@@ -327,6 +330,38 @@ def test_reproduce_honours_the_spend_caps(data, tmp_path, cap):
     assert fake.requests == 0
     row = ledger_of(data).get(f"{rid}-r1")
     assert row.state == "planned" and row.attempts == 0
+
+
+def test_an_interrupted_reproduction_is_resumed_not_paid_again(data, tmp_path):
+    import signal
+    import time
+
+    fake = FakeVidu(video=tiny_mp4(tmp_path / "clip.mp4"), status="TASK_STATUS_PROCESSING")
+    rid = first_request(data)
+    env = fake_env(tmp_path, fake)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vidu_pipeline.cli", "reproduce", rid, "--yes", "--data-dir", str(data)],
+            cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            row = ledger_of(data).get(f"{rid}-r1")
+            if row is not None and row.task_id:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 143, out + err
+        assert ledger_of(data).get(f"{rid}-r1").state == "submitted"
+
+        fake.status = "TASK_STATUS_SUCCEED"
+        again = run(tmp_path, env, "reproduce", rid, "--data-dir", str(data))  # nothing to confirm: no payment
+    finally:
+        fake.stop()
+    assert f"resuming {rid}-r1" in again.stderr, again.stdout + again.stderr
+    assert again.returncode == 1 and "DIFFERENT" in again.stdout, again.stdout + again.stderr
+    assert fake.accepted == 1
+    assert ledger_of(data).get(f"{rid}-r1").video_sha256
 
 
 @pytest.mark.parametrize("answer,submitted", [("n", 0), ("y", 1)])
