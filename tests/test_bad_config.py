@@ -59,6 +59,13 @@ FLAG_CASES = [
     (["--seeds", "1-x"], ["--seeds", "'1-x' is not an integer or a range a-b"]),
     (["--seeds", ","], ["--seeds", "no seed given"]),
     (["--seeds", "one"], ["--seeds", "'one' is not an integer"]),
+    # Capped before a range is expanded: a billion seeds fails at once, not after filling memory.
+    (["--seeds", "1-1000000000"], ["--seeds", "more than 10,000 seeds", "'1-1000000000'"]),
+    (["--seeds", "1-9000,9001-12000"], ["--seeds", "more than 10,000 seeds", "'9001-12000'"]),
+    (["--seeds", "2147483648"], ["--seeds", "seed 2147483648 is outside 0..2147483647"]),
+    (["--seeds=-5"], ["--seeds", "seed -5 is outside 0..2147483647"]),
+    (["--seeds", "5-3"], ["--seeds", "range '5-3' ends before it starts"]),
+    (["--seeds", "1-3,7,2"], ["--seeds", "seed 2 is given more than once"]),
     (["--price-per-task", "cheap"], ["argument --price-per-task", "invalid float value"]),
 ]
 

@@ -9,11 +9,14 @@ until every request of the catalog has reached an end.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import signal
 import sys
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CAPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CAPPED = 0, 1, 2, 3  # a signal: 128 + its number (130, 143)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 DAGSTER_YAML = """\
 # Written by vidu-pipeline. Pools cap how many API-calling steps run at once across runs.
@@ -26,20 +29,45 @@ telemetry:
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``1,2,5`` or ``1-10`` or a mix: ``1-3,7``."""
+    """``1,2,5`` or ``1-10`` or a mix: ``1-3,7``. Each seed within the pipeline's seed range,
+    at most ``MAX_SWEEP_SEEDS`` in all (counted before a range is expanded), none twice."""
+    from .contract import MAX_SWEEP_SEEDS
+
     seeds: list[int] = []
     for part in text.split(","):
         part = part.strip()
         if not part:
             continue
-        lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
-        try:
-            seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(part)]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--seeds: {part!r} is not an integer or a range a-b") from None
+        lo, hi = _seed_range(part)
+        if len(seeds) + (hi - lo + 1) > MAX_SWEEP_SEEDS:
+            raise argparse.ArgumentTypeError(
+                f"--seeds: more than {MAX_SWEEP_SEEDS:,} seeds (at {part!r}); split the sweep into several runs")
+        seeds += range(lo, hi + 1)
     if not seeds:
         raise argparse.ArgumentTypeError("--seeds: no seed given")
-    return list(dict.fromkeys(seeds))
+    seen: set[int] = set()
+    for seed in seeds:
+        if seed in seen:
+            raise argparse.ArgumentTypeError(f"--seeds: seed {seed} is given more than once")
+        seen.add(seed)
+    return seeds
+
+
+def _seed_range(part: str) -> tuple[int, int]:
+    """``a-b`` or ``a`` as (first, last), both checked against the seed policy."""
+    from .contract import seed_problem
+
+    lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
+    try:
+        first, last = (int(lo), int(hi)) if sep else (int(part), int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds: {part!r} is not an integer or a range a-b") from None
+    for seed in (first, last):
+        if problem := seed_problem(seed):
+            raise argparse.ArgumentTypeError(f"--seeds: {problem}")
+    if last < first:
+        raise argparse.ArgumentTypeError(f"--seeds: range {part!r} ends before it starts")
+    return first, last
 
 
 def non_negative(text: str) -> int:
@@ -88,9 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir_arg(s)
     s.add_argument("--json", action="store_true")
 
-    r = sub.add_parser("reproduce", help="resubmit a finished request from its lineage row and compare the video")
+    r = sub.add_parser("reproduce", help="submit a finished request again (one paid task) and compare the video")
     data_dir_arg(r)
     r.add_argument("request_id")
+    r.add_argument("--yes", action="store_true", help="submit without asking (needed when stdin is not a terminal)")
+    r.add_argument("--max-tasks", type=non_negative, help="cap as for generate (env VIDU_MAX_TASKS_PER_RUN)")
+    r.add_argument("--max-tasks-per-day", type=non_negative, help="cap as for generate (env VIDU_MAX_TASKS_PER_DAY)")
     r.add_argument("--timeout", type=float, default=3600)
 
     from .simulator import cli as simulator_cli
@@ -107,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         from .simulator import cli as simulator_cli
 
         return simulator_cli.run(args)
+    install_stop_handlers()
     quiet_dagster()
+    from . import errors
     from .generate import CatalogProblem, generate, reproduce, status
 
     try:
@@ -116,13 +149,89 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return status(args)
         return reproduce(args)
-    except CatalogProblem as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
+    except (CatalogProblem, errors.ConfigurationError) as exc:
+        return fail(str(exc), EXIT_USAGE)
+    except errors.AuthError as exc:
+        return fail(f"the Vidu API refused the key ({exc}); check VIDU_API_KEY (and the account's credit); "
+                    "nothing more was submitted", EXIT_USAGE)
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        return fail(f"{disk_message(exc)}; free some space and run the same command again "
+                    "(what was recorded is kept)", EXIT_FAILED)
+    except KeyboardInterrupt as exc:
         print("\ninterrupted: the ledger is consistent; run the same command again to resume "
               "(nothing already submitted is paid for twice)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return 128 + getattr(exc, "signum", signal.SIGINT)
+
+
+def fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: stop taking new work, let the step in flight record its task ids."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_stopping: list[int] = []
+
+
+def install_stop_handlers() -> None:
+    """SIGTERM (Docker, Kubernetes, systemd, ``timeout``) stops like Ctrl-C; a second signal
+    forces the exit. SIGINT gets the handler even when inherited as ignored (``cmd &`` in a
+    script): Dagster copies SIGINT's disposition onto SIGTERM, so an ignored SIGINT would make
+    SIGTERM ignored too — and every child (Dagster's ``tail -F``) would ignore it as well."""
+
+    def handler(signum, _frame):
+        if _stopping:
+            print(f"\n{signal.Signals(signum).name} again: exiting now; the next run marks a submit "
+                  "cut short as unknown", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        _stopping.append(signum)
+        raise Interrupted(signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """A full disk (or quota) anywhere: our StorageError, an OSError, or SQLite's "full"."""
+    from . import errors
+
+    for e in _chain(exc):
+        if isinstance(e, errors.StorageError):
+            return True
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if type(e).__name__ == "OperationalError" and "disk is full" in str(e):
+            return True
+    return False
+
+
+def disk_message(exc: BaseException) -> str:
+    from . import errors
+
+    for e in _chain(exc):
+        if isinstance(e, errors.StorageError):
+            return str(e)
+        if isinstance(e, OSError):
+            return f"the disk is full: {e.strerror}" + (f" ({e.filename})" if e.filename else "")
+        if type(e).__name__ == "OperationalError":
+            return f"the disk is full: the ledger could not be written ({getattr(e, 'orig', e)})"
+    return f"the disk is full ({exc})"
+
+
+def _chain(exc: BaseException | None):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 def quiet_dagster() -> None:

@@ -7,6 +7,9 @@ Runs execute in this process (tens of milliseconds each instead of seconds of pr
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import dataclasses
+import errno
 import json
 import math
 import os
@@ -22,15 +25,17 @@ from dagster import (
     build_sensor_context,
     materialize,
 )
+from dagster._core.instance.ref import InstanceRef
 
 from . import catalog as catalog_mod
-from . import plan, tasks
+from . import collect, errors, plan, tasks
 from .cli import DAGSTER_YAML, EXIT_CAPPED, EXIT_FAILED, EXIT_OK
 from .defs.assets import ALL_ASSETS
 from .defs.checks import ALL_CHECKS
 from .defs.resources import SESSION_TAG, PipelineResource, vidu_resource_from_env
 from .defs.sensors import batch_run_requests, vidu_task_sensor
-from .ledger import FAILED, PLANNED, SUBMITTED, SUBMITTING, SUCCEEDED, UNKNOWN
+from .ledger import FAILED, PLANNED, SUBMITTED, SUBMITTING, SUCCEEDED, UNKNOWN, PlannedRequest
+from .video import VideoInvalid
 
 CATALOG_ASSETS = ["catalog", "reference_images", "rejections", "generation_requests"]
 
@@ -40,10 +45,14 @@ class CatalogProblem(Exception):
 
 
 def check_endpoint_settings() -> None:
-    """A key with a base URL that is not http(s) is a configuration error, said up front."""
+    """A key no HTTP header can carry, or a base URL that is not http(s), is a configuration
+    error said up front (:class:`errors.ConfigurationError`), before anything is recorded."""
     from . import runtime
+    from .client import check_api_key
 
-    if os.environ.get(runtime.ENV_KEY, "").strip():
+    key = os.environ.get(runtime.ENV_KEY, "").strip()
+    if key:
+        check_api_key(key)
         url = os.environ.get(runtime.ENV_BASE_URL, "").strip()
         if url and not url.startswith(("http://", "https://")):
             raise CatalogProblem(f"{runtime.ENV_BASE_URL} must start with http:// or https://, got {url[:80]!r}")
@@ -59,7 +68,19 @@ def dagster_instance() -> DagsterInstance:
     config = home / "dagster.yaml"
     if not config.exists():
         config.write_text(DAGSTER_YAML)
-    return DagsterInstance.get()
+    return DagsterInstance.from_ref(InstanceRef.from_dir(str(home), overrides=CLI_INSTANCE_OVERRIDES))
+
+
+# Runs executed by the CLI do not capture stdout/stderr (Dagster's documented way to turn
+# compute-log capture off). Capture redirects the whole process's fds 1 and 2 into a file and
+# mirrors it back through a ``tail -F`` child per stream: in this process that would swallow the
+# progress line the main thread prints, and each run would start 4 helper processes whose
+# shutdown waits up to 30 s on a tail that inherited an ignored SIGTERM. The event log (logs,
+# failures with their traces, materializations) still goes to the instance the UI shows; runs
+# that ``dagster dev`` launches keep the dagster.yaml setting.
+CLI_INSTANCE_OVERRIDES = {
+    "compute_logs": {"module": "dagster._core.storage.noop_compute_log_manager", "class": "NoOpComputeLogManager"},
+}
 
 
 def pipeline_from_args(args) -> PipelineResource:
@@ -96,7 +117,13 @@ def reap_dead_runs(instance: DagsterInstance) -> list[str]:
 
 
 class Driver:
-    """Executes asset runs in-process with one set of resources and one session tag."""
+    """Executes asset runs and sensor ticks in-process with one set of resources and one
+    session tag.
+
+    Every Dagster call runs on a worker thread, never on the main thread: Dagster swaps the
+    SIGINT/SIGTERM handlers around user code only on the main thread, which would replace the
+    CLI's stop handlers. The main thread only waits, so a signal reaches it at once.
+    """
 
     def __init__(self, instance: DagsterInstance, pipeline: PipelineResource):
         self.instance = instance
@@ -106,23 +133,25 @@ class Driver:
         self.resources = {"pipeline": pipeline, "vidu": self.vidu}
         reap_dead_runs(instance)
         self.done_run_keys: set[str] = set()
-        # Runs execute on a worker thread: Dagster captures SIGINT only on the main thread,
-        # so Ctrl-C reaches us, and the step in flight still finishes and records its work.
         self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dagster-run")
-        self.pending: list = []
+        self._ticker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sensor-tick")
+        self.pending: list[cf.Future] = []
+        tasks.STOP.clear()
 
-    def run(self, selection: list[str], *, tags=None, run_config=None, raise_on_error=True):
-        future = self._runner.submit(self._materialize, selection, tags, run_config, raise_on_error)
+    def run(self, selection: list[str], *, tags=None, run_config=None):
+        """One run, waited for; a failure that must stop ``generate`` is raised (see raise_for_run)."""
+        future = self._runner.submit(self._materialize, selection, tags, run_config)
         self.pending.append(future)
-        try:
-            return future.result()
-        except KeyboardInterrupt:
-            self.stop()
-            raise
+        result = future.result()
+        self.pending.remove(future)
+        raise_for_run(result)
+        return result
 
-    def _materialize(self, selection, tags, run_config, raise_on_error):
-        # Dagster's console logger would print every event; the progress line says enough.
-        run_config = {**(run_config or {}), "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    def _materialize(self, selection, tags, run_config):
+        # Dagster's console logger would print every event, and a failed step's whole trace:
+        # on the command line the progress line, the summary and one error line say what
+        # matters; the details stay in the run's event log for the UI.
+        run_config = {**(run_config or {}), "loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
         return materialize(
             [*ALL_ASSETS, *ALL_CHECKS],
             selection=[AssetKey(k) for k in selection],
@@ -130,7 +159,7 @@ class Driver:
             resources=self.resources,
             tags={SESSION_TAG: self.session, OWNER_TAG: tasks.owner_id(), **(tags or {})},
             run_config=run_config,
-            raise_on_error=raise_on_error,
+            raise_on_error=False,
         )
 
     def run_request(self, request) -> bool:
@@ -141,31 +170,90 @@ class Driver:
         self.done_run_keys.add(request.run_key)
         self.pending.append(self._runner.submit(
             self._materialize, [k.to_user_string() for k in request.asset_selection],
-            dict(request.tags), request.run_config, False,
+            dict(request.tags), request.run_config,
         ))
         return True
 
-    def drain(self) -> None:
-        """Wait for every queued run; on Ctrl-C, stop new work and let the step in flight finish."""
-        try:
-            for future in self.pending:
-                future.result()
-        except KeyboardInterrupt:
-            self.stop()
-            raise
-        self.pending.clear()
+    def check_finished(self) -> bool:
+        """Forget the runs that ended, raising the first failure that must stop ``generate``.
+        True when no run is left."""
+        for future in [f for f in self.pending if f.done()]:
+            self.pending.remove(future)
+            raise_for_run(future.result())
+        return not self.pending
 
-    def stop(self) -> None:
-        tasks.STOP.set()
-        print("\nstopping: letting the step in flight record its work (Ctrl-C again to force)…",
-              file=sys.stderr, flush=True)
-        for future in self.pending:
-            future.result()
+    def drain(self) -> None:
+        """Wait for every queued run."""
+        while self.pending:
+            cf.wait(self.pending, return_when=cf.FIRST_COMPLETED)
+            self.check_finished()
 
     def tick(self) -> int:
-        context = build_sensor_context(instance=self.instance, resources=self.resources)
-        result = vidu_task_sensor(context)
+        """Evaluate the task sensor once (on the ticker thread) and queue the runs it asks for."""
+        result = self._ticker.submit(self._evaluate_sensor).result()
         return sum(self.run_request(r) for r in (result.run_requests or []))
+
+    def _evaluate_sensor(self):
+        context = build_sensor_context(instance=self.instance, resources=self.resources)
+        return vidu_task_sensor(context)
+
+    def close(self, *, interrupted: bool) -> None:
+        """Stop taking new work: queued runs are dropped, the step (and tick) in flight finish
+        and record what they submitted."""
+        if interrupted:
+            print("\nstopping: letting the step in flight record its work (a second signal forces the exit)…",
+                  file=sys.stderr, flush=True)
+        if interrupted or self.pending:
+            tasks.STOP.set()
+        for future in self.pending:
+            future.cancel()
+        self._runner.shutdown(wait=True, cancel_futures=True)
+        self._ticker.shutdown(wait=True, cancel_futures=True)
+
+
+def raise_for_run(result) -> None:
+    """Re-raise, as the CLI's one-line error, a run failure that must stop ``generate``: the
+    API refused the key, settings that cannot work, or a full disk. Other step failures are
+    left to the ledger (they end as failed or are retried)."""
+    if result.success:
+        return
+    for event in result.all_events:
+        if event.is_step_failure:
+            stop = stopping_error(event.step_key, event.step_failure_data.error)
+            if stop:
+                raise stop
+
+
+def stopping_error(step: str, error) -> Exception | None:
+    """The CLI-level exception for a failed step's serialized error chain, or None."""
+    for err in _error_chain(error):
+        text = _error_text(err)
+        if err.cls_name == "AuthError":
+            return errors.AuthError(text)
+        if err.cls_name == "ConfigurationError":
+            return errors.ConfigurationError(text)
+        if err.cls_name == "StorageError":
+            return errors.StorageError(text)
+        if err.cls_name == "OperationalError" and "disk is full" in text:
+            return errors.StorageError(f"the disk is full: step {step} could not write the ledger "
+                                       "(database or disk is full)")
+        if f"[Errno {errno.ENOSPC}]" in text or f"[Errno {errno.EDQUOT}]" in text:
+            return errors.StorageError(f"the disk is full: step {step}: {text}")
+    return None
+
+
+def _error_chain(error):
+    while error is not None:
+        yield error
+        yield from _error_chain(error.context)
+        error = error.cause
+
+
+def _error_text(err) -> str:
+    """A serialized error's own words, without the ``module.Class:`` prefix."""
+    message = err.message.strip()
+    head, sep, rest = message.partition(": ")
+    return rest.strip() if sep and head.rsplit(".", 1)[-1] == err.cls_name else message
 
 
 def generate(args) -> int:
@@ -178,20 +266,64 @@ def generate(args) -> int:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
         raise CatalogProblem(f"data folder {pipeline.root} is not writable: {exc.strerror}") from None
     check_endpoint_settings()
-    instance = dagster_instance()
-    driver = Driver(instance, pipeline)
-    progress = Progress()
+    driver = Driver(dagster_instance(), pipeline)
+    try:
+        return dry_run(driver, args) if args.dry_run else run_to_end(driver, args)
+    except KeyboardInterrupt:
+        driver.close(interrupted=True)
+        raise
+    finally:
+        driver.close(interrupted=False)
 
-    if args.dry_run:
-        return dry_run(driver, args)
 
-    result = driver.run(CATALOG_ASSETS, raise_on_error=False)
+def run_to_end(driver: Driver, args) -> int:
+    """Plan, submit, then tick the sensor until every request of the catalog has ended."""
+    pipeline, progress = driver.pipeline, Progress()
+    ids, rejected = plan_requests(driver)
+    context = build_sensor_context(instance=driver.instance)
+    for start in range(0, len(ids), 2000):
+        chunk = ids[start:start + 2000]
+        for request in batch_run_requests(context, "video_tasks", chunk, f"session:{driver.session}:{start}"):
+            driver.run(["video_tasks"], tags=dict(request.tags), run_config=request.run_config)
+
+    ledger = pipeline.ledger()
+    # Tasks that succeeded before an earlier run was killed still lack their video: the sensor
+    # only collects fresh successes (or stuck ones after minutes), so collect them now.
+    wanted = set(ids)
+    orphans = [r.request_id for r in ledger.needing_video(max_video_attempts=pipeline.video_attempts)
+               if r.request_id in wanted]
+    for request in batch_run_requests(context, "videos", orphans, f"session:{driver.session}:videos"):
+        driver.run(["videos"], tags=dict(request.tags), run_config=request.run_config)
+
+    deadline = time.monotonic() + args.timeout
+    while True:
+        driver.tick()
+        idle = driver.check_finished()
+        rows = _rows(ledger, ids)
+        state = session_state(rows, pipeline, ledger, driver.session)
+        progress.show(state)
+        if (state["open"] == 0 and idle) or time.monotonic() > deadline:
+            break
+        time.sleep(next_wake(rows))
+    driver.drain()
+    progress.done()
+    driver.run(["lineage"])
+    rows = _rows(ledger, ids)
+    sheet = None if args.no_contact_sheet else write_contact_sheet(pipeline, rows)
+    return summarize(pipeline, rows, rejected, sheet, timed_out=time.monotonic() > deadline)
+
+
+def plan_requests(driver: Driver) -> tuple[list[str], object]:
+    """Run the catalog assets: the request ids to generate, and the rejected inputs."""
+    pipeline = driver.pipeline
+    result = driver.run(CATALOG_ASSETS)
     if not result.success:
         raise CatalogProblem(_first_failure(result))
-    requests = result.output_for_node("generation_requests")
-    ids = list(requests["request_id"])
+    ids = list(result.output_for_node("generation_requests")["request_id"])
     rejected = result.output_for_node("rejections")
     if not ids:
         cat = result.output_for_node("catalog")
@@ -203,49 +335,12 @@ def generate(args) -> int:
         )
     print(f"catalog: {len(ids)} request(s) planned; {len(rejected)} input(s) rejected "
           f"(see {pipeline.reports_dir / 'rejections.csv'})", file=sys.stderr)
-    if ids:
-        context = build_sensor_context(instance=instance, resources=driver.resources)
-        for start in range(0, len(ids), 2000):
-            chunk = ids[start:start + 2000]
-            for request in batch_run_requests(context, "video_tasks", chunk, f"session:{driver.session}:{start}"):
-                driver.run(["video_tasks"], tags=dict(request.tags), run_config=request.run_config,
-                           raise_on_error=False)
-
-    ledger = pipeline.ledger()
-    # Tasks that succeeded before an earlier run was killed still lack their video: the sensor
-    # only collects fresh successes (or stuck ones after minutes), so collect them now.
-    wanted = set(ids)
-    orphans = [r.request_id for r in ledger.needing_video(max_video_attempts=pipeline.video_attempts)
-               if r.request_id in wanted]
-    if orphans:
-        context = build_sensor_context(instance=instance, resources=driver.resources)
-        for request in batch_run_requests(context, "videos", orphans, f"session:{driver.session}:videos"):
-            driver.run(["videos"], tags=dict(request.tags), run_config=request.run_config, raise_on_error=False)
-
-    deadline = time.monotonic() + args.timeout
-    try:
-        while True:
-            driver.tick()
-            rows = _rows(ledger, ids)
-            state = session_state(rows, pipeline, ledger, driver.session)
-            progress.show(state)
-            if (state["open"] == 0 and all(f.done() for f in driver.pending)) or time.monotonic() > deadline:
-                break
-            time.sleep(next_wake(rows))
-        driver.drain()
-    except KeyboardInterrupt:
-        driver.stop()
-        raise
-    progress.done()
-    driver.run(["lineage"], raise_on_error=False)
-    rows = _rows(ledger, ids)
-    sheet = None if args.no_contact_sheet else write_contact_sheet(pipeline, rows)
-    return summarize(pipeline, rows, rejected, sheet, timed_out=time.monotonic() > deadline)
+    return ids, rejected
 
 
 def dry_run(driver: Driver, args) -> int:
     """Validate and plan without writing to the ledger or submitting anything."""
-    result = driver.run(["catalog", "reference_images", "rejections"], raise_on_error=False)
+    result = driver.run(["catalog", "reference_images", "rejections"])
     if not result.success:
         raise CatalogProblem(_first_failure(result))
     cat = result.output_for_node("catalog")
@@ -277,7 +372,8 @@ def _rows(ledger, ids: list[str]) -> list:
 
 def session_state(rows, pipeline: PipelineResource, ledger, session: str) -> dict:
     """Counts for the progress line, and how many requests may still move."""
-    counts = {"planned": 0, "submitted": 0, "running": 0, "done": 0, "failed": 0, "unknown": 0, "open": 0}
+    counts = {"planned": 0, "submitted": 0, "running": 0, "done": 0, "mismatched": 0, "failed": 0, "unknown": 0,
+              "open": 0}
     caps = pipeline.caps(session)
     capped = (caps.per_run is not None and ledger.submits_since(0, session) >= caps.per_run) or (
         caps.per_day is not None and ledger.submits_since(time.time() - 86_400) >= caps.per_day
@@ -287,7 +383,7 @@ def session_state(rows, pipeline: PipelineResource, ledger, session: str) -> dic
             continue
         if row.state == SUCCEEDED:
             if row.video_sha256:
-                counts["done"] += 1
+                counts["mismatched" if video_problems(row) else "done"] += 1
             elif row.video_attempts >= pipeline.video_attempts:
                 counts["failed"] += 1
             else:
@@ -327,11 +423,13 @@ class Progress:
         self.text = ""
 
     def show(self, s: dict) -> None:
-        total = sum(s[k] for k in ("planned", "submitted", "running", "done", "failed", "unknown"))
+        total = sum(s[k] for k in ("planned", "submitted", "running", "done", "mismatched", "failed", "unknown"))
         width = 24
-        filled = int(width * (s["done"] + s["failed"] + s["unknown"]) / total) if total else width
+        ended = s["done"] + s["mismatched"] + s["failed"] + s["unknown"]
+        filled = int(width * ended / total) if total else width
         self.text = (f"[{'#' * filled}{'.' * (width - filled)}] submitted {s['submitted']} | running {s['running']} "
-                     f"| done {s['done']} | failed {s['failed']} | unknown {s['unknown']} | planned {s['planned']}")
+                     f"| done {s['done']} | " + (f"mismatched {s['mismatched']} | " if s["mismatched"] else "")
+                     + f"failed {s['failed']} | unknown {s['unknown']} | planned {s['planned']}")
         now = time.monotonic()
         if self.tty:
             print("\r" + self.text, end="", file=sys.stderr, flush=True)
@@ -368,15 +466,25 @@ def _thumbnail_or_video(pipeline: PipelineResource, row) -> Path:
     return thumb if thumb.exists() else Path(row.video_path)
 
 
+def video_problems(row) -> list[str]:
+    """How a stored video differs from its request (size, duration, audio), from its probe."""
+    return list((row.probe or {}).get("problems") or [])
+
+
 def summarize(pipeline: PipelineResource, rows, rejected, sheet: Path | None, *, timed_out: bool) -> int:
+    """Print the summary; exit 0 only when every request has a video that matches it."""
     by_state: dict[str, int] = {}
     failed = []
     for row in rows:
         if row is None:
             continue
-        key = "succeeded" if row.state == SUCCEEDED and row.video_sha256 else row.state
+        stored = row.state == SUCCEEDED and row.video_sha256
+        problems = video_problems(row) if stored else []
+        key = ("mismatched" if problems else "succeeded") if stored else row.state
         by_state[key] = by_state.get(key, 0) + 1
-        if row.state in (FAILED, UNKNOWN) or (row.state == SUCCEEDED and not row.video_sha256):
+        if problems:
+            failed.append(f"  {row.request_id}: mismatched: video does not match its request: {'; '.join(problems)}")
+        elif row.state in (FAILED, UNKNOWN) or (row.state == SUCCEEDED and not row.video_sha256):
             failed.append(f"  {row.request_id}: {row.state}: {row.last_error or 'no video yet'}")
     print("\nsummary")
     print(f"  requests: {len(rows)}  " + "  ".join(f"{k}: {v}" for k, v in sorted(by_state.items())))
@@ -386,7 +494,7 @@ def summarize(pipeline: PipelineResource, rows, rejected, sheet: Path | None, *,
     if sheet:
         print(f"  contact sheet: {sheet}")
     if failed:
-        print("not finished:")
+        print("not succeeded:")
         print("\n".join(failed[:50]))
     planned = by_state.get(PLANNED, 0)
     if planned:
@@ -425,48 +533,143 @@ def status(args) -> int:
 
 
 def reproduce(args) -> int:
-    """Rebuild a request from its lineage row, submit it as a new task, compare the video."""
-    from .client import ViduClient
-    from .plan import RequestSpec
+    """Submit a finished request again as its own ledger row ``<request_id>-r<N>`` (same spec,
+    the effective seed), under the spend caps and after confirmation, then compare videos.
 
-    pipeline = PipelineResource(data_dir=str(Path(args.data_dir).resolve()))
-    table = pipeline.lineage().read()
-    match = table[table["request_id"] == args.request_id]
-    if match.empty:
-        raise CatalogProblem(f"no lineage row for request {args.request_id!r}")
-    row = match.iloc[0]
-    if row["state"] != "succeeded" or not row["video_sha256"]:
-        raise CatalogProblem(f"request {args.request_id} has no video to compare (state {row['state']})")
-    spec = RequestSpec(
-        request_id=row["request_id"], subject_id=row["subject_id"], prompt=row["prompt"],
-        seed=int(row["seed_effective"] if row["seed_effective"] is not None else row["seed_requested"]),
-        options={k: row[k] for k in ("aspect_ratio", "movement_amplitude", "resolution")}
-        | {"bgm": bool(row["bgm"]), "duration": int(row["duration"])},
-        image_sha256s=tuple(row["reference_sha256s"]), original_sha256s=tuple(row["reference_original_sha256s"]),
-        image_mimes=(),
-    )
-    cache = pipeline.image_cache()
-    try:
-        request = spec.to_request(cache.data_uri)
-    except (KeyError, FileNotFoundError, OSError) as exc:
-        raise CatalogProblem(f"a reference image of {args.request_id} is missing from the cache: {exc}") from None
-    endpoint = vidu_resource_from_env().endpoint(pipeline.simulator_state_dir)
-    with ViduClient(endpoint.api_key, endpoint.base_url) as client:
-        task_id = client.submit(request)
-        print(f"submitted {args.request_id} again as task {task_id}; waiting…", file=sys.stderr)
-        result = client.wait(task_id, timeout_s=args.timeout)
-        out = pipeline.root / "reproductions" / f"{args.request_id}-{task_id}.mp4"
-        download = client.download(result, out)
-    same = download.sha256 == row["video_sha256"]
-    print(f"original  {row['video_sha256']}\nreproduced {download.sha256}\n"
-          f"{'MATCH' if same else 'DIFFERENT'}: {out}")
+    Paid for once like any request: an interrupted reproduction is resumed by the next
+    ``reproduce``, not submitted again. Files are named after request ids, never task ids.
+    """
+    pipeline = pipeline_from_args(args)
+    if not (pipeline.root / "ledger.sqlite").exists() and not pipeline.ledger_url:
+        raise CatalogProblem(f"no ledger in {pipeline.root}: nothing generated yet")
+    ledger = pipeline.ledger()
+    original = ledger.get(args.request_id)
+    if original is None:
+        raise CatalogProblem(f"no request {args.request_id!r} in the ledger of {pipeline.root}")
+    if original.state != SUCCEEDED or not original.video_sha256:
+        raise CatalogProblem(f"request {args.request_id} has no video to compare (state {original.state})")
+    check_endpoint_settings()
+    tasks.recover_abandoned(ledger)
+    client, endpoint = vidu_resource_from_env().client(pipeline.simulator_state_dir)
+    with client:
+        row, number = open_reproduction(ledger, original)
+        if row is None or row.state == PLANNED:
+            confirm_paid_submit(args, endpoint, original.request_id)
+            row = row or plan_reproduction(ledger, original, number)
+            code = submit_reproduction(pipeline, ledger, client, row.request_id)
+            if code is not None:
+                return code
+        elif row.state == SUBMITTING:
+            raise CatalogProblem(f"{row.request_id} is being submitted by {row.owner}; wait for it and run again")
+        else:
+            print(f"resuming {row.request_id} (task {row.task_id}): nothing new is submitted", file=sys.stderr)
+        row = wait_for_reproduction(ledger, client, ledger.get(row.request_id), args.timeout)
+        if row.state != SUCCEEDED:
+            print(f"{row.request_id}: {row.state}: {row.last_error}", file=sys.stderr)
+            return EXIT_FAILED
+        if not row.video_sha256:
+            try:
+                collect.collect_video(ledger, client, row.request_id, videos_dir=pipeline.root / "reproductions",
+                                      render_scale=endpoint.render_scale)
+            except (VideoInvalid, errors.ViduError) as exc:
+                print(f"error: {row.request_id}: no good video ({exc}); run reproduce again to retry the "
+                      "download (nothing new is submitted)", file=sys.stderr)
+                return EXIT_FAILED
+        row = ledger.get(row.request_id)
+    pipeline.lineage().append([collect.lineage_row(row)])
+    ledger.mark_lineage([row.request_id])
+    same = row.video_sha256 == original.video_sha256
+    for problem in video_problems(row):
+        print(f"{row.request_id}: video does not match its request: {problem}", file=sys.stderr)
+    print(f"original   {original.video_sha256}\nreproduced {row.video_sha256}\n"
+          f"{'MATCH' if same else 'DIFFERENT'}: {row.video_path}")
     return EXIT_OK if same else EXIT_FAILED
+
+
+def open_reproduction(ledger, original):
+    """The latest reproduction if it is still open (planned, in flight, or succeeded without
+    its video), else None; and the number a new one would take."""
+    n, latest = 1, None
+    while (row := ledger.get(f"{original.request_id}-r{n}")) is not None:
+        latest, n = row, n + 1
+    if latest is not None and (latest.state in (PLANNED, SUBMITTING, SUBMITTED)
+                               or (latest.state == SUCCEEDED and not latest.video_sha256)):
+        return latest, n
+    return None, n
+
+
+def plan_reproduction(ledger, original, n: int):
+    """A planned ledger row ``<request_id>-r<n>``: the original's spec with its effective seed."""
+    spec = plan.RequestSpec.from_json(original.spec_json)
+    seed = original.effective_seed if original.effective_seed is not None else spec.seed
+    spec = dataclasses.replace(spec, request_id=f"{original.request_id}-r{n}", seed=seed)
+    ledger.plan([PlannedRequest(request_id=spec.request_id, subject_id=spec.subject_id, seed=seed,
+                                fingerprint=spec.fingerprint(), spec_json=spec.to_json())])
+    return ledger.get(spec.request_id)
+
+
+def confirm_paid_submit(args, endpoint, request_id: str) -> None:
+    """Ask before paying: on a terminal, a y/N question; otherwise ``--yes`` is required."""
+    if endpoint.simulated:
+        print(f"reproducing {request_id} on the {endpoint.describe()}: nothing is paid", file=sys.stderr)
+        return
+    if args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise CatalogProblem(f"reproducing {request_id} submits 1 paid task to the {endpoint.describe()}; "
+                             "stdin is not a terminal, so pass --yes to confirm (nothing was submitted)")
+    answer = input(f"Submit 1 paid task to reproduce {request_id}? [y/N] ")
+    if answer.strip().lower() not in ("y", "yes"):
+        raise CatalogProblem("not confirmed: nothing was submitted")
+
+
+def submit_reproduction(pipeline: PipelineResource, ledger, client, request_id: str) -> int | None:
+    """Claim (caps checked in the claim) and submit; an exit code when nothing was submitted."""
+    [outcome] = tasks.submit_requests(
+        ledger, client, [request_id],
+        data_uri_for=pipeline.image_cache().data_uri,
+        caps=pipeline.caps(uuid.uuid4().hex[:12]),
+        owner=tasks.owner_id(),
+        retry_budget=pipeline.retry_budget,
+        policy=pipeline.polling(),
+        workers=1,
+    )
+    if outcome.submitted:
+        print(f"submitted {request_id} as task {outcome.task_id}; waiting…", file=sys.stderr)
+        return None
+    print(f"error: {request_id} not submitted: {outcome.message}", file=sys.stderr)
+    return EXIT_CAPPED if outcome.message.startswith("cap reached") else EXIT_FAILED
+
+
+def wait_for_reproduction(ledger, client, row, timeout_s: float):
+    """Poll the reproduction's task to its end and record the outcome in the ledger."""
+    if row.state != SUBMITTED:
+        return row
+    try:
+        result = client.wait(row.task_id, timeout_s=timeout_s)
+    except errors.TaskFailed as exc:
+        _for_task(ledger.record_failed, row, exc.reason or str(exc))
+    except TimeoutError as exc:
+        raise CatalogProblem(f"{exc}; run reproduce again to keep waiting (nothing new is submitted)") from None
+    else:
+        finished = (result.debug_times_ms.get("complete_time_ms") or time.time() * 1000) / 1000.0
+        _for_task(ledger.record_succeeded, row, effective_seed=result.seed, finished_at=finished)
+    return ledger.get(row.request_id)
+
+
+def _for_task(record, row, *args, **kw) -> None:
+    """A ledger update about the task ``row`` holds. Passes ``task_id=`` (the update applies only
+    while the row still holds that task) once the ledger takes it; drop the check then."""
+    import inspect
+
+    if "task_id" in inspect.signature(record).parameters:
+        kw["task_id"] = row.task_id
+    record(row.request_id, *args, **kw)
 
 
 def _first_failure(result) -> str:
     for event in result.all_events:
         if event.is_step_failure:
             err = event.step_failure_data.error
-            cause = err.cause or err
-            return f"{event.step_key}: {cause.message.strip()}"
+            return f"{event.step_key}: {_error_text(err.cause or err)}"
     return "a catalog step failed"
