@@ -135,7 +135,7 @@ def test_skip_reasons(ledger, clock):
     assert claim(ledger).reason == "submit in progress (attempt 1 by pid-1@host)"
     ledger.record_submitted("req-00000", c.attempt, "task-9", first_poll_at=0)
     assert claim(ledger).reason == "already submitted (task task-9)"
-    ledger.record_succeeded("req-00000", effective_seed=5, finished_at=clock.t)
+    ledger.record_succeeded("req-00000", task_id="task-9", effective_seed=5, finished_at=clock.t)
     assert claim(ledger).reason == "already succeeded (task task-9)"
 
     c = claim(ledger, "req-00001")
@@ -144,7 +144,7 @@ def test_skip_reasons(ledger, clock):
 
     c = claim(ledger, "req-00002", budget=1)
     ledger.record_submitted("req-00002", c.attempt, "task-2", first_poll_at=0)
-    ledger.record_failed("req-00002", "TASK_STATUS_FAILED: moderation")
+    ledger.record_failed("req-00002", "TASK_STATUS_FAILED: moderation", task_id="task-2")
     assert claim(ledger, "req-00002", budget=1).reason == "retry budget exhausted (1 of 1 attempts)"
 
 
@@ -153,7 +153,7 @@ def test_failed_is_resubmittable_within_budget(ledger, clock):
         c = claim(ledger, budget=2)
         assert c.attempt == attempt
         ledger.record_submitted(c.request_id, c.attempt, f"task-{attempt}", first_poll_at=0)
-        ledger.record_failed(c.request_id, "boom")
+        ledger.record_failed(c.request_id, "boom", task_id=f"task-{attempt}")
     assert isinstance(claim(ledger, budget=2), Skip)
     assert [(a.attempt, a.task_id, a.outcome) for a in ledger.attempts_for("req-00000")] == [
         (1, "task-1", "submitted"),
@@ -268,19 +268,23 @@ def test_due_for_poll_orders_by_next_poll_at(ledger, clock):
 
 def test_record_poll(ledger, clock):
     submit(ledger, clock=clock)
-    ledger.record_poll("req-00000", status="TASK_STATUS_PROCESSING", eta_s=12.0, progress=40.0, next_poll_at=clock.t + 12)
-    ledger.record_poll("req-00000", status="TASK_STATUS_PROCESSING", eta_s=3.0, progress=90.0, next_poll_at=clock.t + 15)
+    ledger.record_poll("req-00000", task_id="task-1", status="TASK_STATUS_PROCESSING", eta_s=12.0, progress=40.0, next_poll_at=clock.t + 12)
+    ledger.record_poll("req-00000", task_id="task-1", status="TASK_STATUS_PROCESSING", eta_s=3.0, progress=90.0, next_poll_at=clock.t + 15)
     row = ledger.get("req-00000")
     assert (row.last_status, row.eta_s, row.progress, row.polls, row.next_poll_at) == (
         "TASK_STATUS_PROCESSING", 3.0, 90.0, 2, clock.t + 15,
     )
-    with pytest.raises(LedgerStateError, match="is planned"):
-        ledger.record_poll("req-00001", status="x", eta_s=None, progress=None, next_poll_at=None)
+    # A row that holds no such task is left alone, and the caller is told so.
+    assert not ledger.record_poll("req-00001", task_id="task-1", status="x", eta_s=None, progress=None,
+                                  next_poll_at=None)
+    assert ledger.get("req-00001").polls == 0
+    with pytest.raises(LedgerStateError, match="not in the ledger"):
+        ledger.record_poll("nope", task_id="task-1", status="x", eta_s=None, progress=None, next_poll_at=None)
 
 
 def test_succeeded(ledger, clock):
     submit(ledger, clock=clock)
-    ledger.record_succeeded("req-00000", effective_seed=158881667, finished_at=clock.t + 60)
+    ledger.record_succeeded("req-00000", task_id="task-1", effective_seed=158881667, finished_at=clock.t + 60)
     row = ledger.get("req-00000")
     assert (row.state, row.effective_seed, row.finished_at, row.next_poll_at) == ("succeeded", 158881667, clock.t + 60, None)
     assert ledger.due_for_poll(clock.t + 1e6, 10) == []
@@ -288,24 +292,27 @@ def test_succeeded(ledger, clock):
 
 def test_failed_and_unknown(ledger, clock):
     submit(ledger, "req-00000", clock=clock)
-    ledger.record_failed("req-00000", "TASK_STATUS_FAILED: content policy")
+    ledger.record_failed("req-00000", "TASK_STATUS_FAILED: content policy", task_id="task-1")
     submit(ledger, "req-00001", clock=clock)
-    ledger.record_unknown("req-00001", "deadline passed; last status TASK_STATUS_CANCELED")
+    ledger.record_unknown("req-00001", "deadline passed; last status TASK_STATUS_CANCELED", task_id="task-1")
     assert ledger.get("req-00000").state == "failed"
     u = ledger.get("req-00001")
     assert (u.state, u.last_error) == ("unknown", "deadline passed; last status TASK_STATUS_CANCELED")
     # A late poll that finds the unknown task done is still recorded.
-    ledger.record_succeeded("req-00001", effective_seed=1, finished_at=clock.t)
+    ledger.record_succeeded("req-00001", task_id="task-1", effective_seed=1, finished_at=clock.t)
     assert ledger.get("req-00001").state == "succeeded"
 
 
-def test_terminal_transitions_require_a_task(ledger):
-    with pytest.raises(LedgerStateError):
-        ledger.record_succeeded("req-00000", effective_seed=1, finished_at=0)
+def test_terminal_transitions_require_the_task(ledger):
+    assert not ledger.record_succeeded("req-00000", task_id="task-1", effective_seed=1, finished_at=0)
+    assert ledger.get("req-00000").state == "planned"
     c = claim(ledger, "req-00001")
     ledger.record_submit_unknown(c.request_id, c.attempt, "timeout")
-    with pytest.raises(LedgerStateError):  # unknown without a task id: nothing to have succeeded
-        ledger.record_succeeded("req-00001", effective_seed=1, finished_at=0)
+    # unknown without a task id: nothing to have succeeded
+    assert not ledger.record_succeeded("req-00001", task_id="task-1", effective_seed=1, finished_at=0)
+    assert ledger.get("req-00001").state == "unknown"
+    with pytest.raises(LedgerStateError, match="no task id"):
+        ledger.record_succeeded("req-00001", task_id=None, effective_seed=1, finished_at=0)
 
 
 # --- videos, lineage, reading ----------------------------------------------------------------
@@ -313,7 +320,7 @@ def test_terminal_transitions_require_a_task(ledger):
 
 def test_video_lifecycle(ledger, clock):
     submit(ledger, clock=clock)
-    ledger.record_succeeded("req-00000", effective_seed=7, finished_at=clock.t)
+    ledger.record_succeeded("req-00000", task_id="task-1", effective_seed=7, finished_at=clock.t)
     assert [r.request_id for r in ledger.needing_video()] == ["req-00000"]
     ledger.record_video_error("req-00000", "download truncated")
     ledger.record_video_error("req-00000", "download truncated")
@@ -330,9 +337,9 @@ def test_video_lifecycle(ledger, clock):
 
 def test_lineage_marks(ledger, clock):
     submit(ledger, "req-00000", clock=clock)
-    ledger.record_succeeded("req-00000", effective_seed=7, finished_at=clock.t)
+    ledger.record_succeeded("req-00000", task_id="task-1", effective_seed=7, finished_at=clock.t)
     submit(ledger, "req-00001", clock=clock)
-    ledger.record_failed("req-00001", "x")
+    ledger.record_failed("req-00001", "x", task_id="task-1")
     assert [r.request_id for r in ledger.needing_lineage()] == ["req-00001"]  # no video yet
     ledger.record_video("req-00000", path="p", sha256="s", size_bytes=1, probe={})
     assert {r.request_id for r in ledger.needing_lineage()} == {"req-00000", "req-00001"}
@@ -347,7 +354,7 @@ def test_reading(ledger, clock):
     assert ledger.get("missing") is None
     assert ledger.oldest_pending().request_id == "req-00000"
     submit(ledger, "req-00000", clock=clock)
-    ledger.record_succeeded("req-00000", effective_seed=1, finished_at=clock.t)
+    ledger.record_succeeded("req-00000", task_id="task-1", effective_seed=1, finished_at=clock.t)
     assert ledger.oldest_pending().request_id == "req-00001"
     assert [r.request_id for r in ledger.rows(["succeeded"])] == ["req-00000"]
     assert len(ledger.rows()) == 5
@@ -389,11 +396,11 @@ def test_recover_submitting_whose_owner_is_gone(ledger, clock):
 
 def test_record_unknown_on_a_submitting_row_closes_its_attempt(ledger):
     c = claim(ledger)
-    ledger.record_unknown(c.request_id, "submitter stopped")
+    ledger.record_unknown(c.request_id, "submitter stopped", task_id=None)
     assert ledger.get(c.request_id).state == "unknown"
     assert ledger.attempts_for(c.request_id)[0].outcome == "unknown"
-    with pytest.raises(LedgerStateError, match="is planned"):
-        ledger.record_unknown("req-00001", "x")
+    assert not ledger.record_unknown("req-00001", "x", task_id=None)  # planned: nothing to be unknown
+    assert ledger.get("req-00001").state == "planned"
 
 
 # --- concurrency -----------------------------------------------------------------------------

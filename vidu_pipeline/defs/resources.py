@@ -72,10 +72,22 @@ class PipelineResource(ConfigurableResource):
     def simulator_state_dir(self) -> Path:
         return self.root / "state" / "simulator"
 
+    @property
+    def task_id_journal(self) -> Path:
+        """Where a paid task id goes when the ledger cannot take it (disk full); replayed on start."""
+        return self.root / "state" / "submitted-task-ids.jsonl"
+
+    @property
+    def ledger_location(self) -> str:
+        return self.ledger_url or f"sqlite:///{self.root / 'ledger.sqlite'}"
+
     def ledger(self) -> Ledger:
-        url = self.ledger_url or f"sqlite:///{self.root / 'ledger.sqlite'}"
         self.root.mkdir(parents=True, exist_ok=True)
-        return _ledger(url)
+        return _ledger(self.ledger_location)
+
+    def read_only_ledger(self) -> Ledger:
+        """For looking only (``status``): works on a read-only data folder, creates nothing."""
+        return Ledger(self.ledger_location, read_only=True)
 
     def image_cache(self) -> ImageCache:
         return ImageCache(self.root / "cache" / "images")
