@@ -438,3 +438,154 @@ def test_two_processes_respect_caps_and_never_double_claim(url):
     assert led.submits_since(0) == 20
     assert all(len(led.attempts_for(rid)) == 1 for rid in claimed)
     led.close()
+
+
+# --- answers about a task the request no longer holds (issue 10, case 1) ------------------------
+
+
+def test_a_late_answer_about_an_old_task_is_a_reported_no_op(ledger, clock):
+    """Task 1 failed; a fast poller recorded it and the request was resubmitted (task 2). The
+    slow poller's answers about task 1 arrive now: none may touch the row."""
+    submit(ledger, task="task-1", clock=clock)
+    assert ledger.record_failed("req-00000", "TASK_STATUS_FAILED", task_id="task-1")
+    submit(ledger, task="task-2", clock=clock)
+    before = ledger.get("req-00000")
+    assert (before.state, before.task_id, before.attempts) == ("submitted", "task-2", 2)
+
+    assert ledger.record_failed("req-00000", "TASK_STATUS_FAILED", task_id="task-1") is False
+    assert ledger.record_succeeded("req-00000", task_id="task-1", effective_seed=1, finished_at=clock.t) is False
+    assert ledger.record_poll("req-00000", task_id="task-1", status="TASK_STATUS_PROCESSING", eta_s=1.0,
+                              progress=5.0, next_poll_at=0) is False
+    assert ledger.record_unknown("req-00000", "deadline", task_id="task-1") is False
+    assert ledger.get("req-00000") == before
+
+    # The answers about task 2 do apply.
+    assert ledger.record_succeeded("req-00000", task_id="task-2", effective_seed=3, finished_at=clock.t)
+    assert ledger.get("req-00000").state == "succeeded"
+
+
+def test_a_late_failure_between_record_and_resubmit_is_a_no_op(ledger, clock):
+    """The slow answer lands while the request is failed (or being resubmitted)."""
+    submit(ledger, task="task-1", clock=clock)
+    assert ledger.record_failed("req-00000", "first", task_id="task-1")
+    assert not ledger.record_failed("req-00000", "second", task_id="task-1")  # already failed
+    assert ledger.get("req-00000").last_error == "first"
+    c = claim(ledger)
+    assert not ledger.record_failed("req-00000", "late", task_id="task-1")  # submitting, no task yet
+    assert not ledger.record_unknown("req-00000", "late", task_id="task-1")
+    assert ledger.get("req-00000").state == "submitting"
+    assert ledger.record_submitted("req-00000", c.attempt, "task-2", first_poll_at=0)
+
+
+def test_record_submitted_never_replaces_a_task_id(ledger, clock):
+    """Replaying a journaled task id is idempotent and cannot overwrite another task."""
+    c = claim(ledger)
+    assert ledger.record_submitted(c.request_id, c.attempt, "task-1", first_poll_at=0)
+    assert not ledger.record_submitted(c.request_id, c.attempt, "task-1", first_poll_at=0)
+    assert not ledger.record_submitted(c.request_id, c.attempt, "task-X", first_poll_at=0)
+    assert ledger.get(c.request_id).task_id == "task-1"
+    assert [a.task_id for a in ledger.attempts_for(c.request_id)] == ["task-1"]
+    # An unknown row (deadline passed) that holds its task is not taken over either.
+    assert ledger.record_unknown(c.request_id, "deadline", task_id="task-1")
+    assert not ledger.record_submitted(c.request_id, c.attempt, "task-X", first_poll_at=0)
+    assert ledger.get(c.request_id).task_id == "task-1"
+
+
+def test_video_recording_is_conditioned_on_the_task(ledger, clock):
+    submit(ledger, task="task-1", clock=clock)
+    ledger.record_succeeded("req-00000", task_id="task-1", effective_seed=1, finished_at=clock.t)
+    with pytest.raises(LedgerStateError):
+        ledger.record_video("req-00000", path="p", sha256="s", size_bytes=1, probe={}, task_id="task-0")
+    ledger.record_video("req-00000", path="p", sha256="s", size_bytes=1, probe={}, task_id="task-1")
+    assert ledger.get("req-00000").video_sha256 == "s"
+
+
+def test_recovery_does_not_touch_a_newer_attempt(ledger, clock):
+    """recover_stale_submitting decides and updates per attempt, in one transaction."""
+    c = claim(ledger)
+    clock.t += 1000
+    assert ledger.recover_stale_submitting(older_than_s=300) == [c.request_id]
+    c2 = claim(ledger, allow_unknown=True)
+    assert c2.attempt == 2
+    assert ledger.recover_stale_submitting(older_than_s=300) == []
+    assert ledger.get(c.request_id).state == "submitting"
+
+
+# --- the retry budget and the caps count what may have cost money (issue 10, case 2) ------------
+
+
+def test_unsent_attempts_count_against_nothing_refused_ones_against_the_budget(ledger):
+    caps = SpendCaps(per_run=2, per_day=None, run_id="r")
+    for _ in range(4):  # 429s / refused keys / connection refused: back to planned, counted nowhere
+        c = claim(ledger, caps=caps, budget=2)
+        ledger.record_submit_rejected(c.request_id, c.attempt, "HTTP 429", retryable=True)
+    c = claim(ledger, caps=caps, budget=2)
+    assert isinstance(c, Claim) and c.attempt == 5
+    ledger.record_submit_rejected(c.request_id, c.attempt, "HTTP 404 NOT_FOUND: no such route")
+    row = ledger.get(c.request_id)
+    assert (row.state, row.last_error) == ("failed", "HTTP 404 NOT_FOUND: no such route")
+    assert ledger.attempts_for(c.request_id)[-1].outcome == "refused"
+    assert ledger.submits_since(0) == 0  # refused: no task, no money
+    c = claim(ledger, caps=caps, budget=2)  # within the budget: one refused attempt so far
+    ledger.record_submit_rejected(c.request_id, c.attempt, "HTTP 404 again")
+    assert claim(ledger, caps=caps, budget=2).reason == "retry budget exhausted (2 of 2 attempts)"
+
+
+def test_unknown_submits_count_against_caps_and_budget(ledger):
+    caps = SpendCaps(per_run=1, per_day=None, run_id="r")
+    c = claim(ledger, caps=caps)
+    ledger.record_submit_unknown(c.request_id, c.attempt, "HTTP 202 without a task id")
+    assert claim(ledger, "req-00001", caps=caps).reason == "cap reached: per-run 1"
+    assert claim(ledger, budget=1, allow_unknown=True).reason == "retry budget exhausted (1 of 1 attempts)"
+
+
+# --- read-only and concurrent creation (issue 10, cases 12 and 9) -----------------------------------
+
+
+def test_read_only_ledger_reads_and_refuses_writes(ledger, url, tmp_path):
+    submit(ledger)
+    ledger.close()
+    ro = Ledger(url, read_only=True)
+    try:
+        assert ro.counts_by_state()["submitted"] == 1
+        assert ro.get("req-00000").task_id == "task-1"
+        with pytest.raises(LedgerStateError, match="read-only"):
+            ro.plan([planned(99)])
+    finally:
+        ro.close()
+    assert Ledger(url).get("req-00099") is None
+
+
+def test_read_only_ledger_on_a_missing_file_creates_nothing(tmp_path):
+    path = tmp_path / "absent.sqlite"
+    ro = Ledger(f"sqlite:///{path}", read_only=True)
+    with pytest.raises(Exception):
+        ro.counts_by_state()
+    ro.close()
+    assert not path.exists()
+
+
+def _create_and_plan(url: str, barrier, out) -> None:
+    try:
+        barrier.wait(30)
+        led = Ledger(url)
+        led.plan(planned(i) for i in range(20))
+        out.put(("ok", led.counts_by_state()["planned"]))
+        led.close()
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        out.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+@pytest.mark.timeout(120)
+def test_two_processes_create_one_fresh_ledger_at_once(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    for round_ in range(3):
+        url = f"sqlite:///{tmp_path / f'fresh-{round_}.sqlite'}"
+        barrier, out = ctx.Barrier(3), ctx.Queue()
+        procs = [ctx.Process(target=_create_and_plan, args=(url, barrier, out)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        results = [out.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+        assert results == [("ok", 20)] * 3, results
