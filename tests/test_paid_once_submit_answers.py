@@ -35,6 +35,7 @@ class AnsweringServer:
 
     def __init__(self):
         self.status = 200
+        self.task_id_padding = ""  # appended to each task id: services choose their ids' length
         self.posts = 0
         self.followed = 0
         server = self
@@ -62,7 +63,7 @@ class AnsweringServer:
                 server.posts += 1
                 status = server.status
                 if status == 200:
-                    return self._answer(200, json.dumps({"task_id": f"task-{server.posts}"}).encode())
+                    return self._answer(200, json.dumps({"task_id": f"task-{server.posts}{server.task_id_padding}"}).encode())
                 if status == 301:
                     return self._answer(301, b"", [("Location", "/moved/reference2video")])
                 if status == 202:

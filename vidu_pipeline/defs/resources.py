@@ -51,6 +51,9 @@ class PipelineResource(ConfigurableResource):
     poll_time_budget_s: float = Field(default=40.0, gt=0, description="Per sensor tick; Dagster's limit is 60 s.")
     task_deadline_s: float = Field(default=3600.0, gt=0, description="After this, a task is reported unknown.")
     video_attempts: int = Field(default=3, ge=1, description="Download/verify attempts per video.")
+    task_id_journal_path: str = Field(
+        default="", description="Recovery journal for paid task ids the ledger could not take (disk full); "
+        "default <data_dir>/state/submitted-task-ids.jsonl. Best on another disk than the ledger.")
 
     @property
     def root(self) -> Path:
@@ -75,6 +78,8 @@ class PipelineResource(ConfigurableResource):
     @property
     def task_id_journal(self) -> Path:
         """Where a paid task id goes when the ledger cannot take it (disk full); replayed on start."""
+        if self.task_id_journal_path:
+            return Path(self.task_id_journal_path).resolve()
         return self.root / "state" / "submitted-task-ids.jsonl"
 
     @property
