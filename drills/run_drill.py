@@ -379,11 +379,80 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+FAILED_STATUS = "TASK_STATUS_FAILED"
+SUCCEED_STATUS = "TASK_STATUS_SUCCEED"
+
+
+def paid_once_checks(rows: dict, attempts: dict, service_tasks: list[dict], *,
+                     retry_budget: int = 3) -> tuple[list[Check], dict[str, int]]:
+    """What the service's own books say against the ledger, per request:
+
+    * paid tasks beyond need: the tasks accepted for a request's fingerprint, in submit order,
+      are explained only by failed tasks resubmitted within the budget, then one more; any
+      other accepted task was paid for nothing (e.g. a stale poll answer made the request
+      look failed while its task ran, and it was sent again);
+    * succeeded but not downloaded: a task the service finished whose id the ledger knows,
+      but whose request does not hold that task's stored video.
+    """
+    by_fp: dict[str, list[str]] = collections.defaultdict(list)
+    for rid, r in rows.items():
+        by_fp[r.fingerprint].append(rid)
+    tasks_by_fp: dict[str, list[dict]] = collections.defaultdict(list)
+    for task in service_tasks:
+        tasks_by_fp[task["fingerprint"]].append(task)
+
+    paid_problems, paid_extra = [], 0
+    for fp, tasks in tasks_by_fp.items():
+        rids = by_fp.get(fp, [])
+        if not rids:
+            continue  # counted by "no hidden duplicate payment"
+        explained = 0
+        for task in sorted(tasks, key=lambda t: t["submit_t"])[: retry_budget * len(rids)]:
+            explained += 1
+            if task["status"] != FAILED_STATUS:
+                break
+        extra = len(tasks) - explained
+        if extra:
+            paid_extra += extra
+            statuses = ", ".join(t["status"].removeprefix("TASK_STATUS_") for t in
+                                 sorted(tasks, key=lambda t: t["submit_t"]))
+            paid_problems.append(f"{rids[0]}: {len(tasks)} tasks paid ({statuses}), {extra} beyond need")
+
+    holder = {}  # task id → the request that knows it
+    for rid, atts in attempts.items():
+        for a in atts:
+            if a.task_id:
+                holder[a.task_id] = rid
+    for rid, r in rows.items():
+        if r.task_id:
+            holder[r.task_id] = rid
+    lost_problems = []
+    for task in service_tasks:
+        rid = holder.get(task["task_id"])
+        if task["status"] != SUCCEED_STATUS or rid is None:
+            continue
+        r = rows[rid]
+        if not (r.state == "succeeded" and r.task_id == task["task_id"] and r.video_sha256):
+            lost_problems.append(f"{rid}: task {task['task_id'][:8]} SUCCEEDED at the service but the request "
+                                 f"is {r.state} with task {(r.task_id or '-')[:8]} and "
+                                 f"{'a' if r.video_sha256 else 'no'} video")
+    checks = [
+        Check("no task paid beyond need", not paid_problems,
+              f"{len(service_tasks)} tasks at the service; each request's are its failed-and-resubmitted "
+              f"ones within budget, then one" if not paid_problems else
+              f"{len(paid_problems)} problem(s): " + "; ".join(paid_problems[:5])),
+        Check("no succeeded task left undownloaded", not lost_problems,
+              "every task the service finished and the ledger knows has its video stored"
+              if not lost_problems else f"{len(lost_problems)} problem(s): " + "; ".join(lost_problems[:5])),
+    ]
+    return checks, {"paid_extra": paid_extra, "succeeded_not_downloaded": len(lost_problems)}
+
+
 def check_invariants(data_dir: Path, sim: SimulatorProcess, env: dict[str, str], *,
                      retry_budget: int = 3, expected_requests: int | None = None) -> Report:
     """Everything the promise says, checked from the ledger, the files, the lineage table,
     ``vidu-pipeline status`` and the simulator's own books."""
-    from vidu_pipeline.ledger import Ledger
+    from vidu_pipeline.ledger import NOT_BILLABLE, Ledger
     from vidu_pipeline.lineage import LineageStore
     from vidu_pipeline.video import VideoInvalid, probe_video
 
@@ -443,7 +512,7 @@ def check_invariants(data_dir: Path, sim: SimulatorProcess, env: dict[str, str],
             problems.append(f"{n} task(s) accepted for fingerprint {fp[:12]} unknown to the ledger")
             duplicates += n
             continue
-        billable = sum(1 for rid in rids for a in attempts[rid] if a.outcome != "rejected")
+        billable = sum(1 for rid in rids for a in attempts[rid] if a.outcome not in NOT_BILLABLE)
         if n > billable:
             problems.append(f"{rids[0]}: {n} accepted > {billable} billable attempt(s)")
             duplicates += n - billable
@@ -456,6 +525,10 @@ def check_invariants(data_dir: Path, sim: SimulatorProcess, env: dict[str, str],
     check("no hidden duplicate payment", problems,
           f"{sum(accepted.values())} tasks accepted for {len(accepted)} fingerprints; accepted ≤ billable "
           f"attempts everywhere; accepted == attempts for the {exact} requests whose attempts all ended 'submitted'")
+
+    # 3b. per request at the service: nothing paid beyond need, nothing finished left behind
+    paid_checks, paid_counts = paid_once_checks(rows, attempts, stats["tasks"]["list"], retry_budget=retry_budget)
+    checks.extend(paid_checks)
 
     # 4. one verified video per success, byte-identical to what the service rendered
     videos_dir = data_dir / "videos"
@@ -524,11 +597,12 @@ def check_invariants(data_dir: Path, sim: SimulatorProcess, env: dict[str, str],
         "requests": len(rows),
         "states": dict(sorted(by_state.items())),
         "attempts": sum(len(a) for a in attempts.values()),
-        "billable_attempts": sum(1 for a in attempts.values() for x in a if x.outcome != "rejected"),
+        "billable_attempts": sum(1 for a in attempts.values() for x in a if x.outcome not in NOT_BILLABLE),
         "accepted_tasks": sum(accepted.values()),
         "injected_faults": faults,
         "downloads": stats["downloads"],
         "duplicates": duplicates,
+        **paid_counts,
         "lost": sum(1 for r in rows.values() if r.state not in TERMINAL
                     or (r.state == "succeeded" and not r.video_sha256)),
     }

@@ -269,3 +269,96 @@ def test_malformed_answers_keep_tasks_recoverable(tmp_path, monkeypatch, caplog)
         assert sim.stats()["submits"]["accepted"] == 4
         assert all(len(ledger.attempts_for(r.request_id)) == 1 for r in unknown)
         shutil.rmtree(tmp_path / "sim", ignore_errors=True)
+
+
+# --- the paid-once invariants catch the case-1 bug (issue 10) ---------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_paid_once_invariants_fail_on_a_stale_poll_answer(tmp_path, monkeypatch):
+    """Rebuild what the old code did: task 1 failed and was resubmitted (task 2); a slow
+    poller's stale "failed" about task 1 was then applied to the request (written here as the
+    old unconditioned UPDATE did), so task 3 was paid while task 2 ran. Task 3's video is
+    collected; task 2 SUCCEEDED at the service and is never downloaded. The older invariants
+    all hold on this data (3 tasks accepted, 3 billable attempts, one video per success); the
+    paid-once ones must not."""
+    import sqlite3
+    import time
+
+    from dagster import AssetKey, instance_for_test, materialize
+
+    from drills.run_drill import paid_once_checks
+    from vidu_pipeline import tasks
+    from vidu_pipeline.client import ViduClient
+    from vidu_pipeline.collect import collect_video
+    from vidu_pipeline.defs.assets import ALL_ASSETS
+    from vidu_pipeline.defs.resources import PipelineResource, ViduResource
+    from vidu_pipeline.ledger import Ledger, SpendCaps
+    from vidu_pipeline.simulator import Simulator, SimulatorConfig
+    from vidu_pipeline.simulator.faults import FaultConfig
+
+    monkeypatch.setenv("VIDU_SIMULATOR_RENDER_SCALE", "0.1")
+    make_catalog(tmp_path / "catalog", subjects=1, prompts=1, seeds=1)
+    pipeline = PipelineResource(data_dir=str(tmp_path / "data"), catalog_dir=str(tmp_path / "catalog"))
+    with instance_for_test() as instance:
+        result = materialize(ALL_ASSETS, selection=[AssetKey(k) for k in
+                                                    ("catalog", "reference_images", "generation_requests")],
+                             instance=instance, resources={"pipeline": pipeline, "vidu": ViduResource()})
+    [rid] = list(result.output_for_node("generation_requests")["request_id"])
+    path = pipeline.root / "ledger.sqlite"
+    ledger = Ledger(f"sqlite:///{path}")
+    config = SimulatorConfig(api_key="k", latency_s=0.2, render_scale=0.1, state_dir=tmp_path / "sim",
+                             faults=FaultConfig(fail_tasks=1.0))
+
+    def submit(client):
+        [out] = tasks.submit_requests(ledger, client, [rid], data_uri_for=pipeline.image_cache().data_uri,
+                                      caps=SpendCaps(None, None, "bug"), owner="o:1:bug", retry_budget=3)
+        return out.task_id
+
+    def settle(client, *task_ids):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if all(client.get_task_result(t).terminal for t in task_ids):
+                return
+            time.sleep(0.1)
+        raise AssertionError("tasks did not end")
+
+    with Simulator(config) as sim, ViduClient("k", sim.base_url) as client:
+        task1 = submit(client)
+        settle(client, task1)
+        assert tasks.poll_due(ledger, client, now=10**10).failed == [rid]
+        sim.set_faults(FaultConfig())
+        task2 = submit(client)
+        con = sqlite3.connect(path)  # the slow poller's stale write, as the old code made it
+        con.execute("UPDATE requests SET state='failed', last_error='stale: task 1 failed', next_poll_at=NULL "
+                    "WHERE request_id=?", (rid,))
+        con.commit()
+        con.close()
+        task3 = submit(client)
+        assert len({task1, task2, task3}) == 3
+        settle(client, task2, task3)
+        assert tasks.poll_due(ledger, client, now=10**10).succeeded == [rid]
+        collect_video(ledger, client, rid, videos_dir=pipeline.videos_dir, render_scale=0.1)
+        stats = sim.stats()
+    rows = {r.request_id: r for r in ledger.rows()}
+    attempts = {r: ledger.attempts_for(r) for r in rows}
+    ledger.close()
+
+    # What the older invariants look at is in order: one success with its video, 3 accepted
+    # tasks for 3 billable attempts.
+    assert rows[rid].state == "succeeded" and rows[rid].video_sha256 and rows[rid].task_id == task3
+    assert stats["submits"]["accepted"] == 3 == sum(1 for a in attempts[rid] if a.outcome == "submitted")
+
+    checks, counts = paid_once_checks(rows, attempts, stats["tasks"]["list"], retry_budget=3)
+    by_name = {c.name: c for c in checks}
+    assert not by_name["no task paid beyond need"].ok
+    assert "3 tasks paid (FAILED, SUCCEED, SUCCEED), 1 beyond need" in by_name["no task paid beyond need"].detail
+    assert not by_name["no succeeded task left undownloaded"].ok
+    assert f"task {task2[:8]} SUCCEEDED at the service" in by_name["no succeeded task left undownloaded"].detail
+    assert counts == {"paid_extra": 1, "succeeded_not_downloaded": 1}
+
+    # The same service books with a correct ledger history (no stale write) pass.
+    good = [t for t in stats["tasks"]["list"] if t["task_id"] != task2]
+    good_attempts = {rid: [a for a in attempts[rid] if a.task_id != task2]}
+    checks, counts = paid_once_checks(rows, good_attempts, good, retry_budget=3)
+    assert all(c.ok for c in checks) and counts == {"paid_extra": 0, "succeeded_not_downloaded": 0}
