@@ -203,11 +203,70 @@ def run_generate(catalog: Path, data_dir: Path, env: dict[str, str], *extra: str
                           capture_output=True, text=True, timeout=timeout + 120, cwd=data_dir.parent)
 
 
-def start_generate(catalog: Path, data_dir: Path, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+# Runs ``python -m vidu_pipeline.cli`` with the ledger's debug log (where it notes every stale
+# poll answer it ignored) in the file given first: that is how the drill sees a race land.
+_WITH_LEDGER_LOG = (
+    "import logging, runpy, sys\n"
+    "handler = logging.FileHandler(sys.argv.pop(1))\n"
+    "handler.setFormatter(logging.Formatter('%(asctime)s %(process)d %(message)s'))\n"
+    "ledger_log = logging.getLogger('vidu_pipeline.ledger')\n"
+    "ledger_log.setLevel(logging.DEBUG)\n"
+    "ledger_log.addHandler(handler)\n"
+    "ledger_log.propagate = False\n"
+    "runpy.run_module('vidu_pipeline.cli', run_name='__main__', alter_sys=True)\n"
+)
+STALE_MARK = "stale answer ignored"
+
+# The sensor body evaluated in a loop in its own process, as ``dagster dev``'s daemon would
+# (its run requests are not executed: what races is its polling). Args: ledger log, data dir,
+# seconds.
+_SENSOR_LOOP = (
+    "import sys, time\n"
+    "from dagster import DagsterInstance, build_sensor_context\n"
+    "from vidu_pipeline.defs.resources import PipelineResource, vidu_resource_from_env\n"
+    "from vidu_pipeline.defs.sensors import evaluate_tick\n"
+    "data_dir, seconds = sys.argv[1], float(sys.argv[2])\n"
+    "pipeline = PipelineResource(data_dir=data_dir, poll_time_budget_s=10)\n"
+    "vidu = vidu_resource_from_env()\n"
+    "instance = DagsterInstance.get()\n"
+    "ticks, end = 0, time.monotonic() + seconds\n"
+    "while time.monotonic() < end:\n"
+    "    evaluate_tick(build_sensor_context(instance=instance, resources={'pipeline': pipeline, 'vidu': vidu}),\n"
+    "                  pipeline, vidu)\n"
+    "    ticks += 1\n"
+    "    time.sleep(0.3)\n"
+    "print(f'sensor ticks: {ticks}', flush=True)\n"
+)
+
+
+def _logged(cmd: list[str], ledger_log: Path | None) -> list[str]:
+    """``cmd`` (a ``python -m vidu_pipeline.cli …`` command) with the ledger's debug log kept."""
+    if ledger_log is None:
+        return cmd
+    return [sys.executable, "-c", _WITH_LEDGER_LOG, str(ledger_log), *cmd[3:]]
+
+
+def start_generate(catalog: Path, data_dir: Path, env: dict[str, str], log_path: Path, *,
+                   ledger_log: Path | None = None) -> subprocess.Popen:
     log = open(log_path, "ab")
     try:
-        return subprocess.Popen(generate_cmd(catalog, data_dir, "--timeout", "600"), env=env, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=data_dir.parent)
+        cmd = _logged(generate_cmd(catalog, data_dir, "--timeout", "600"), ledger_log)
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=data_dir.parent)
+    finally:
+        log.close()
+
+
+def start_sensor(data_dir: Path, env: dict[str, str], log_path: Path, *, seconds: float,
+                 ledger_log: Path) -> subprocess.Popen:
+    """The polling sensor evaluated in a loop in another process, beside ``generate``."""
+    code = _WITH_LEDGER_LOG.replace("runpy.run_module('vidu_pipeline.cli', run_name='__main__', alter_sys=True)\n",
+                                    "") + _SENSOR_LOOP
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen([sys.executable, "-c", code, str(ledger_log), str(data_dir), str(seconds)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=data_dir.parent)
     finally:
         log.close()
 
@@ -219,6 +278,28 @@ def kill9(proc: subprocess.Popen) -> bool:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     return True
+
+
+def terminate(proc: subprocess.Popen, *, grace: float = 90.0) -> bool:
+    """SIGTERM the process if it still runs, as a service manager stops it, and wait for it to
+    end (SIGKILL after ``grace`` seconds). True when the signal landed on a running process."""
+    if proc.poll() is not None:
+        return False
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        kill9(proc)
+    return True
+
+
+def stop(proc: subprocess.Popen, sig: int) -> bool:
+    return terminate(proc) if sig == signal.SIGTERM else kill9(proc)
+
+
+def stale_answers(*logs: Path) -> int:
+    """Poll answers the ledger ignored because another poller had moved the request on."""
+    return sum(p.read_text(errors="replace").count(STALE_MARK) for p in logs if p.exists())
 
 
 def ledger_states(data_dir: Path) -> dict[str, str]:
@@ -287,15 +368,64 @@ def leaked_pool_slots(dagster_home: Path, *, free: bool = True) -> list[str]:
 
 
 def kill_at_random(catalog: Path, data_dir: Path, env: dict[str, str], rng: random.Random,
-                   log_path: Path, *, low: float = 2.0, high: float = 25.0) -> tuple[bool, float]:
-    """Start generate, SIGKILL it after a seeded random delay. (killed?, delay)."""
+                   log_path: Path, *, low: float = 2.0, high: float = 25.0,
+                   sig: int = signal.SIGKILL) -> tuple[bool, float]:
+    """Start generate, send it ``sig`` (SIGKILL, or SIGTERM and wait for it to end) after a
+    seeded random delay. (landed on a running generate?, delay)."""
     delay = rng.uniform(low, high)
     proc = start_generate(catalog, data_dir, env, log_path)
     try:
         proc.wait(timeout=delay)
     except subprocess.TimeoutExpired:
         pass
-    return kill9(proc), delay
+    return stop(proc, sig), delay
+
+
+@dataclasses.dataclass
+class RaceResult:
+    pollers: str
+    exits: list[int | None]
+    stale_answers: int
+    sigterms: int
+
+
+def race_pollers(catalog: Path, data_dir: Path, env: dict[str, str], sim: SimulatorProcess, work: Path, *,
+                 with_sensor: bool, fail_tasks: float = 0.4, slow: float = 0.4, slow_s: float = 1.5,
+                 sigterm_after: float | None = None, timeout: float = 300) -> RaceResult:
+    """Two pollers on one ledger while tasks fail often and polls are slow: two ``generate``s
+    at once, or one beside the sensor evaluated in another process. A slow poll answer about
+    a failed task then arrives after the other poller has recorded it and resubmitted. With
+    ``sigterm_after``, the first generate gets SIGTERM that many seconds in."""
+    previous = sim.faults()
+    sim.set_faults(fail_tasks=fail_tasks, slow=slow, slow_s=slow_s)
+    tag = "sensor" if with_sensor else "two"
+    logs = [work / f"race-{tag}-{i}.ledger.log" for i in range(2)]
+    procs: list[subprocess.Popen] = []
+    sigterms = 0
+    try:
+        procs.append(start_generate(catalog, data_dir, env, work / "generate.log", ledger_log=logs[0]))
+        if with_sensor:
+            procs.append(start_sensor(data_dir, env, work / "sensor.log", seconds=timeout, ledger_log=logs[1]))
+        else:
+            procs.append(start_generate(catalog, data_dir, env, work / "generate.log", ledger_log=logs[1]))
+        generates = procs if not with_sensor else procs[:1]
+        deadline = time.monotonic() + timeout
+        if sigterm_after is not None:
+            try:
+                generates[0].wait(timeout=sigterm_after)
+            except subprocess.TimeoutExpired:
+                sigterms += terminate(generates[0])
+        for proc in generates:
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                sigterms += terminate(proc)
+    finally:
+        for proc in procs:
+            terminate(proc, grace=30)
+        sim.set_faults(**previous)
+    return RaceResult("generate + sensor" if with_sensor else "two generates",
+                      [p.returncode for p in procs], stale_answers(*logs), sigterms)
 
 
 def kill_mid_submit(catalog: Path, data_dir: Path, env: dict[str, str], sim: SimulatorProcess,

@@ -32,6 +32,7 @@ from drills.run_drill import (
     leaked_pool_slots,
     ledger_states,
     make_catalog,
+    race_pollers,
     run_generate,
     terminal_snapshot,
 )
@@ -127,6 +128,32 @@ def test_crash_drill_kill9_restart(tmp_path, faulty_sim):
     # Killed runs held Dagster pool slots; each restarted generate reaps them (else it would
     # have hung above), and none is left held once everything has ended.
     assert leaked_pool_slots(home, free=False) == []
+
+
+@pytest.mark.timeout(480)
+def test_race_drill_two_pollers_and_sigterm(tmp_path, faulty_sim):
+    """Two pollers on one ledger (two ``generate``s planning and polling one fresh catalog at
+    once; then ``generate`` beside the sensor evaluated in another process) while 40 % of tasks
+    fail and polls are slow; then a SIGTERM at a random moment. Every invariant holds,
+    including the paid-once ones: no task paid beyond need, no finished task left behind."""
+    import signal
+
+    catalog, data, home = tmp_path / "catalog", tmp_path / "data", tmp_path / "dagster_home"
+    n = make_catalog(catalog, subjects=3, prompts=1, seeds=2, rng_seed=5)
+    env = faulty_sim.env(home)
+    races = [race_pollers(catalog, data, env, faulty_sim, tmp_path, with_sensor=False, timeout=150)]
+    assert all(code is not None for code in races[0].exits)
+    # generate + the sensor elsewhere, on requests the first race left failed or unfinished
+    races.append(race_pollers(catalog, data, env, faulty_sim, tmp_path, with_sensor=True, timeout=150))
+    landed, _ = kill_at_random(catalog, data, env, random.Random(3), tmp_path / "generate.log",
+                               low=2.0, high=6.0, sig=signal.SIGTERM)
+    check_readable(data)
+    runs = finish(catalog, data, env, timeout=200)
+    assert runs[-1].returncode in (0, 1), runs[-1].stdout[-2000:] + runs[-1].stderr[-2000:]
+    report = check_invariants(data, faulty_sim, env, expected_requests=n)
+    print(f"races: {races}; SIGTERM landed: {landed}")
+    assert_report(report)
+    assert report.counts["paid_extra"] == 0 and report.counts["succeeded_not_downloaded"] == 0
 
 
 # --- malformed service answers through the pipeline -------------------------------------------------
