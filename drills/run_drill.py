@@ -34,6 +34,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 DRILL_KEY = "sk-vidu-drill-5e1d0c"
 TERMINAL = ("succeeded", "failed", "unknown")
+NOT_BILLABLE = ("rejected", "refused")  # attempt outcomes for which the service created no task
 
 # The fault mix of the drill (simulator CLI flags).
 FAULT_FLAGS = {
@@ -582,7 +583,7 @@ def check_invariants(data_dir: Path, sim: SimulatorProcess, env: dict[str, str],
                      retry_budget: int = 3, expected_requests: int | None = None) -> Report:
     """Everything the promise says, checked from the ledger, the files, the lineage table,
     ``vidu-pipeline status`` and the simulator's own books."""
-    from vidu_pipeline.ledger import NOT_BILLABLE, Ledger
+    from vidu_pipeline.ledger import Ledger
     from vidu_pipeline.lineage import LineageStore
     from vidu_pipeline.video import VideoInvalid, probe_video
 

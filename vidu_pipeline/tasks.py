@@ -226,6 +226,10 @@ def _submit_claimed(ledger: Ledger, client: ViduClient, claim: Claim, data_uri_f
             record(request_id, attempt, *args, **kw)
         except LedgerStateError as exc:  # recovered as unknown meanwhile (it stays so)
             log.warning("%s: %s", request_id, exc)
+        except SQLAlchemyError as exc:  # e.g. disk full: the row stays `submitting`
+            halted.append(errors.StorageError(
+                f"could not record the outcome of submitting {request_id} (attempt {attempt}) in the ledger "
+                f"({_db_reason(exc)}); it stays 'submitting' and is listed unknown after the next start"))
 
     if halted or STOP.is_set():
         end(ledger.record_submit_rejected, "not sent: submitting was stopped", retryable=True)
@@ -319,6 +323,10 @@ def poll_due(
             record(row)
         except LedgerStateError as exc:
             log.debug("%s moved on while polling: %s", row.request_id, exc)
+        except SQLAlchemyError as exc:  # e.g. disk full: nothing is lost, the task is polled again
+            raise errors.StorageError(
+                f"could not record the poll of task {row.task_id} (request {row.request_id}) in the ledger "
+                f"({_db_reason(exc)}); it will be polled again") from None
 
     def noted(applied: bool, bucket: list[str], row) -> None:
         """Another poller (a second generate, the daemon's sensor) may have recorded this task
