@@ -1,12 +1,16 @@
 """Fault and crash drill for ``vidu-pipeline generate`` against a misbehaving simulator.
 
-    python drills/run_drill.py [--requests 60 --kills 20 --seed 7 --keep DIR]
+    python drills/run_drill.py [--requests 60 --kills 20 --sigterm-every 3 --race-requests 20
+                                --races 2 --seed 7 --keep DIR]
 
 Runs a sweep against a standalone simulator subprocess that injects 5xx, 429, dropped
 connections (also after a task was accepted), failing tasks, truncated downloads and short URL
-TTLs all at once; kills ``generate`` with SIGKILL at seeded random moments (and once in the
-middle of a slow submit), restarting it each time; then checks that nothing was lost and
-nothing was paid twice. Prints every invariant and the counts; exits 1 if any invariant fails.
+TTLs all at once; races two pollers on one ledger (two ``generate``s at once, and ``generate``
+beside the sensor evaluated in another process) while many tasks fail and polls are slow;
+kills ``generate`` with SIGKILL or SIGTERM at seeded random moments (and once in the middle of
+a slow submit), restarting it each time; then checks that nothing was lost and nothing was paid
+twice — also against the service's own books, task by task. Prints every invariant and the
+counts; exits 1 if any invariant fails.
 
 The helpers here are also what ``tests/test_drills.py`` and ``tests/test_security.py`` use.
 """
@@ -757,7 +761,13 @@ def terminal_snapshot(data_dir: Path) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=60, help="at least this many requests (default 60)")
-    parser.add_argument("--kills", type=int, default=20, help="random SIGKILLs of generate (default 20)")
+    parser.add_argument("--kills", type=int, default=20, help="random kills of generate (default 20)")
+    parser.add_argument("--sigterm-every", type=int, default=3,
+                        help="every Nth random kill is a SIGTERM instead of a SIGKILL (default 3; 0: none)")
+    parser.add_argument("--race-requests", type=int, default=20,
+                        help="requests of each two-poller race round (default 20; 0: no race)")
+    parser.add_argument("--races", type=int, default=2,
+                        help="race rounds, alternating two generates / generate beside a sensor (default 2)")
     parser.add_argument("--seed", type=int, default=7, help="seeds the kill times and the faults")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
     args = parser.parse_args(argv)
@@ -767,37 +777,58 @@ def main(argv: list[str] | None = None) -> int:
     catalog, data_dir, home = work / "catalog", work / "data", work / "dagster_home"
     subjects, prompts, seeds = shape_for(args.requests)
     n = make_catalog(catalog, subjects=subjects, prompts=prompts, seeds=seeds, rng_seed=args.seed)
+    race_catalogs = []
+    for i in range(args.races if args.race_requests else 0):
+        shape = shape_for(args.race_requests)
+        race_catalog = work / f"race-catalog-{i}"
+        n += make_catalog(race_catalog, subjects=shape[0], prompts=shape[1], seeds=shape[2],
+                          rng_seed=1000 + 17 * i + args.seed)
+        race_catalogs.append(race_catalog)
     rng = random.Random(args.seed)
-    print(f"drill in {work}: {n} requests ({subjects} subjects × {prompts} prompts × {seeds} seeds), "
-          f"{args.kills} kills, seed {args.seed}")
+    print(f"drill in {work}: {n} requests ({subjects} subjects × {prompts} prompts × {seeds} seeds, and "
+          f"{len(race_catalogs)} race round(s) of {args.race_requests}), {args.kills} kills "
+          f"(every {args.sigterm_every or 'no'} Nth a SIGTERM), seed {args.seed}")
     print("faults: " + " ".join(f"{k} {v}" for k, v in FAULT_FLAGS.items())
           + " --url-ttl 3 --latency 0.7 --render-scale 0.1 --concurrency 5")
     started = time.monotonic()
     sim = SimulatorProcess(work / "sim", fault_seed=args.seed, faults=FAULT_FLAGS)
     readable_problems: list[str] = []
+    races: list[RaceResult] = []
+    kills = {"SIGKILL": 0, "SIGTERM": 0}
     try:
         sim.start()
         env = sim.env(home)
         log = work / "generate.log"
-        kills = 0
         inflight = kill_mid_submit(catalog, data_dir, env, sim, log)
-        kills += 1
+        kills["SIGKILL"] += 1
         print(f"kill 1 (mid-submit): {len(inflight)} request(s) were submitting: {', '.join(inflight[:5])}")
-        tries = 0
-        while kills < args.kills + 1 and tries < 3 * args.kills:
+
+        # Two pollers on one ledger, with 40 % of tasks failing and slow polls.
+        for i, race_catalog in enumerate(race_catalogs):
+            result = race_pollers(race_catalog, data_dir, env, sim, work, with_sensor=bool(i % 2),
+                                  sigterm_after=rng.uniform(10.0, 25.0) if i % 2 else None)
+            races.append(result)
+            kills["SIGTERM"] += result.sigterms
+            print(f"race {i + 1} ({result.pollers}): {result.stale_answers} stale poll answer(s) ignored; "
+                  f"exits {result.exits}; {check_readable(data_dir)}")
+
+        tries = landed = 0
+        while landed < args.kills and tries < 3 * args.kills:
             # Short windows, so kills land while work remains (a run that already finished
             # is not counted): startup, planning, submits, polls, downloads, lineage.
             tries += 1
-            i = tries - 1
-            killed, delay = kill_at_random(catalog, data_dir, env, rng, log, low=1.5, high=9.0)
-            kills += killed
+            sig = signal.SIGTERM if args.sigterm_every and tries % args.sigterm_every == 0 else signal.SIGKILL
+            killed, delay = kill_at_random(catalog, data_dir, env, rng, log, low=1.5, high=9.0, sig=sig)
+            landed += killed
+            kills[sig.name] += killed
             try:
                 state = check_readable(data_dir)
             except Exception as exc:  # noqa: BLE001 - reported as a failed invariant
                 state = f"UNREADABLE: {exc}"
-                readable_problems.append(f"after kill {i + 2}: {exc}")
-            print(f"kill {i + 2}: after {delay:.1f} s ({'killed' if killed else 'had already finished'}); {state}")
-        runs = finish(catalog, data_dir, env)
+                readable_problems.append(f"after kill {tries + 1}: {exc}")
+            print(f"kill {tries + 1}: {sig.name} after {delay:.1f} s "
+                  f"({'landed' if killed else 'had already finished'}); {state}")
+        runs = [run for c in [catalog, *race_catalogs] for run in finish(c, data_dir, env)]
         print(f"final run(s): exit {[r.returncode for r in runs]}")
         # Killed runs held pool slots; every restarted generate reaps them. None may remain.
         leaks = leaked_pool_slots(home, free=False)
@@ -827,7 +858,9 @@ def main(argv: list[str] | None = None) -> int:
                                    "; ".join(readable_problems) or f"checked after each of {tries} restarts"))
     finally:
         sim.stop()
-    report.counts["kills"] = kills  # SIGKILLs that landed on a running generate (1 mid-submit)
+    report.counts["kills"] = kills  # kills that landed on a running generate (1 SIGKILL mid-submit)
+    report.counts["races"] = [dataclasses.asdict(r) for r in races]
+    report.counts["stale_answers"] = sum(r.stale_answers for r in races)
     print("\ninvariants")
     print(report.text())
     print("\ncounts")

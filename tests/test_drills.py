@@ -142,7 +142,8 @@ def test_race_drill_two_pollers_and_sigterm(tmp_path, faulty_sim):
     n = make_catalog(catalog, subjects=3, prompts=1, seeds=2, rng_seed=5)
     env = faulty_sim.env(home)
     races = [race_pollers(catalog, data, env, faulty_sim, tmp_path, with_sensor=False, timeout=150)]
-    assert all(code is not None for code in races[0].exits)
+    # Both planned one fresh catalog at once: neither dies on the partition race (exit 2).
+    assert all(code in (0, 1) for code in races[0].exits), races[0]
     # generate + the sensor elsewhere, on requests the first race left failed or unfinished
     races.append(race_pollers(catalog, data, env, faulty_sim, tmp_path, with_sensor=True, timeout=150))
     landed, _ = kill_at_random(catalog, data, env, random.Random(3), tmp_path / "generate.log",
