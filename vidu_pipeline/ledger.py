@@ -12,6 +12,11 @@ States::
        |            |              '----> unknown (deadline passed without a terminal status)
        '- rejected -+-> failed (rejected for good) / unknown (outcome unknown, crash)
 
+Each attempt ends ``submitted`` or ``unknown`` (both may have cost money: spend caps and the
+retry budget count them), ``refused`` (the service refused the request for good: counts against
+the retry budget only) or ``rejected`` (provably never accepted — 429, a connection that never
+opened, a refused key — counts against nothing).
+
 SQLAlchemy Core, so the same code runs on SQLite (the default: WAL, ``busy_timeout``, and
 ``BEGIN IMMEDIATE`` for every write transaction so concurrent processes serialize instead of
 failing on a lock upgrade) and on Postgres (row locks with ``SELECT … FOR UPDATE``; claims
@@ -348,6 +353,17 @@ class Ledger:
         return new
 
     def _plan_chunk(self, rows: list[PlannedRequest]) -> int:
+        """Insert the rows not yet present. SQLite's write lock serializes planners; elsewhere a
+        planner that loses the race to insert the same ids reads again and inserts the rest."""
+        for tries_left in (2, 1, 0):
+            try:
+                return self._insert_new(rows)
+            except IntegrityError:
+                if not tries_left:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _insert_new(self, rows: list[PlannedRequest]) -> int:
         now = self.clock()
         r = requests_table.c
         with self._write() as conn:
