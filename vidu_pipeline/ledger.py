@@ -37,8 +37,8 @@ import json
 import logging
 import sqlite3
 import time
-from pathlib import Path
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
