@@ -472,7 +472,11 @@ def finish(catalog: Path, data_dir: Path, env: dict[str, str], *, max_runs: int 
     """Run generate until every request is terminal (a run may end 1: failed/unknown ones)."""
     runs = []
     for _ in range(max_runs):
-        runs.append(run_generate(catalog, data_dir, env, timeout=timeout))
+        try:
+            runs.append(run_generate(catalog, data_dir, env, timeout=timeout))
+        except subprocess.TimeoutExpired as exc:  # reported by the invariants, not a traceback
+            runs.append(subprocess.CompletedProcess(exc.cmd, -1, "", f"generate still running after {exc.timeout} s"))
+            break
         states = ledger_states(data_dir)
         if runs[-1].returncode in (0, 1) and states and all(s in TERMINAL for s in states.values()):
             break
