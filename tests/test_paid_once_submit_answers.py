@@ -231,3 +231,33 @@ def test_submit_rejected_fails_with_the_services_words_and_uses_the_budget(world
     assert row.state == "failed" and row.last_error == "HTTP 422 UNPROCESSABLE: model not available for this account"
     assert outcomes(ledger, ids[0]) == ["refused", "refused"]
     assert ledger.submits_since(0) == 0  # no task was created: nothing billable
+
+
+@pytest.mark.timeout(180)
+def test_a_refused_key_fails_the_dagster_step_with_auth_error(tmp_path):
+    """Through ``materialize``: the ``video_tasks`` step fails with AuthError (what the CLI
+    maps to exit 2), after recording the one refused attempt; nothing else was sent."""
+    make_catalog(tmp_path / "catalog", subjects=1, prompts=3, seeds=1)
+    pipeline = PipelineResource(data_dir=str(tmp_path / "data"), catalog_dir=str(tmp_path / "catalog"),
+                                submit_workers=1)
+    with AnsweringServer() as server, instance_for_test() as instance:
+        server.status = 403
+        resources = {"pipeline": pipeline, "vidu": ViduResource(api_key=KEY, base_url=server.base_url)}
+        planned = materialize(ALL_ASSETS, selection=[AssetKey(k) for k in
+                                                     ("catalog", "reference_images", "generation_requests")],
+                              instance=instance, resources=resources)
+        ids = sorted(planned.output_for_node("generation_requests")["request_id"])
+        keys = instance.get_dynamic_partitions("vidu_requests")
+        result = materialize(ALL_ASSETS, selection=[AssetKey("video_tasks")], instance=instance,
+                             resources=resources, raise_on_error=False,
+                             tags={"dagster/asset_partition_range_start": keys[0],
+                                   "dagster/asset_partition_range_end": keys[-1]})
+        assert not result.success
+        [failure] = [e for e in result.all_events if e.is_step_failure]
+        error = failure.step_failure_data.error
+        assert (error.cause or error).cls_name == "AuthError"
+        assert "HTTP 403" in (error.cause or error).message
+        assert server.posts == 1
+        ledger = pipeline.ledger()
+        assert {ledger.get(r).state for r in ids} == {"planned"}
+        assert sum(len(ledger.attempts_for(r)) for r in ids) == 1
