@@ -21,7 +21,7 @@ from dagster import (
     MetadataValue,
     asset,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from .. import catalog as catalog_mod
 from .. import collect, plan, tasks
@@ -145,10 +145,10 @@ def register_partitions(instance, keys: list[str], *, tries: int = 5) -> tuple[l
         try:
             instance.add_dynamic_partitions(REQUESTS_PARTITIONS_NAME, missing)
             return missing, len(existing) + len(missing)
-        except IntegrityError:
+        except (IntegrityError, OperationalError):  # the same keys inserted, or being inserted, elsewhere
             if attempt == tries - 1:
                 raise
-            time.sleep(0.05 * (attempt + 1))  # let the other planner's insert commit
+            time.sleep(0.2 * (attempt + 1))  # let the other planner's insert commit
     raise AssertionError("unreachable")
 
 
