@@ -34,6 +34,8 @@ import numpy as np
 import requests
 from PIL import Image, ImageDraw
 
+from vidu_pipeline.testing import SimulatorProcess
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PY = sys.executable
@@ -122,50 +124,11 @@ def make_mixed_images(root: Path, n: int, seed: int = 1) -> Path:
 # --- processes -------------------------------------------------------------------------------
 
 
-class SimProc:
+def simulator(work: Path, *, latency: float, concurrency: int, render_scale: float) -> SimulatorProcess:
     """A standalone simulator in a child process (its own state folder, fresh counters)."""
-
-    def __init__(self, workdir: Path, *, latency: float, concurrency: int, render_scale: float,
-                 extra: tuple[str, ...] = ()):
-        self.state = Path(tempfile.mkdtemp(prefix="sim-", dir=workdir))
-        announce = self.state / "announce.json"
-        cmd = [PY, "-m", "vidu_pipeline.simulator", "--host", "127.0.0.1", "--port", "0",
-               "--latency", str(latency), "--concurrency", str(concurrency),
-               "--render-scale", str(render_scale), "--state-dir", str(self.state / "state"),
-               "--announce", str(announce), *extra]
-        env = {**os.environ, "VIDU_SIMULATOR_API_KEY": API_KEY}
-        self.log = open(self.state / "simulator.log", "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, env=env)
-        deadline = time.monotonic() + 60
-        while not announce.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"simulator did not start; see {self.state / 'simulator.log'}")
-            time.sleep(0.05)
-        self.base_url = json.loads(announce.read_text())["base_url"]
-        self.render_scale = render_scale
-
-    def stats(self) -> dict:
-        r = requests.get(self.base_url + "/_simulator/stats", headers={"Authorization": f"Bearer {API_KEY}"},
-                         timeout=30)
-        r.raise_for_status()
-        return r.json()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
+    state = Path(tempfile.mkdtemp(prefix="sim-", dir=work)) / "state"
+    return SimulatorProcess(state, api_key=API_KEY, latency=latency, concurrency=concurrency,
+                            render_scale=render_scale)
 
 
 def run_child(cmd: list[str], env: dict, out_path: Path, timeout: float) -> dict:
@@ -205,7 +168,7 @@ def run_child(cmd: list[str], env: dict, out_path: Path, timeout: float) -> dict
             "output": out_path.read_text(errors="replace")}
 
 
-def run_generate(workdir: Path, catalog: Path, sim: SimProc, seeds: str, tag: str,
+def run_generate(workdir: Path, catalog: Path, sim: SimulatorProcess, seeds: str, tag: str,
                  timeout: float = 900) -> dict:
     data = workdir / f"data-{tag}"
     home = Path(tempfile.mkdtemp(prefix=f"dagster-{tag}-", dir=workdir))
@@ -247,10 +210,10 @@ def bench_e2e(work: Path, quick: bool) -> None:
     ideal = math.ceil(N / C) * L
     log(f"\n== end to end: N={N}, C={C}, L={L:g} s, render_scale={scale}; ideal ceil(N/C)*L = {ideal:g} s")
 
-    with SimProc(work, latency=L, concurrency=C, render_scale=scale) as sim:
+    with simulator(work, latency=L, concurrency=C, render_scale=scale) as sim:
         res = run_generate(work, catalog, sim, seeds, "e2e")
         stats = sim.stats()
-    with SimProc(work, latency=L, concurrency=C, render_scale=scale) as sim:
+    with simulator(work, latency=L, concurrency=C, render_scale=scale) as sim:
         env = dict(os.environ)
         naive = run_child([PY, str(HERE / "naive_script.py"), "--catalog", str(catalog), "--out",
                            str(work / "naive-out"), "--seeds", seeds, "--base-url", sim.base_url,
@@ -380,7 +343,7 @@ def bench_tick(work: Path, quick: bool) -> None:
     figure(f"poll_due alone, {n} pending, s (info)", poll_s, "info", None, "{:.2f}")
 
 
-def _download_and_decode_cpu(res: dict, sim: SimProc) -> float:
+def _download_and_decode_cpu(res: dict, sim: SimulatorProcess) -> float:
     """CPU seconds this process spends re-doing what generate does per video that is download
     or decode: one poll + download (with its hashing/fsync), the full probe, the thumbnail frame
     and the contact-sheet frame."""
@@ -413,7 +376,7 @@ def bench_overhead(work: Path, quick: bool) -> None:
         subjects = max(1, n // 10)
         catalog = make_catalog(work / f"catalog-oh-{n}", subjects, 2, seed=n)
         seeds = f"1-{math.ceil(n / (2 * subjects))}"
-        with SimProc(work, latency=0.0, concurrency=1000, render_scale=0.05) as sim:
+        with simulator(work, latency=0.0, concurrency=1000, render_scale=0.05) as sim:
             res = run_generate(work, catalog, sim, seeds, f"oh{n}")
             dd = _download_and_decode_cpu(res, sim)
         videos = res["videos"]

@@ -259,11 +259,23 @@ GOOD_PROMPTS = [{"subject_id": "a", "prompt": "p"}]
     ("", "must be a mapping"),
     ("seeds: [1, 2\n", "not valid YAML"),
     ("seeds: []\n", "non-empty list"),
-    ("seeds: [1, two]\n", "seeds[1] must be an integer"),
-    ("seeds: [true]\n", "seeds[0] must be an integer"),
+    ("seeds: [1, two]\n", "seeds[1] must be an integer, got 'two'"),
+    ("seeds: [true]\n", "seeds[0] must be an integer, got True"),
     ("seeds: [1]\nseed_start: 1\nseed_count: 2\n", "not both"),
     ("seed_start: 1\n", "seed_count"),
-    ("seed_start: 1\nseed_count: 0\n", "seed_count must be between"),
+    ("seed_start: 1\nseed_count: 0\n", "seed_count: 0 seeds, it must be between 1 and 10000"),
+    # the seed policy (contract.SEED_MIN..SEED_MAX, MAX_SWEEP_SEEDS): issue 10, case 11
+    ("seeds: [1, 2, 3, 9223372036854775808]\n",
+     "sweep.yaml: seeds[3]: seed 9223372036854775808 is outside 0..2147483647"),
+    ("seeds: [2147483648]\n", "seeds[0]: seed 2147483648 is outside 0..2147483647"),
+    ("seeds: [5, -1]\n", "seeds[1]: seed -1 is outside 0..2147483647"),
+    ("seeds: [1.5]\n", "seeds[0] must be an integer, got 1.5"),
+    ("seed_start: -3\nseed_count: 5\n", "seed_start: seed -3 is outside 0..2147483647"),
+    ("seed_start: 2147483647\nseed_count: 2\n",
+     "seed_start + seed_count - 1: seed 2147483648 is outside 0..2147483647"),
+    ("seed_start: 9223372036854775807\nseed_count: 1\n", "seed_start: seed 9223372036854775807 is outside"),
+    ("seed_start: 1\nseed_count: 200000\n", "seed_count: 200000 seeds, it must be between 1 and 10000"),
+    ("seeds: [%s]\n" % ", ".join(map(str, range(10_001))), "sweep.yaml: seeds: 10001 seeds, at most 10000"),
     ("seeds: [1]\nseed: 3\n", "unknown field(s) seed"),
     ("seeds: [1]\ndefaults:\n  aspect_ratio: '4:3'\n", "defaults.aspect_ratio"),
     ("seeds: [1]\ndefaults:\n  aspect: 9:16\n", "defaults.aspect is not an option"),
@@ -426,3 +438,157 @@ def test_large_image_is_reencoded_through_the_catalog(tmp_path):
     assert cache.data_uri(accepted.sent_sha256).startswith("data:image/jpeg;base64,")
     strict = cat.validate_images(cat.load_catalog(root), cache, strict=True)
     assert [r.rule for r in strict.rejections] == ["payload_size", "no_valid_images"]
+
+
+# --- issue 10, case 11: seeds, special files, hostile cells, formula injection --------------------
+
+
+def test_seed_range_ends_are_accepted(tmp_path):
+    write_catalog(tmp_path, GOOD_IMAGES, GOOD_PROMPTS, "seeds: [0, 2147483647]\n")
+    assert cat.load_catalog(tmp_path).sweep.seeds == (0, 2147483647)
+    write_catalog(tmp_path, GOOD_IMAGES, GOOD_PROMPTS, "seed_start: 2147473648\nseed_count: 10000\n")
+    seeds = cat.load_catalog(tmp_path).sweep.seeds
+    assert (len(seeds), seeds[0], seeds[-1]) == (10_000, 2_147_473_648, 2_147_483_647)
+
+
+@pytest.mark.timeout(60)
+def test_a_200000_seed_sweep_is_refused_at_once(tmp_path):
+    # Before: no cap, and a quadratic duplicate check (`seeds.count` per seed) ran for hours.
+    write_catalog(tmp_path, GOOD_IMAGES, GOOD_PROMPTS,
+                  "seeds: [%s]\n" % ", ".join(map(str, range(200_000))))
+    size = (tmp_path / "sweep.yaml").stat().st_size
+    with pytest.raises(cat.CatalogError) as err:
+        cat.load_catalog(tmp_path)
+    assert str(err.value) == f"sweep.yaml: {size:,} bytes, at most 1,000,000 (a sweep has at most 10000 seeds)"
+
+
+@pytest.mark.timeout(60)
+def test_many_duplicate_seeds_are_reported_once_each(tmp_path):
+    seeds = [i // 2 for i in range(10_000)]  # 5,000 seeds, each listed twice
+    write_catalog(tmp_path, GOOD_IMAGES, GOOD_PROMPTS, "seeds: %s\n" % seeds)
+    loaded = cat.load_catalog(tmp_path)
+    assert loaded.sweep.seeds == tuple(range(5_000))
+    dups = [r for r in loaded.rejections if r.rule == "duplicate_seed"]
+    assert len(dups) == 5_000 and dups[0].detail == "sweep.yaml: seed 0 is listed 2 times; used once"
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_named_png_is_rejected_and_the_run_goes_on(tmp_path):
+    # Before: open() on the FIFO waited for a writer forever and the run hung.
+    root = tmp_path / "c"
+    write_catalog(root, [("a", "x.png", ""), ("a", "good.png", ""), ("b", "link.png", ""),
+                         ("b", "other.jpg", "")],
+                  [{"subject_id": "a", "prompt": "p"}, {"subject_id": "b", "prompt": "q"}])
+    os.mkfifo(root / "x.png")
+    os.symlink("x.png", root / "link.png")
+    (root / "good.png").write_bytes(png())
+    (root / "other.jpg").write_bytes(jpeg())
+    validated = cat.validate_images(cat.load_catalog(root), img.ImageCache(tmp_path / "cache"))
+    assert sorted(validated.accepted["image"]) == ["good.png", "other.jpg"]
+    assert [(r.subject_id, r.item, r.rule, r.detail) for r in validated.rejections] == [
+        ("a", "images.csv row 1: x.png", "unreadable",
+         "images.csv row 1: x.png: it is a FIFO (named pipe), not a regular file"),
+        ("b", "images.csv row 3: link.png", "unreadable",
+         "images.csv row 3: link.png: it is a FIFO (named pipe), not a regular file"),
+    ]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["images.csv", "prompts.csv", "sweep.yaml"])
+def test_a_catalog_file_that_is_a_fifo_is_a_catalog_error(tmp_path, name):
+    write_catalog(tmp_path, GOOD_IMAGES, GOOD_PROMPTS)
+    (tmp_path / name).unlink()
+    os.mkfifo(tmp_path / name)
+    with pytest.raises(cat.CatalogError) as err:
+        cat.load_catalog(tmp_path)
+    assert str(err.value) == f"{name}: it is a FIFO (named pipe), not a regular file"
+
+
+def test_a_table_over_the_size_limit_is_a_catalog_error(tmp_path, monkeypatch):
+    write_catalog(tmp_path, GOOD_IMAGES, [{"subject_id": "a", "prompt": "x" * 5000}])
+    monkeypatch.setattr(cat, "MAX_TABLE_BYTES", 1000)
+    with pytest.raises(cat.CatalogError) as err:
+        cat.load_catalog(tmp_path)
+    assert str(err.value) == "prompts.csv: 5,021 bytes, at most 1,000"
+
+
+def test_a_table_that_is_not_utf8_is_a_catalog_error(tmp_path):
+    write_catalog(tmp_path, GOOD_IMAGES, GOOD_PROMPTS)
+    (tmp_path / "prompts.csv").write_bytes("subject_id,prompt\na,café au lait\n".encode("latin-1"))
+    with pytest.raises(cat.CatalogError) as err:
+        cat.load_catalog(tmp_path)
+    assert str(err.value) == "prompts.csv: is not UTF-8 text (found byte 0xe9); save it as UTF-8"
+
+
+def test_bom_in_every_file_is_accepted(tmp_path):
+    write_catalog(tmp_path, GOOD_IMAGES, GOOD_PROMPTS)
+    for name in ("images.csv", "prompts.csv", "sweep.yaml"):
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    (tmp_path / "x.png").write_bytes(png())
+    loaded = cat.load_catalog(tmp_path)
+    assert loaded.sweep.seeds == (1, 2) and list(loaded.images["subject_id"]) == ["a"]
+    assert loaded.rejections == [] and list(loaded.prompts["prompt"]) == ["p"]
+
+
+def test_nul_characters_and_overlong_cells_are_row_rejections(tmp_path):
+    # Before: a NUL in an image path made os.path.realpath raise ValueError: the whole load crashed.
+    long_subject = "s" * 201
+    write_catalog(tmp_path, [("a", "x.png", ""), ("a", "bad\x00name.png", ""), ("b\x00", "x.png", ""),
+                             (long_subject, "x.png", ""), ("a", "y" * 5000 + ".png", "")],
+                  [{"subject_id": "a", "prompt": "p"}, {"subject_id": "a", "prompt": "nul\x00here"},
+                   {"subject_id": "a", "prompt": "z" * 10_000_000}])
+    (tmp_path / "x.png").write_bytes(png())
+    loaded = cat.load_catalog(tmp_path)
+    assert list(loaded.images["row"]) == [1] and list(loaded.prompts["prompt"]) == ["p"]
+    long_item = "images.csv row 5: " + "y" * 200 + "…"  # cells in messages stop at 200 characters
+    found = sorted((r.item, r.rule, r.detail) for r in loaded.rejections)
+    assert found == [
+        ("images.csv row 2: bad\\x00name.png", "control_character",
+         "images.csv row 2: bad\\x00name.png: image contains a NUL character"),
+        ("images.csv row 3: x.png", "control_character", "images.csv row 3: x.png: subject_id contains a NUL character"),
+        ("images.csv row 4: x.png", "too_long", "images.csv row 4: x.png: subject_id is 201 characters, at most 200"),
+        (long_item, "too_long", long_item + ": image is 5,004 characters, at most 4,096"),
+        ("prompts.csv row 2", "control_character", "prompts.csv row 2: prompt contains a NUL character"),
+        ("prompts.csv row 3", "prompt_too_long", "prompts.csv row 3: prompt is 10000000 characters, at most 1500"),
+    ]
+    assert [r.subject_id for r in loaded.rejections if r.item == "images.csv row 4: x.png"] == ["s" * 200 + "…"]
+
+
+FORMULA = "=cmd|' /C calc'!A0"
+
+
+@pytest.mark.timeout(120)
+def test_rejections_csv_escapes_formulas_through_dagster(tmp_path):
+    import csv
+
+    from dagster import AssetKey, materialize
+
+    from vidu_pipeline.defs.assets import ALL_ASSETS
+    from vidu_pipeline.defs.checks import ALL_CHECKS
+    from vidu_pipeline.defs.resources import PipelineResource, ViduResource
+
+    root = tmp_path / "catalog"
+    write_catalog(root, [(FORMULA, FORMULA, ""), ("a", "good.png", ""), ("@SUM(1+1)", "+1.png", "")],
+                  [{"subject_id": "a", "prompt": FORMULA}, {"subject_id": "-2+3", "prompt": "p"}])
+    (root / "good.png").write_bytes(png())
+    pipeline = PipelineResource(data_dir=str(tmp_path / "data"), catalog_dir=str(root))
+    unused = ViduResource(api_key="test-key", base_url="http://127.0.0.1:9")  # nothing is sent
+    result = materialize([*ALL_ASSETS, *ALL_CHECKS], resources={"pipeline": pipeline, "vidu": unused},
+                         selection=[AssetKey(k) for k in ("catalog", "reference_images", "rejections")])
+    assert result.success
+    frame = result.output_for_node("rejections")
+    assert FORMULA in set(frame["subject_id"])  # the asset's own output keeps the text
+
+    with open(tmp_path / "data" / "reports" / "rejections.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and list(rows[0]) == list(cat.REJECTION_COLUMNS)
+    subjects = {r["subject_id"] for r in rows}
+    assert {"'" + FORMULA, "'@SUM(1+1)", "'-2+3"} <= subjects
+    assert not [cell for r in rows for cell in r.values() if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    assert len(rows) == len(frame) and not list((tmp_path / "data" / "reports").glob(".*"))
+
+
+def test_spreadsheet_safe_follows_the_owasp_rule():
+    assert [cat.spreadsheet_safe(v) for v in ("=1", "+1", "-1", "@x", "\tx", "\rx", "a=1", "", None, 5)] == [
+        "'=1", "'+1", "'-1", "'@x", "'\tx", "'\rx", "a=1", "", None, 5]

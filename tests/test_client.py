@@ -11,8 +11,10 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 import re
 import socket
+import stat
 import threading
 import time
 import traceback
@@ -24,6 +26,8 @@ from pathlib import Path
 import pytest
 import requests
 import urllib3.util.retry
+from hostile_server import HostileServer, drip_body, drip_headers, raw, reply, truncated
+from support import IMG_A, IMG_B, body, data_uri, image_bytes
 
 from vidu_pipeline import client as client_mod
 from vidu_pipeline import contract, errors
@@ -32,7 +36,6 @@ from vidu_pipeline.contract import GenerationRequest, TaskResult, TaskStatus, Vi
 from vidu_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig
 from vidu_pipeline.simulator.faults import Roll
 from vidu_pipeline.video import VideoInvalid, probe_video
-from support import IMG_A, IMG_B, body, data_uri, image_bytes
 
 KEY = "client-test-key"
 SECRET = "sk-SECRET-TEST-1234"
@@ -927,3 +930,366 @@ def test_no_secret_in_messages_reprs_or_logs(make_sim, make_client, fake, tmp_pa
     assert any(r.name.startswith("urllib3") for r in caplog.records)  # the logs were really captured
     for record in caplog.records:
         assert_clean(record.getMessage(), caplog.handler.format(record))
+
+
+# --- every submit answer, classified exactly (issue 10, case 2) ------------------------------
+
+SUBMIT_KINDS = {
+    200: None,
+    **{s: errors.SubmitOutcomeUnknown for s in (100, 101, 201, 202, 203, 204, 206, 299)},
+    **{s: errors.SubmitOutcomeUnknown for s in (300, 301, 302, 303, 304, 307, 308)},
+    400: errors.InvalidRequest,
+    401: errors.AuthError,
+    403: errors.AuthError,
+    **{s: errors.SubmitRejected for s in (402, 404, 405, 409, 410, 413, 415, 418, 422, 451, 499)},
+    429: errors.RateLimited,
+    **{s: errors.SubmitOutcomeUnknown for s in (500, 501, 502, 503, 504, 520, 599, 600, 999)},
+}
+
+
+@pytest.mark.parametrize("status", sorted(SUBMIT_KINDS))
+def test_submit_status_classification(status):
+    from vidu_pipeline.answers import submit_error_kind
+
+    assert submit_error_kind(status) is SUBMIT_KINDS[status]
+
+
+def test_only_a_4xx_proves_no_task_was_created():
+    """Across every status: a submit is 'maybe paid' unless it is a 200 or a 4xx."""
+    from vidu_pipeline.answers import submit_error_kind
+
+    for status in range(100, 600):
+        kind = submit_error_kind(status)
+        assert (kind is errors.SubmitOutcomeUnknown) == (status != 200 and not 400 <= status < 500), status
+
+
+@pytest.mark.parametrize("status, kind", [
+    (200, None), (202, errors.TransientError), (301, errors.TransientError), (400, errors.InvalidRequest),
+    (401, errors.AuthError), (403, errors.AuthError), (404, errors.TaskNotFound), (418, errors.ViduError),
+    (429, errors.RateLimited), (500, errors.TransientError), (503, errors.TransientError),
+])
+def test_poll_status_classification(status, kind):
+    from vidu_pipeline.answers import poll_error_kind
+
+    assert poll_error_kind(status) is kind
+
+
+@pytest.mark.parametrize("body, task_id", [
+    ({"task_id": "t-1"}, "t-1"), ({"task_id": "a" * 256}, "a" * 256), ({"task_id": ""}, None),
+    ({"task_id": "a" * 257}, None), ({"task_id": 42}, None), ({"task_id": None}, None), ({"id": "x"}, None),
+    ({"task_id": "has space"}, None), ({"task_id": "t\u20131"}, None), (["t-1"], None), ("t-1", None),
+])
+def test_usable_task_id(body, task_id):
+    from vidu_pipeline.answers import task_id_in
+
+    assert task_id_in(body) == task_id
+
+
+@pytest.fixture
+def hostile():
+    server = HostileServer()
+    yield server
+    server.stop()
+
+
+def echo_words(status: int):
+    """An error answer whose words echo the request's Authorization header back."""
+    def script(h):
+        auth = h.headers.get("Authorization", "")
+        reply(status, {"code": status, "reason": "NOPE", "message": f"refused {auth} ({urllib.parse.quote(auth)})"})(h)
+    return script
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("status, kind", [
+    (202, errors.SubmitOutcomeUnknown), (201, errors.SubmitOutcomeUnknown), (204, errors.SubmitOutcomeUnknown),
+    (301, errors.SubmitOutcomeUnknown), (401, errors.AuthError), (403, errors.AuthError),
+    (404, errors.SubmitRejected), (409, errors.SubmitRejected), (418, errors.SubmitRejected),
+    (422, errors.SubmitRejected), (500, errors.SubmitOutcomeUnknown),
+])
+def test_submit_answers_end_to_end(hostile, make_client, status, kind):
+    """Each answer raises its kind once, is never resent, and says the status and the
+    service's words without our key."""
+    if status == 202:
+        script = reply(202, {"task_id": "t-accepted-later"})
+    elif status == 301:
+        script = reply(301, b"", {"Location": hostile.url + "/elsewhere"})
+    elif status == 204:
+        script = reply(204)
+    else:
+        script = echo_words(status)
+    hostile.on("POST", contract.SUBMIT_PATH, script)
+    with pytest.raises(errors.ViduError) as info:
+        make_client(hostile.url, key=SECRET).submit(body())
+    assert type(info.value) is kind
+    assert info.value.status == status
+    assert [r["path"] for r in hostile.seen] == [contract.SUBMIT_PATH]  # once, nowhere else
+    check_error(info.value)
+    if status not in (202, 301, 204):  # the echoing ones: the words are kept, the key is not
+        assert "refused Bearer ***" in str(info.value)
+        assert f"HTTP {status}" in str(info.value)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("answer", [
+    truncated(200, {"task_id": "t-0123456789"}, keep=12),
+    raw(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"),  # headers never finished
+    raw(b"HTTP/1.1 2OO OK\r\n\r\n"),  # not a status line
+    raw(b""),  # closed without a word
+    reply(200, b'{"task_id": "t-1"'),  # whole but not JSON
+    reply(200, {"task_id": "t 1"}),
+])
+def test_a_broken_200_on_submit_is_outcome_unknown(hostile, make_client, answer):
+    hostile.on("POST", contract.SUBMIT_PATH, answer)
+    with pytest.raises(errors.SubmitOutcomeUnknown):
+        make_client(hostile.url).submit(body())
+    assert hostile.count("POST") == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("answer", [
+    truncated(200, task_body("t-1"), keep=30),
+    raw(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"),
+    raw(b"HTTP/1.1 2OO OK\r\n\r\n"),
+    raw(b"HTTP/1.1 200 OK\r\n" + b"X-Long: " + b"a" * 70_000 + b"\r\n\r\n"),
+])
+def test_a_broken_poll_answer_is_transient(hostile, make_client, answer):
+    """Cut off, unparsable or oversized: a retryable typed error, never urllib3's own."""
+    hostile.on("GET", contract.TASK_RESULT_PATH, answer)
+    with pytest.raises((errors.TransientError, errors.MalformedResponse)):
+        make_client(hostile.url, retry=RetryPolicy(retries=1, backoff_factor=0.01)).get_task_result("t-1")
+
+
+@pytest.mark.timeout(60)
+def test_an_unreadable_retry_after_is_a_rate_limit_not_a_crash(hostile, make_client, sleeps):
+    hostile.on("GET", contract.TASK_RESULT_PATH, reply(429, {"message": "slow"}, {"Retry-After": "soon"}))
+    with pytest.raises(errors.RateLimited):
+        make_client(hostile.url).get_task_result("t-1")
+    hostile.on("POST", contract.SUBMIT_PATH, reply(429, {"message": "slow"}, {"Retry-After": "soon"}))
+    with pytest.raises(errors.RateLimited):
+        make_client(hostile.url).submit(body())
+
+
+def test_a_key_no_header_can_carry_is_refused_before_connecting(hostile):
+    with pytest.raises(errors.ConfigurationError) as info:
+        ViduClient("abc\u2013def", hostile.url)
+    assert "position 4" in str(info.value) and "abc" not in str(info.value)
+    assert hostile.connections == 0
+
+
+# --- every call has a total deadline (issue 10, case 6) --------------------------------------
+
+DRIP = 0.2  # seconds between bytes: far below the read timeout, so only a total deadline ends it
+SHORT = {"submit_deadline_s": 1.0, "poll_deadline_s": 1.0, "download_deadline_s": 1.0}
+ENDLESS = b"x" * 100_000
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("answer", [drip_headers(200, {"task_id": "t-1"}), drip_body(200, ENDLESS),
+                                    drip_body(200, ENDLESS, length=False)], ids=["headers", "body", "close-delimited"])
+def test_a_dripping_submit_is_outcome_unknown(hostile, make_client, answer):
+    hostile.on("POST", contract.SUBMIT_PATH, answer)
+    with pytest.raises(errors.SubmitOutcomeUnknown) as info:
+        make_client(hostile.url, **SHORT).submit(body())
+    assert "deadline" in str(info.value)
+    assert hostile.count("POST") == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("answer", [drip_headers(200, task_body("t-1")), drip_body(200, ENDLESS),
+                                    drip_body(200, ENDLESS, length=False)], ids=["headers", "body", "close-delimited"])
+def test_a_dripping_poll_is_transient(hostile, make_client, answer):
+    hostile.on("GET", contract.TASK_RESULT_PATH, answer)
+    with pytest.raises(errors.TransientError) as info:
+        make_client(hostile.url, **SHORT).get_task_result("t-1")
+    assert "deadline" in str(info.value)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("answer", [drip_headers(200, ENDLESS), drip_body(200, ENDLESS),
+                                    drip_body(200, ENDLESS, length=False)], ids=["headers", "body", "close-delimited"])
+def test_a_dripping_download_is_a_download_error(hostile, make_client, tmp_path, answer):
+    hostile.on("GET", "/v.mp4", answer)
+    with pytest.raises(errors.DownloadError) as info:
+        make_client(hostile.url, **SHORT).download(succeeded(hostile.url + "/v.mp4"), tmp_path / "v.mp4", attempts=1)
+    assert "deadline" in str(info.value)
+    assert not (tmp_path / "v.mp4").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.timeout(60)
+def test_wait_keeps_its_own_deadline_through_dripping_polls(hostile, make_client):
+    hostile.on("GET", contract.TASK_RESULT_PATH, drip_body(200, ENDLESS))
+    with pytest.raises(TimeoutError):
+        make_client(hostile.url, **SHORT).wait("t-1", timeout_s=2, min_interval_s=0.05, max_interval_s=0.1)
+    assert hostile.count("GET") >= 2
+
+
+@pytest.mark.timeout(60)
+def test_a_deadline_ends_only_its_own_call(hostile, make_client):
+    """After a call was cut at its deadline, the next one through the same pool works."""
+    client = make_client(hostile.url, **SHORT)
+    hostile.on("GET", contract.TASK_RESULT_PATH, drip_body(200, ENDLESS))
+    with pytest.raises(errors.TransientError):
+        client.get_task_result("t-1")
+    hostile.on("GET", contract.TASK_RESULT_PATH, reply(200, task_body("t-1")))
+    assert client.get_task_result("t-1").status == "TASK_STATUS_PROCESSING"
+
+
+def test_deadlines_must_be_positive():
+    with pytest.raises(ValueError, match="poll_deadline_s"):
+        ViduClient(KEY, "http://127.0.0.1:9", poll_deadline_s=0)
+
+
+# --- the service's words never carry our key (issue 10, case 5) ------------------------------
+
+
+def echoed_failure(h):
+    """A FAILED task whose reason and status echo the request's Authorization header."""
+    auth = h.headers.get("Authorization", "")
+    key = auth.removeprefix("Bearer ")
+    fake_reply = task_body("t-1", status="TASK_STATUS_FAILED",
+                           reason=f"auth {auth} / {urllib.parse.quote(auth)} / {key.upper()} / {json.dumps(key)}")
+    reply(200, fake_reply)(h)
+
+
+SLASHY = "sk/SECRET+key=1234"  # URL-encodes differently from itself
+
+
+@pytest.mark.parametrize("key", [SECRET, SLASHY])
+def test_a_failure_reason_that_echoes_the_key_is_scrubbed(hostile, make_client, key):
+    hostile.on("GET", contract.TASK_RESULT_PATH, echoed_failure)
+    client = make_client(hostile.url, key=key)
+    forms = [key, urllib.parse.quote(key, safe=""), urllib.parse.quote_plus(key), key.upper()]
+    result = client.get_task_result("t-1")
+    assert result.failed and "auth Bearer ***" in result.reason
+    assert not [f for f in forms if f in result.reason], result.reason
+    with pytest.raises(errors.TaskFailed) as info:
+        client.wait("t-1", timeout_s=10)
+    text = str(info.value) + repr(info.value) + (info.value.reason or "")
+    assert "***" in text and not [f for f in forms if f in text], text
+
+
+def test_an_unknown_status_that_echoes_the_key_is_scrubbed(hostile, make_client):
+    hostile.on("GET", contract.TASK_RESULT_PATH,
+               lambda h: reply(200, task_body("t-1", status=f"STUCK {h.headers['Authorization']}"))(h))
+    result = make_client(hostile.url, key=SECRET).get_task_result("t-1")
+    assert result.status == "STUCK Bearer ***"
+
+
+def test_a_task_id_that_echoes_the_key_is_not_taken(hostile, make_client):
+    hostile.on("POST", contract.SUBMIT_PATH, lambda h: reply(200, {"task_id": f"t-{SECRET}"})(h))
+    with pytest.raises(errors.SubmitOutcomeUnknown) as info:
+        make_client(hostile.url, key=SECRET).submit(body())
+    check_error(info.value)
+
+
+def test_scrubbing_before_shortening_leaves_no_prefix(hostile, make_client):
+    """A key straddling the point where the words are cut must not leave its first half."""
+    for pad in range(190, 210):
+        hostile.on("POST", contract.SUBMIT_PATH, reply(418, {"message": "x" * pad + SECRET + "y" * 600}))
+        with pytest.raises(errors.SubmitRejected) as info:
+            make_client(hostile.url, key=SECRET).submit(body())
+        assert SECRET[:8] not in str(info.value), pad
+
+
+def test_scrubber_forms():
+    from vidu_pipeline.answers import Scrubber
+
+    scrub = Scrubber(SLASHY)
+    for form in (SLASHY, "sk%2FSECRET%2Bkey%3D1234", "sk%2fsecret%2bkey%3d1234", "sk%2FSECRET%2Bkey%3D1234",
+                 "sk\\/SECRET+key=1234".replace("\\/", "/")):
+        assert scrub(f"a {form} b") == "a *** b", form
+    assert scrub(f"Authorization: Bearer {SLASHY}") == "Authorization: Bearer ***"
+    assert scrub(IMG_A) == "data:image/png;base64,…"
+    assert scrub("nothing here") == "nothing here"
+
+
+# --- downloads get a new file's normal mode (issue 10, case 12) ------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_downloaded_video_gets_the_umask_mode(hostile, make_client, tmp_path, umask):
+    hostile.on("GET", "/v.mp4", reply(200, b"\x00\x00\x00\x18ftypmp42" + bytes(1000)))
+    old = os.umask(umask)
+    try:
+        make_client(hostile.url).download(succeeded(hostile.url + "/v.mp4"), tmp_path / "v.mp4")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "v.mp4").stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.timeout(60)
+def test_simulator_drip_ends_at_the_deadline_with_the_task_created(make_sim, make_client):
+    """The drill's version: the simulator creates the task, then drips its answer."""
+    sim = make_sim(faults=FaultConfig(drip=1.0, drip_s=0.5))
+    with pytest.raises(errors.SubmitOutcomeUnknown):
+        make_client(sim.base_url, **SHORT).submit(body(images=[IMG_A]))
+    assert stats(sim)["submits"]["accepted"] == 1  # paid, and never resent
+
+
+def test_simulator_echoed_key_is_scrubbed_by_the_client(make_sim, make_client):
+    sim = make_sim(api_key=SECRET, faults=FaultConfig(echo_auth_in_reason=1.0))
+    client = make_client(sim.base_url, key=SECRET)
+    task_id = client.submit(body(images=[IMG_A]))
+    with pytest.raises(errors.TaskFailed) as info:
+        client.wait(task_id, timeout_s=60, min_interval_s=0.05, max_interval_s=0.2)
+    assert "Authorization: Bearer ***" in info.value.reason
+    check_error(info.value)
+    assert SECRET not in client.get_task_result(task_id).reason
+
+
+def test_urllib3_log_lines_do_not_carry_signed_url_queries(hostile, make_client, tmp_path, caplog):
+    """urllib3 logs each request line at DEBUG; a signed URL's query is a credential."""
+    caplog.set_level(logging.DEBUG)
+    logging.getLogger("urllib3").setLevel(logging.DEBUG)
+    hostile.on("GET", "/v.mp4", reply(200, b"\x00\x00\x00\x18ftypmp42" + bytes(100)))
+    hostile.on("GET", "/moved.mp4", reply(302, b"", {"Location": "/v.mp4?sig=TOPSECRETSIG2&expires=9"}))
+    client = make_client(hostile.url)
+    client.download(succeeded(hostile.url + "/moved.mp4?sig=TOPSECRETSIG&expires=9"), tmp_path / "v.mp4")
+    assert hostile.count("GET", "/v.mp4") == 1
+    lines = [caplog.handler.format(r) for r in caplog.records if r.name.startswith("urllib3")]
+    assert any("/moved.mp4" in line for line in lines)  # the request lines were logged
+    assert not [line for line in lines if "TOPSECRETSIG" in line], lines
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("call", ["submit", "poll"])
+def test_retry_waits_count_against_the_deadline(hostile, make_client, call):
+    """A Retry-After longer than the time left is not waited out: the 429 is the answer."""
+    answer = reply(429, {"message": "slow down"}, {"Retry-After": "30"})
+    hostile.on("POST", contract.SUBMIT_PATH, answer)
+    hostile.on("GET", contract.TASK_RESULT_PATH, answer)
+    client = make_client(hostile.url, retry=RetryPolicy(retries=3, retry_after_max=60), **SHORT)
+    with pytest.raises(errors.RateLimited) as info:
+        client.submit(body()) if call == "submit" else client.get_task_result("t-1")
+    assert info.value.retry_after == 30
+    assert len(hostile.seen) == 1
+
+
+@pytest.mark.timeout(60)
+def test_deadlines_of_concurrent_calls_cut_only_their_own_sockets(hostile, make_client):
+    """One client, one pool, eight threads: dripping polls end at their deadline, the others
+    (reusing the pool's kept-alive connections) all get their answer."""
+    import concurrent.futures
+
+    def answer(h):
+        task_id = urllib.parse.parse_qs(h.path.partition("?")[2])["task_id"][0]
+        if task_id.startswith("slow"):
+            drip_body(200, ENDLESS)(h)
+        else:
+            reply(200, task_body(task_id), keep_alive=True)(h)
+
+    hostile.on("GET", contract.TASK_RESULT_PATH, answer)
+    client = make_client(hostile.url, **SHORT)
+
+    def poll(task_id):
+        try:
+            return client.get_task_result(task_id).task_id
+        except errors.TransientError:
+            return "cut"
+
+    ids = [f"{'slow' if i % 2 else 'fast'}-{i}" for i in range(40)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        outcomes = dict(zip(ids, pool.map(poll, ids), strict=True))
+    assert outcomes == {i: ("cut" if i.startswith("slow") else i) for i in ids}
+    assert hostile.connections < len(ids)  # connections were reused between calls

@@ -6,6 +6,8 @@ import base64
 import hashlib
 import http.server
 import io
+import os
+import socket
 import struct
 import threading
 import zlib
@@ -320,3 +322,86 @@ def test_data_uri_is_base64_of_the_stored_bytes(tmp_path):
     data = encode(photo(), "WEBP")
     uri = cache.data_uri(cache.put_bytes(data))
     assert uri.startswith("data:image/webp;base64,") and base64.b64decode(uri.split(",", 1)[1]) == data
+
+
+# --- nothing a source points at can hang a run (issue 10, case 11) -------------------------------
+
+
+@pytest.fixture
+def drip_server():
+    """A hostile loopback server: ``/body`` sends its headers then one byte every 0.2 s;
+    ``/headers`` sends one header whose value grows by a byte every 0.2 s. Both go on until the
+    client hangs up or the test ends."""
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def drip(conn):
+        with conn:
+            request = conn.recv(65536)
+            body = b"GET /body " in request
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\n" + (b"Content-Length: 1000000\r\n\r\n" if body else b"X-Drip: "))
+                while not stop.wait(0.2):
+                    conn.sendall(b"x")
+            except OSError:
+                pass  # the client hung up
+
+    def accept():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=drip, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    listener.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("path", ["/body", "/headers"])
+def test_a_dripping_server_is_cut_at_the_total_deadline(drip_server, path):
+    # Each byte comes well within the read timeout, so only a deadline on the whole download
+    # stops it (before: iter_content waited for a full 64 KB chunk, ~3.6 h at this rate).
+    with requests.Session() as s, pytest.raises(img.SourceError) as err:
+        img.fetch_url(drip_server + path, s, timeout=(2, 2), deadline_s=1)
+    assert err.value.rule == "url_fetch" and "longer than 1 s" in err.value.reason
+
+
+@pytest.mark.timeout(30)
+def test_read_local_refuses_what_is_not_a_regular_file_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "x.png")  # opening this for reading would wait for a writer forever
+    os.symlink(tmp_path / "x.png", tmp_path / "link.png")
+    (tmp_path / "dir.png").mkdir()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "s.png"))
+    try:
+        reasons = {}
+        for name in ("x.png", "link.png", "dir.png", "s.png"):
+            with pytest.raises(img.SourceError) as err:
+                img.read_local(tmp_path / name)
+            assert err.value.rule == "unreadable"
+            reasons[name] = err.value.reason
+    finally:
+        sock.close()
+    assert reasons == {"x.png": "it is a FIFO (named pipe), not a regular file",
+                       "link.png": "it is a FIFO (named pipe), not a regular file",
+                       "dir.png": "it is a directory, not a regular file",
+                       "s.png": "it is a socket, not a regular file"}
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_swapped_in_after_the_stat_is_caught_by_fstat(tmp_path, monkeypatch):
+    # The race: stat saw a regular file, then a FIFO took its name. The non-blocking open
+    # returns at once and fstat refuses it, so nothing blocks.
+    from vidu_pipeline import sources
+
+    (tmp_path / "plain.png").write_bytes(png())
+    os.mkfifo(tmp_path / "x.png")
+    regular, real_stat, fifo = os.stat(tmp_path / "plain.png"), os.stat, str(tmp_path / "x.png")
+    monkeypatch.setattr(sources.os, "stat", lambda p, *a, **kw: regular if str(p) == fifo else real_stat(p, *a, **kw))
+    with pytest.raises(img.SourceError) as err:
+        img.read_local(tmp_path / "x.png")
+    assert (err.value.rule, err.value.reason) == ("unreadable", "it is a FIFO (named pipe), not a regular file")

@@ -6,7 +6,10 @@ its command line), with server errors injected so error paths are logged too. Th
 searched for in the captured output, every file under the data folder and DAGSTER_HOME (also
 decoded: SQLite rows and Parquet values, since zstd pages could hide a plain-text match), the
 simulator's log, and ``repr()`` of resources, clients and endpoints; and no ``data:image/``
-payload may appear in Dagster's event metadata or logs.
+payload may appear in Dagster's event metadata or logs. The simulator also fails some tasks with
+a reason that echoes the request's Authorization header (the ``echo_auth_in_reason`` fault), so
+the key comes back from the service too: as is, after ``Bearer`` and URL-encoded. It must be
+scrubbed before anything keeps or prints it.
 
 Catalog image URLs other than http(s) are refused before anything is sent: see
 tests/test_images.py and the ``url_scheme`` rows of tests/test_catalog.py.
@@ -15,10 +18,10 @@ tests/test_images.py and the ``url_scheme`` rows of tests/test_catalog.py.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -26,7 +29,8 @@ import requests
 
 from drills.run_drill import SimulatorProcess, make_catalog, run_generate
 
-KEY = "sk-vidu-LEAKCHECK-7f3a9c"
+KEY = "sk-vidu/LEAK+CHECK=7f3a9c"  # '/', '+' and '=' make its URL-encoded form differ
+KEY_FORMS = [KEY, urllib.parse.quote(KEY, safe=""), urllib.parse.quote_plus(KEY)]
 
 
 def decoded_texts(path: Path):
@@ -78,24 +82,29 @@ def test_key_and_payloads_never_stored_or_printed(tmp_path, leak_sim, monkeypatc
     make_catalog(tmp_path / "catalog", subjects=2, prompts=2, seeds=2, rng_seed=3)
     home, data = tmp_path / "dagster_home", tmp_path / "data"
     env = leak_sim.env(home)
+    leak_sim.set_faults(echo_auth_in_reason=0.4)
     result = run_generate(tmp_path / "catalog", data, env, timeout=120)
     assert result.returncode in (0, 1), result.stdout[-2000:] + result.stderr[-2000:]
     assert "succeeded: " in result.stdout  # something went through: the key was really used
-    # Error paths ran too (5xx answers, truncated downloads), so their messages were produced.
-    assert leak_sim.stats()["faults"].get("submit.server_error", 0) + \
-        leak_sim.stats()["faults"].get("poll.server_error", 0) > 0
+    # Error paths ran too (5xx answers, truncated downloads), so their messages were produced,
+    # and the service sent the key back in failure reasons, which were kept (scrubbed).
+    faults = leak_sim.stats()["faults"]
+    assert faults.get("submit.server_error", 0) + faults.get("poll.server_error", 0) > 0
+    assert faults.get("submit.echo_auth_in_reason", 0) > 0
+    kept = [data / "ledger.sqlite", *(data / "lineage").glob("*.parquet")]
+    assert any("Authorization: Bearer ***" in text for path in kept for _, text in decoded_texts(path))
 
     status = subprocess.run([sys.executable, "-m", "vidu_pipeline.cli", "status", "--data-dir", str(data)],
                             env=env, capture_output=True, text=True, timeout=60)
     for name, text in (("generate stdout", result.stdout), ("generate stderr", result.stderr),
                        ("status output", status.stdout + status.stderr)):
-        assert KEY not in text, f"the key is in the {name}"
+        assert not [f for f in KEY_FORMS if f in text], f"the key is in the {name}"
         assert "data:image/" not in text, f"an image payload is in the {name}"
 
     # Every file of the data folder and of the Dagster instance (event log DBs, compute logs).
     assert list(home.rglob("*.db")), "expected Dagster's SQLite storage under DAGSTER_HOME"
     assert (data / "ledger.sqlite").exists() and list((data / "lineage").glob("*.parquet"))
-    hits = scan([data, home], [KEY.encode(), b"data:image/"])
+    hits = scan([data, home], [f.encode() for f in KEY_FORMS] + [b"data:image/"])
     assert not hits, "\n".join(hits[:20])
     # The simulator's own log says where its key came from, not the key.
     assert KEY not in leak_sim.log_path.read_text()
@@ -110,13 +119,12 @@ def test_key_and_payloads_never_stored_or_printed(tmp_path, leak_sim, monkeypatc
         for run in runs:
             for record in instance.all_logs(run.run_id):
                 text = repr(record)
-                assert KEY not in text and "data:image/" not in text, run.run_id
-            assert KEY not in repr(run.run_config) and KEY not in repr(run.tags)
+                assert not [f for f in KEY_FORMS if f in text] and "data:image/" not in text, run.run_id
+            assert not [f for f in KEY_FORMS if f in repr(run.run_config) + repr(run.tags)]
 
 
 def test_repr_of_resources_clients_and_endpoints(monkeypatch, tmp_path):
     from vidu_pipeline import errors
-    from vidu_pipeline.client import ViduClient
     from vidu_pipeline.defs.resources import PipelineResource, ViduResource, vidu_resource_from_env
 
     monkeypatch.setenv("VIDU_API_KEY", KEY)
@@ -169,12 +177,19 @@ def test_simulator_refuses_wrong_or_missing_key_and_binds_loopback(tmp_path):
     assert "from $VIDU_SIMULATOR_API_KEY" in sim.log_path.read_text()
 
 
-def test_simulator_cli_default_host_is_loopback():
+def test_simulator_cli_defaults_loopback_and_takes_its_key_from_the_environment(monkeypatch):
     import argparse
 
     from vidu_pipeline.simulator.cli import add_arguments
 
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    assert parser.parse_args([]).host == "127.0.0.1"
-    assert os.environ.get("VIDU_SIMULATOR_API_KEY") is None or parser.parse_args([]).api_key
+    def parse(*argv: str) -> argparse.Namespace:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        return parser.parse_args(list(argv))
+
+    monkeypatch.delenv("VIDU_SIMULATOR_API_KEY", raising=False)
+    assert parse().host == "127.0.0.1"
+    assert parse().api_key == "sim-key"
+    monkeypatch.setenv("VIDU_SIMULATOR_API_KEY", KEY)
+    assert parse().api_key == KEY  # not the built-in default
+    assert parse("--api-key", "other").api_key == "other"

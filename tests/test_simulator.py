@@ -461,6 +461,66 @@ def test_failed_tasks_carry_a_reason(make_sim):
     assert stats(sim)["faults"] == {"submit.fail_task": 1}
 
 
+def test_failure_reasons_that_echo_the_authorization_header(make_sim):
+    sim = make_sim(faults=FaultConfig(echo_auth_in_reason=1.0))
+    task = run_task(sim, body())["task"]
+    assert task["status"] == "TASK_STATUS_FAILED"
+    assert f"Authorization: Bearer {KEY}" in task["reason"]
+    assert urllib.parse.quote(f"Bearer {KEY}") in task["reason"]
+    assert stats(sim)["faults"] == {"submit.echo_auth_in_reason": 1}
+    with pytest.raises(ValueError, match="echo_auth_in_reason"):
+        FaultConfig(echo_auth_in_reason=1.5)
+
+
+def read_in_pieces(sock) -> list[bytes]:
+    pieces = []
+    while chunk := sock.recv(65536):
+        pieces.append(chunk)
+    return pieces
+
+
+@pytest.mark.timeout(60)
+def test_dripped_answers_arrive_byte_by_byte(make_sim):
+    """A dripped submit creates its task and then answers one byte at a time."""
+    import json
+    import socket
+
+    sim = make_sim(faults=FaultConfig(drip=1.0, drip_s=0.01))
+    payload = json.dumps(body(images=[IMG_A])).encode()
+    host, port = sim.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST {contract.SUBMIT_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        pieces = read_in_pieces(sock)
+    answer = b"".join(pieces)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b'"task_id"' in answer
+    assert len(pieces) > 20  # not one write: many separate trickles
+    assert stats(sim)["submits"]["accepted"] == 1
+    assert stats(sim)["faults"] == {"submit.drip": 1}
+
+
+@pytest.mark.timeout(60)
+def test_stopping_ends_a_drip(make_sim):
+    sim = make_sim()
+    task_id = submit(sim, body(images=[IMG_A])).json()["task_id"]
+    sim.set_faults(FaultConfig(drip=1.0, drip_s=30))
+    outcome = []
+
+    def poll_in_background():
+        try:
+            outcome.append(poll(sim, task_id).status_code)
+        except requests.RequestException as exc:
+            outcome.append(type(exc).__name__)
+
+    thread = threading.Thread(target=poll_in_background)
+    thread.start()
+    while not sim.dice.snapshot():
+        time.sleep(0.05)
+    sim.stop()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and outcome == ["ConnectionError"]
+
+
 def test_truncated_downloads(make_sim):
     sim = make_sim(faults=FaultConfig(truncate=1.0))
     result = run_task(sim, body(images=[IMG_A]))

@@ -13,6 +13,8 @@ import dataclasses
 import hashlib
 import os
 import re
+import tempfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,10 +30,13 @@ from .contract import (
     DURATIONS,
     MAX_IMAGES,
     MAX_PROMPT_CHARS,
+    MAX_SWEEP_SEEDS,
     MOVEMENT_AMPLITUDES,
     RESOLUTIONS,
     redact_url,
+    seed_problem,
 )
+from .errors import StorageError
 
 OPTION_COLUMNS = ("aspect_ratio", "movement_amplitude", "bgm", "duration", "resolution")
 IMAGE_COLUMNS = ("subject_id", "image", "view")
@@ -39,7 +44,12 @@ PROMPT_COLUMNS = ("subject_id", "prompt", *OPTION_COLUMNS)
 REJECTION_COLUMNS = ("kind", "subject_id", "item", "rule", "detail")
 ACCEPTED_COLUMNS = ("subject_id", "image", "view", "original_sha256", "sent_sha256", "mime_subtype",
                     "width", "height", "sent_bytes", "notes", "row")
-MAX_SEED_COUNT = 10_000
+# Whole-file limits, so a wrong or hostile file fails with a clear message instead of filling the
+# memory: 100 MB holds ~65,000 prompts of 1500 characters; 10,000 seeds fit in ~150 KB of YAML.
+MAX_TABLE_BYTES = 100_000_000
+MAX_SWEEP_BYTES = 1_000_000
+MAX_SUBJECT_ID_CHARS = 200  # the ledger's subject_id column is String(200)
+MAX_IMAGE_CELL_CHARS = 4096  # PATH_MAX on Linux; far beyond any sane URL
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
 
@@ -91,6 +101,38 @@ def rejections_frame(rejections: list[Rejection]) -> pd.DataFrame:
     return pd.DataFrame([dataclasses.astuple(r) for r in rejections], columns=list(REJECTION_COLUMNS))
 
 
+# A cell starting with one of these is a formula to a spreadsheet (OWASP "CSV injection").
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text cell a spreadsheet would execute gets a leading single quote; the rest as is."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def write_rejections_csv(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write the rejections report for people (who open it in a spreadsheet): formula-like cells
+    escaped, written to a temp file and renamed, so a reader never sees half a file.
+    Raises StorageError if it cannot be written."""
+    path = Path(path)
+    safe = frame.astype(object).map(spreadsheet_safe)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            safe.to_csv(f, index=False)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise StorageError(f"cannot write {path} ({exc.strerror or exc}); the {len(frame)} "
+                           f"rejection(s) are kept only in the run's output") from None
+    return path
+
+
 # --- options ---------------------------------------------------------------------------------
 
 _BOOLS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
@@ -137,23 +179,52 @@ _YamlLoader.add_implicit_resolver(
     list("-+.0123456789"))
 
 
+def _open_regular(path: Path, limit: int, why: str = ""):
+    """Open a catalog file for reading, refusing (CatalogError) anything but a regular file of at
+    most ``limit`` bytes: checked with stat before opening (a device is never opened), opened
+    non-blocking and checked again with fstat (a FIFO swapped in between cannot hang a run)."""
+
+    def check(st: os.stat_result) -> None:
+        problem = img.not_regular_reason(st.st_mode)
+        too_big = f"{st.st_size:,} bytes, at most {limit:,}" + (f" ({why})" if why else "")
+        if problem or st.st_size > limit:
+            raise CatalogError(f"{path.name}: {problem or too_big}")
+
+    try:
+        check(os.stat(path))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise CatalogError(f"{path}: cannot be opened ({exc.strerror or exc})") from None
+    f = open(fd, "rb")
+    try:
+        check(os.fstat(fd))
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
 def _read_table(root: Path, stem: str, required: tuple[str, ...], known: tuple[str, ...],
                 rejections: list[Rejection]) -> tuple[pd.DataFrame, str]:
     """Read ``<stem>.csv`` or ``<stem>.parquet`` as all-string columns, stripped, '' for empty."""
-    found = [p for p in (root / f"{stem}.csv", root / f"{stem}.parquet") if p.exists()]
+    found = [p for p in (root / f"{stem}.csv", root / f"{stem}.parquet") if os.path.lexists(p)]
     if not found:
         raise CatalogError(f"{root}: neither {stem}.csv nor {stem}.parquet exists")
     if len(found) > 1:
         raise CatalogError(f"{root}: both {stem}.csv and {stem}.parquet exist; keep one")
     path = found[0]
-    try:
-        if path.suffix == ".csv":
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-        else:
-            df = pd.read_parquet(path)
-            df = df.astype(object).where(df.notna(), "").astype(str)
-    except Exception as exc:
-        raise CatalogError(f"{path}: cannot be parsed ({type(exc).__name__}: {exc})") from None
+    with _open_regular(path, MAX_TABLE_BYTES) as f:
+        try:
+            if path.suffix == ".csv":
+                df = pd.read_csv(f, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+            else:
+                df = pd.read_parquet(f)
+                df = df.astype(object).where(df.notna(), "").astype(str)
+        except UnicodeDecodeError as exc:
+            raise CatalogError(f"{path.name}: is not UTF-8 text (found byte 0x{exc.object[exc.start]:02x}); "
+                               f"save it as UTF-8") from None
+        except Exception as exc:
+            raise CatalogError(f"{path.name}: cannot be parsed ({type(exc).__name__}: {exc})") from None
     df.columns = [str(c).strip().lower() for c in df.columns]
     missing = [c for c in required if c not in df.columns]
     if missing:
@@ -173,41 +244,67 @@ def _read_table(root: Path, stem: str, required: tuple[str, ...], known: tuple[s
     return df, path.name
 
 
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _integer(name: str, field: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CatalogError(f"{name}: {field} must be an integer, got {_short(repr(value))}")
+    return value
+
+
+def _sweep_seeds(name: str, doc: dict) -> list[int]:
+    """The seeds sweep.yaml asks for, every one within contract.SEED_MIN..SEED_MAX.
+
+    The count is checked before any seed is looked at or any range built, so a 200,000-seed
+    sweep is refused at once; any bad seed makes the whole sweep a CatalogError (the seeds
+    decide what is paid for: a silently shortened sweep is worse than a clear stop).
+    """
+    if "seeds" in doc and ({"seed_start", "seed_count"} & set(doc)):
+        raise CatalogError(f"{name}: give either `seeds` or `seed_start` + `seed_count`, not both")
+    if "seeds" in doc:
+        listed = doc["seeds"]
+        if not isinstance(listed, list) or not listed:
+            raise CatalogError(f"{name}: seeds must be a non-empty list of integers")
+        if len(listed) > MAX_SWEEP_SEEDS:
+            raise CatalogError(f"{name}: seeds: {len(listed)} seeds, at most {MAX_SWEEP_SEEDS}")
+        for i, seed in enumerate(listed):
+            problem = seed_problem(_integer(name, f"seeds[{i}]", seed))
+            if problem:
+                raise CatalogError(f"{name}: seeds[{i}]: {_short(problem)}")
+        return listed
+    if "seed_start" not in doc or "seed_count" not in doc:
+        raise CatalogError(f"{name}: needs `seeds: [...]` or both `seed_start` and `seed_count`")
+    start, count = _integer(name, "seed_start", doc["seed_start"]), _integer(name, "seed_count", doc["seed_count"])
+    if not 1 <= count <= MAX_SWEEP_SEEDS:
+        raise CatalogError(f"{name}: seed_count: {count} seeds, it must be between 1 and {MAX_SWEEP_SEEDS}")
+    for field, seed in (("seed_start", start), ("seed_start + seed_count - 1", start + count - 1)):
+        problem = seed_problem(seed)
+        if problem:
+            raise CatalogError(f"{name}: {field}: {problem}")
+    return list(range(start, start + count))
+
+
 def _read_sweep(path: Path, rejections: list[Rejection]) -> Sweep:
-    if not path.exists():
+    if not os.path.lexists(path):
         raise CatalogError(f"{path}: missing; it needs `seeds: [...]` or `seed_start` + `seed_count`")
+    with _open_regular(path, MAX_SWEEP_BYTES, f"a sweep has at most {MAX_SWEEP_SEEDS} seeds") as f:
+        data = f.read()
     try:
-        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader)
+        doc = yaml.load(data.decode("utf-8-sig"), Loader=_YamlLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise CatalogError(f"{path.name}: not valid YAML ({exc})") from None
     if not isinstance(doc, dict):
         raise CatalogError(f"{path.name}: must be a mapping with `seeds` or `seed_start` + `seed_count`")
     unknown = set(doc) - {"seeds", "seed_start", "seed_count", "defaults", "max_images_per_subject"}
     if unknown:
-        raise CatalogError(f"{path.name}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
-
-    def integer(field: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise CatalogError(f"{path.name}: {field} must be an integer, got {value!r}")
-        return value
-
-    if "seeds" in doc and ({"seed_start", "seed_count"} & set(doc)):
-        raise CatalogError(f"{path.name}: give either `seeds` or `seed_start` + `seed_count`, not both")
-    if "seeds" in doc:
-        if not isinstance(doc["seeds"], list) or not doc["seeds"]:
-            raise CatalogError(f"{path.name}: seeds must be a non-empty list of integers")
-        seeds = [integer(f"seeds[{i}]", s) for i, s in enumerate(doc["seeds"])]
-    elif "seed_start" in doc and "seed_count" in doc:
-        start, count = integer("seed_start", doc["seed_start"]), integer("seed_count", doc["seed_count"])
-        if not 1 <= count <= MAX_SEED_COUNT:
-            raise CatalogError(f"{path.name}: seed_count must be between 1 and {MAX_SEED_COUNT}, got {count}")
-        seeds = list(range(start, start + count))
-    else:
-        raise CatalogError(f"{path.name}: needs `seeds: [...]` or both `seed_start` and `seed_count`")
-    unique = list(dict.fromkeys(seeds))
-    for seed in sorted({s for s in seeds if seeds.count(s) > 1}):
+        raise CatalogError(f"{path.name}: unknown field(s) {_short(', '.join(sorted(map(str, unknown))))}")
+    seeds = _sweep_seeds(path.name, doc)
+    counts = Counter(seeds)
+    for seed in sorted(s for s, n in counts.items() if n > 1):
         rejections.append(Rejection("sweep", None, f"{path.name} seeds", "duplicate_seed",
-                                    f"{path.name}: seed {seed} is listed {seeds.count(seed)} times; used once"))
+                                    f"{path.name}: seed {seed} is listed {counts[seed]} times; used once"))
 
     defaults = dict(DEFAULTS)
     given = doc.get("defaults") or {}
@@ -215,15 +312,16 @@ def _read_sweep(path: Path, rejections: list[Rejection]) -> Sweep:
         raise CatalogError(f"{path.name}: defaults must be a mapping of option: value")
     for name, raw in given.items():
         if name not in OPTION_COLUMNS:
-            raise CatalogError(f"{path.name}: defaults.{name} is not an option ({', '.join(OPTION_COLUMNS)})")
+            raise CatalogError(f"{path.name}: defaults.{_short(str(name))} is not an option "
+                               f"({', '.join(OPTION_COLUMNS)})")
         value, problem = _parse_option(name, raw)
         if problem:
-            raise CatalogError(f"{path.name}: defaults.{name}: {problem}")
+            raise CatalogError(f"{path.name}: defaults.{name}: {_short(problem)}")
         defaults[name] = value
-    max_images = integer("max_images_per_subject", doc.get("max_images_per_subject", MAX_IMAGES))
+    max_images = _integer(path.name, "max_images_per_subject", doc.get("max_images_per_subject", MAX_IMAGES))
     if not 1 <= max_images <= MAX_IMAGES:
         raise CatalogError(f"{path.name}: max_images_per_subject must be between 1 and {MAX_IMAGES}")
-    return Sweep(seeds=tuple(unique), defaults=defaults, max_images_per_subject=max_images)
+    return Sweep(seeds=tuple(counts), defaults=defaults, max_images_per_subject=max_images)
 
 
 # --- row checks ------------------------------------------------------------------------------
@@ -232,7 +330,26 @@ def _read_sweep(path: Path, rejections: list[Rejection]) -> Sweep:
 def _reject_rows(df: pd.DataFrame, bad: pd.Series, kind: str, rule: str, detail, out: list[Rejection]) -> None:
     """One rejection per row in ``bad``; ``detail(row) -> str`` follows the item prefix."""
     for row in df[bad].itertuples(index=False):
-        out.append(Rejection(kind, row.subject_id or None, row.item, rule, f"{row.item}: {detail(row)}"))
+        subject = _short(row.subject_id, MAX_SUBJECT_ID_CHARS) or None
+        out.append(Rejection(kind, subject, row.item, rule, f"{row.item}: {detail(row)}"))
+
+
+def _cell_checks(df: pd.DataFrame, limits: dict[str, int]) -> list[tuple[str, pd.Series, Any]]:
+    """(rule, bad rows, detail) for text no later stage can carry: a NUL character (no path, no
+    SQL text column holds one) or a cell longer than its column's limit."""
+    checks = []
+    for col, limit in limits.items():
+        checks.append(("control_character", df[col].str.contains("\x00", regex=False),
+                       lambda r, c=col: f"{c} contains a NUL character"))
+        checks.append(("too_long", df[col].str.len() > limit,
+                       lambda r, c=col, n=limit: f"{c} is {len(getattr(r, c)):,} characters, at most {n:,}"))
+    return checks
+
+
+def _shown(cell: str) -> str:
+    """A cell as it may appear in a message: control characters escaped, at most 200 characters."""
+    text = cell if cell.isprintable() else cell.encode("unicode_escape").decode("ascii")
+    return _short(text, 200)
 
 
 def _locate(image: str, root_real: str, allow_outside: bool) -> tuple[str, bool, str | None, str]:
@@ -258,12 +375,13 @@ def _locate(image: str, root_real: str, allow_outside: bool) -> tuple[str, bool,
 
 def _check_image_rows(df: pd.DataFrame, name: str, root_real: str, allow_outside: bool,
                       out: list[Rejection]) -> pd.DataFrame:
-    shown = df["image"].map(redact_url)
+    shown = df["image"].map(lambda cell: _shown(redact_url(cell)))
     df["item"] = name + " row " + df["row"].astype(str) + ": " + shown
     keep = pd.Series(True, index=df.index)
-    for col in ("subject_id", "image"):
-        bad = df[col] == ""
-        _reject_rows(df, bad, "image", "missing_value", lambda r, c=col: f"{c} is empty", out)
+    checks = [("missing_value", df[col] == "", lambda r, c=col: f"{c} is empty") for col in ("subject_id", "image")]
+    checks += _cell_checks(df, {"subject_id": MAX_SUBJECT_ID_CHARS, "image": MAX_IMAGE_CELL_CHARS})
+    for rule, bad, detail in checks:
+        _reject_rows(df, bad & keep, "image", rule, detail, out)
         keep &= ~bad
     cells = {c: _locate(c, root_real, allow_outside) for c in df.loc[keep, "image"].unique()}
     located = [cells[i] if k else ("", False, None, "") for i, k in zip(df["image"], keep)]
@@ -287,11 +405,14 @@ def _check_prompt_rows(df: pd.DataFrame, name: str, subjects: set[str], sweep: S
     keep = pd.Series(True, index=df.index)
     checks = [
         ("missing_value", df["subject_id"] == "", lambda r: "subject_id is empty"),
+        *_cell_checks(df, {"subject_id": MAX_SUBJECT_ID_CHARS}),
         ("unknown_subject", (df["subject_id"] != "") & ~df["subject_id"].isin(subjects),
-         lambda r: f"subject {r.subject_id!r} has no row in the images table"),
+         lambda r: f"subject {_short(r.subject_id)!r} has no row in the images table"),
         ("prompt_empty", df["prompt"] == "", lambda r: "prompt is empty"),
         ("prompt_too_long", df["prompt"].str.len() > MAX_PROMPT_CHARS,
          lambda r: f"prompt is {len(r.prompt)} characters, at most {MAX_PROMPT_CHARS}"),
+        ("control_character", df["prompt"].str.contains("\x00", regex=False),
+         lambda r: "prompt contains a NUL character"),
     ]
     for rule, bad, detail in checks:
         _reject_rows(df, bad, "prompt", rule, detail, out)
@@ -302,7 +423,7 @@ def _check_prompt_rows(df: pd.DataFrame, name: str, subjects: set[str], sweep: S
         empty = df[col] == ""
         problem = df[col].map(lambda v: parsed[v][1] if v else None)
         bad = problem.notna()
-        _reject_rows(df.assign(problem=problem), bad, "prompt", "bad_option", lambda r, c=col: f"{c}: {r.problem}", out)
+        _reject_rows(df.assign(problem=problem), bad, "prompt", "bad_option", lambda r, c=col: f"{c}: {_short(r.problem)}", out)
         keep &= ~bad
         values = df[col].map(lambda v: parsed[v][0] if v and not parsed[v][1] else None)
         df[col] = values.where(~empty, sweep.defaults[col])

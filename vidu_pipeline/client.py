@@ -7,46 +7,60 @@ of call, because the kinds differ in what is safe to repeat:
   retried with capped exponential backoff and jitter, honouring ``Retry-After``;
 * a submit creates a paid task, so it is retried only when it provably never reached the
   service: the connection could not be opened, or the service answered 429. A dropped
-  connection, a read timeout or a 5xx after the body was sent raise
-  :class:`~vidu_pipeline.errors.SubmitOutcomeUnknown` and are never resent (not even when a
-  5xx carries ``Retry-After``), and a submit never follows a redirect.
+  connection, a passed deadline, or any answer that does not prove whether a task was created
+  (5xx, 202, a 3xx, a broken 200…) raise :class:`~vidu_pipeline.errors.SubmitOutcomeUnknown`
+  and are never resent (not even when a 5xx carries ``Retry-After``), and a submit never
+  follows a redirect.
+
+Every call has a total deadline (connect, headers and body together; see
+:mod:`~vidu_pipeline.deadline`), so a server that drips bytes cannot hold it forever. No
+exception of requests, urllib3 or http.client leaves a public method: each failure is a typed
+:mod:`~vidu_pipeline.errors` error, sorted by :mod:`~vidu_pipeline.answers`.
 
 The API key goes only to the API's own endpoints (never to video download hosts) and never
-into a message, log line or ``repr``.
+into a message, log line or ``repr``; and every text the service sends back (error words, a
+task's status and failure reason) is scrubbed of it here, so nothing downstream sees it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import json
 import logging
 import os
 import re
-import tempfile
+import secrets
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import requests
-from requests.adapters import HTTPAdapter
+import urllib3.exceptions
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util.retry import Retry
 
-from . import contract, errors
+from . import answers, contract, errors
 from .contract import GenerationRequest, TaskResult
+from .deadline import Call, DeadlineAdapter, DeadlineRetry, deadline
 
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_JSON_BYTES = 8 * 1024 * 1024  # a task-result body is tiny; anything this big is broken
 DEFAULT_MAX_VIDEO_BYTES = 2 * 1024 * 1024 * 1024
-# A data URI's payload, wherever a server echoes one back into an error message.
-_DATA_URI_PAYLOAD_RE = re.compile(r"(data:[A-Za-z0-9.+/-]*;base64,)[A-Za-z0-9+/=_-]+")
+# What a failed transfer can raise from below requests' wrappers (urllib3 re-raises some of its
+# own errors; a body read through ``resp.raw`` is not wrapped at all).
+_TRANSFER_ERRORS = (OSError, urllib3.exceptions.HTTPError, http.client.HTTPException)
 
 
-class _SubmitRetry(Retry):
+class _BodyCut(Exception):
+    """The body of an answer did not arrive whole (cut off, or the deadline passed)."""
+
+
+class _SubmitRetry(DeadlineRetry):
     """The submit's policy: a status is retried only when it is 429.
 
     urllib3 also retries any 413/429/503 that carries ``Retry-After`` whatever the
@@ -69,7 +83,7 @@ class RetryPolicy:
     retry_after_max: float = 60.0
 
     def for_gets(self) -> Retry:
-        return Retry(
+        return DeadlineRetry(
             total=self.retries,
             connect=self.retries,
             read=self.retries,
@@ -118,7 +132,11 @@ class Download:
 
 
 class ViduClient:
-    """Submit, poll and download against one base URL with one API key."""
+    """Submit, poll and download against one base URL with one API key.
+
+    ``*_deadline_s`` bound each HTTP call as a whole (connect, headers, body, retries and their
+    waits), while ``read_timeout`` only bounds the silence between two bytes.
+    """
 
     def __init__(
         self,
@@ -127,6 +145,9 @@ class ViduClient:
         *,
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
+        submit_deadline_s: float = 120.0,
+        poll_deadline_s: float = 60.0,
+        download_deadline_s: float = 900.0,
         retry: RetryPolicy = RetryPolicy(),
         pool_size: int = 16,
         max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES,
@@ -136,9 +157,17 @@ class ViduClient:
         check_api_key(api_key)
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"API base URL must start with http:// or https://, got {base_url[:80]!r}")
+        for name, value in (("submit", submit_deadline_s), ("poll", poll_deadline_s),
+                            ("download", download_deadline_s)):
+            if not value > 0:
+                raise ValueError(f"{name}_deadline_s must be positive, got {value!r}")
         self._api_key = api_key
+        self._scrub = answers.Scrubber(api_key)
         self.base_url = base_url.rstrip("/")
         self.timeout = (connect_timeout, read_timeout)
+        self.submit_deadline_s = submit_deadline_s
+        self.poll_deadline_s = poll_deadline_s
+        self.download_deadline_s = download_deadline_s
         self.retry = retry
         self.max_video_bytes = max_video_bytes
         self._gets = _session(retry.for_gets(), pool_size)
@@ -173,73 +202,100 @@ class ViduClient:
 
     def submit(self, request: GenerationRequest | Mapping[str, Any]) -> str:
         """Queue one paid task and return its ``task_id``. Validates first: no money is
-        spent on a request the service would reject."""
+        spent on a request the service would reject. Which answer raises what:
+        :func:`~vidu_pipeline.answers.submit_error_kind`."""
         body = self.validate(request)
         url = self.base_url + contract.SUBMIT_PATH
-        try:
-            # No redirects: requests would resend the body on a 307/308 (a second paid task,
-            # perhaps to another host).
-            resp = self._posts.post(
-                url, json=body, headers=self._auth(), timeout=self.timeout, stream=True,
-                allow_redirects=False,
-            )
-        except requests.RequestException as exc:
-            if _never_sent(exc):
-                raise errors.TransientError(
-                    f"submit not sent: could not connect to {self.base_url} ({_exc_name(exc)})"
-                ) from None
-            raise errors.SubmitOutcomeUnknown(
-                f"submit sent to {self.base_url} but no answer came back ({_exc_name(exc)}); "
-                "a paid task may exist — not resending"
-            ) from None
-        with resp:
-            if resp.status_code >= 500:
-                raise errors.SubmitOutcomeUnknown(
-                    f"submit answered {resp.status_code} after the body was sent; a paid task "
-                    f"may exist — not resending ({self._error_text(resp)})",
-                    status=resp.status_code,
-                )
-            if resp.status_code != 200:
-                raise self._error(resp)
+        with deadline(self.submit_deadline_s) as call:
             try:
-                task_id = self._json(resp)["task_id"]
-                if not isinstance(task_id, str) or not task_id:
-                    raise ValueError("task_id is not a non-empty string")
-            except (KeyError, TypeError, ValueError, errors.MalformedResponse) as exc:
-                raise errors.SubmitOutcomeUnknown(
-                    f"submit answered 200 without a usable task_id ({exc}); a paid task may exist",
-                    status=200,
-                ) from None
+                # No redirects: requests would resend the body on a 307/308 (a second paid
+                # task, perhaps to another host).
+                resp = self._posts.post(
+                    url, json=body, headers=self._auth(), timeout=self.timeout, stream=True,
+                    allow_redirects=False,
+                )
+            except _TRANSFER_ERRORS as exc:
+                raise self._submit_lost(exc, call) from None
+            with resp:
+                task_id = self._submit_answer(resp, call)
         log.debug("submitted task %s", task_id)
         return task_id
+
+    def _submit_lost(self, exc: BaseException, call: Call) -> errors.ViduError:
+        """The error for a submit that got no answer: not sent, or maybe paid."""
+        if _never_sent(exc):
+            return errors.TransientError(
+                f"submit not sent: could not connect to {self.base_url} ({_exc_name(exc)})"
+            )
+        what = (f"no complete answer within the {call.seconds:g} s submit deadline" if call.expired
+                else f"no answer came back ({_exc_name(exc)})")
+        return errors.SubmitOutcomeUnknown(
+            f"submit sent to {self.base_url} but {what}; a paid task may exist — not resending"
+        )
+
+    def _submit_answer(self, resp: requests.Response, call: Call) -> str:
+        status = resp.status_code
+        kind = answers.submit_error_kind(status)
+        if kind is errors.SubmitOutcomeUnknown:
+            raise errors.SubmitOutcomeUnknown(
+                f"submit answered {status} after the body was sent; a paid task may exist — "
+                f"not resending ({self._error_text(resp)})",
+                status=status,
+            )
+        if kind is errors.SubmitRejected:
+            raise errors.SubmitRejected(
+                f"submit refused, no task created: {self._error_text(resp)}", status=status
+            )
+        if kind is not None:
+            raise self._error(resp, kind)
+        try:
+            task_id = answers.task_id_in(self._json(resp, call))
+        except (_BodyCut, errors.MalformedResponse) as exc:
+            raise self._no_task_id(getattr(exc, "message", str(exc))) from None
+        if task_id is None or self._scrub.has_key(task_id):
+            raise self._no_task_id(f"task_id is not a non-empty string of at most {answers.MAX_TASK_ID_CHARS} "
+                                   "visible ASCII characters")
+        return task_id
+
+    @staticmethod
+    def _no_task_id(detail: str) -> errors.SubmitOutcomeUnknown:
+        return errors.SubmitOutcomeUnknown(
+            f"submit answered 200 without a usable task_id ({detail}); a paid task may exist — not resending",
+            status=200,
+        )
 
     # --- poll ----------------------------------------------------------------------------
 
     def get_task_result(self, task_id: str) -> TaskResult:
-        """One poll (with retries for transient errors). Unknown statuses are returned as is."""
+        """One poll (with retries for transient errors). Unknown statuses are returned as is;
+        the status and reason are scrubbed of our key."""
         url = self.base_url + contract.TASK_RESULT_PATH
-        try:
-            resp = self._gets.get(
-                url, params={"task_id": task_id}, headers=self._auth(), timeout=self.timeout, stream=True
-            )
-        except requests.RequestException as exc:
-            raise errors.TransientError(
-                f"polling task {task_id} failed: {_exc_name(exc)}"
-            ) from None
-        with resp:
-            if resp.status_code != 200:
-                raise self._error(resp, task_id=task_id)
-            body = self._json(resp)
+        with deadline(self.poll_deadline_s) as call:
+            try:
+                resp = self._gets.get(
+                    url, params={"task_id": task_id}, headers=self._auth(), timeout=self.timeout, stream=True
+                )
+            except _TRANSFER_ERRORS as exc:
+                what = f"no answer within the {call.seconds:g} s poll deadline" if call.expired else _exc_name(exc)
+                raise errors.TransientError(f"polling task {task_id} failed: {what}") from None
+            with resp:
+                kind = answers.poll_error_kind(resp.status_code)
+                if kind is not None:
+                    raise self._error(resp, kind, task_id=task_id)
+                try:
+                    body = self._json(resp, call)
+                except _BodyCut as exc:
+                    raise errors.TransientError(f"polling task {task_id}: {exc}", status=200) from None
         try:
             result = TaskResult.from_json(body)
         except ValueError as exc:
-            raise errors.MalformedResponse(f"task {task_id}: {exc}", status=200) from None
+            raise errors.MalformedResponse(f"task {task_id}: {self._scrub(str(exc))[:300]}", status=200) from None
         if result.task_id != task_id:
             raise errors.MalformedResponse(
-                f"asked for task {task_id}, the service answered for {self._scrub(result.task_id[:100])}",
+                f"asked for task {task_id}, the service answered for {self._scrub(result.task_id)[:100]}",
                 status=200,
             )
-        return result
+        return dataclasses.replace(result, status=self._scrub(result.status), reason=self._scrub(result.reason))
 
     def wait(
         self,
@@ -254,25 +310,24 @@ class ViduClient:
         Raises :class:`TaskFailed` for a failed task and :class:`TimeoutError` at the deadline
         (the task is not forgotten: the caller still has its id).
         """
-        deadline = time.monotonic() + timeout_s
+        deadline_at = time.monotonic() + timeout_s
         while True:
             try:
                 result = self.get_task_result(task_id)
             except errors.RateLimited as exc:
-                result, delay = None, exc.retry_after or max_interval_s
+                last, delay = "no answer", exc.retry_after or max_interval_s
             except (errors.TransientError, errors.MalformedResponse):
-                result, delay = None, max_interval_s / 2  # keep trying until the deadline
+                last, delay = "no answer", max_interval_s / 2  # keep trying until the deadline
             else:
                 if result.succeeded:
                     return result
-                if result.failed:
-                    reason = self._scrub(result.reason)
-                    raise errors.TaskFailed(f"task {task_id} failed: {reason or 'no reason given'}",
-                                            reason=reason)
-                delay = poll_delay(result, min_interval_s, max_interval_s)
-            remaining = deadline - time.monotonic()
+                if result.failed:  # reason already scrubbed by get_task_result
+                    raise errors.TaskFailed(
+                        f"task {task_id} failed: {result.reason or 'no reason given'}", reason=result.reason
+                    )
+                last, delay = result.status, poll_delay(result, min_interval_s, max_interval_s)
+            remaining = deadline_at - time.monotonic()
             if remaining <= 0:
-                last = result.status if result else "no answer"
                 raise TimeoutError(f"task {task_id} not finished after {timeout_s:.0f} s (last status {last})")
             time.sleep(min(delay, remaining))
 
@@ -288,8 +343,9 @@ class ViduClient:
         """Stream the task's video into ``dest`` atomically, hashing as it goes.
 
         The file appears at ``dest`` only when complete (size matches Content-Length, under
-        the size cap). An expired or missing URL is refreshed by polling the task again;
-        a cut-off body is fetched again, up to ``attempts`` times in all.
+        the size cap), with the mode a new file gets under the umask. An expired or missing URL
+        is refreshed by polling the task again; a cut-off body is fetched again, up to
+        ``attempts`` times in all.
         """
         result = task if isinstance(task, TaskResult) else self.get_task_result(task)
         dest = Path(dest)
@@ -320,65 +376,80 @@ class ViduClient:
 
     def _fetch(self, url: str, dest: Path, task_id: str) -> tuple[str, int]:
         where = contract.redact_url(url)
-        try:
-            # identity: the size check and the hash are about the bytes of the file as stored.
-            resp = self._gets.get(
-                url, stream=True, timeout=self.timeout, headers={"Accept-Encoding": "identity"}
-            )
-        except requests.TooManyRedirects:
-            raise errors.DownloadError(f"task {task_id}: too many redirects downloading {where}") from None
-        except (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL,
-                requests.exceptions.MissingSchema) as exc:
-            # Not str(exc): it quotes the whole (redirected) URL, signature included.
-            raise errors.DownloadError(
-                f"task {task_id}: refused download URL {where} or a redirect from it ({_exc_name(exc)})"
-            ) from None
-        except requests.RequestException as exc:
-            raise errors.DownloadError(f"task {task_id}: download of {where} failed: {_exc_name(exc)}") from None
-        with resp:
-            if resp.status_code in (401, 403, 404, 410):
-                raise errors.VideoURLExpired(
-                    f"task {task_id}: video URL answered {resp.status_code} (expired or revoked)",
-                    status=resp.status_code,
-                )
-            if resp.status_code != 200:
-                raise errors.DownloadError(
-                    f"task {task_id}: video download answered {resp.status_code}", status=resp.status_code
-                )
-            expected = _int_header(resp, "Content-Length")
-            if expected is not None and expected > self.max_video_bytes:
-                raise errors.DownloadError(
-                    f"task {task_id}: video is {expected:,} bytes, over the {self.max_video_bytes:,} cap"
-                )
-            digest, size = hashlib.sha256(), 0
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        with deadline(self.download_deadline_s) as call:
             try:
-                with os.fdopen(fd, "wb") as out:
-                    try:
-                        for chunk in resp.iter_content(chunk_size=1 << 20):
-                            size += len(chunk)
-                            if size > self.max_video_bytes:
-                                raise errors.DownloadError(
-                                    f"task {task_id}: video exceeds the {self.max_video_bytes:,}-byte cap"
-                                )
-                            digest.update(chunk)
-                            out.write(chunk)
-                    except requests.RequestException as exc:
-                        raise errors.DownloadError(
-                            f"task {task_id}: download cut off after {size:,} bytes ({_exc_name(exc)})"
-                        ) from None
-                    out.flush()
-                    os.fsync(out.fileno())
-                if expected is not None and size != expected:
+                # identity: the size check and the hash are about the bytes of the file as stored.
+                resp = self._gets.get(
+                    url, stream=True, timeout=self.timeout, headers={"Accept-Encoding": "identity"}
+                )
+            except requests.TooManyRedirects:
+                raise errors.DownloadError(f"task {task_id}: too many redirects downloading {where}") from None
+            except (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL,
+                    requests.exceptions.MissingSchema) as exc:
+                # Not str(exc): it quotes the whole (redirected) URL, signature included.
+                raise errors.DownloadError(
+                    f"task {task_id}: refused download URL {where} or a redirect from it ({_exc_name(exc)})"
+                ) from None
+            except _TRANSFER_ERRORS as exc:
+                what = f"no answer within the {call.seconds:g} s download deadline" if call.expired else _exc_name(exc)
+                raise errors.DownloadError(f"task {task_id}: download of {where} failed: {what}") from None
+            with resp:
+                self._check_video_answer(resp, task_id)
+                return self._stream_to(resp, dest, task_id, call)
+
+    def _check_video_answer(self, resp: requests.Response, task_id: str) -> None:
+        status = resp.status_code
+        if status in (401, 403, 404, 410):
+            raise errors.VideoURLExpired(
+                f"task {task_id}: video URL answered {status} (expired or revoked)", status=status
+            )
+        if status != 200:
+            raise errors.DownloadError(f"task {task_id}: video download answered {status}", status=status)
+        expected = _int_header(resp, "Content-Length")
+        if expected is not None and expected > self.max_video_bytes:
+            raise errors.DownloadError(
+                f"task {task_id}: video is {expected:,} bytes, over the {self.max_video_bytes:,} cap"
+            )
+
+    def _stream_to(self, resp: requests.Response, dest: Path, task_id: str, call: Call) -> tuple[str, int]:
+        """Write the body next to ``dest`` and rename it into place once complete."""
+        expected = _int_header(resp, "Content-Length")
+        digest, size = hashlib.sha256(), 0
+        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.part")
+        # O_EXCL with 0o666: the umask decides the mode, as for any new file (mkstemp's is 0600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                try:
+                    for chunk in resp.iter_content(chunk_size=1 << 20):
+                        size += len(chunk)
+                        if size > self.max_video_bytes:
+                            raise errors.DownloadError(
+                                f"task {task_id}: video exceeds the {self.max_video_bytes:,}-byte cap"
+                            )
+                        digest.update(chunk)
+                        out.write(chunk)
+                except _TRANSFER_ERRORS as exc:
                     raise errors.DownloadError(
-                        f"task {task_id}: got {size:,} of {expected:,} bytes (truncated download)"
+                        f"task {task_id}: download cut off after {size:,} bytes ({self._cut_reason(exc, call)})"
+                    ) from None
+                if call.expired:  # a close-delimited body ends "normally" when its socket is cut
+                    raise errors.DownloadError(
+                        f"task {task_id}: download cut off after {size:,} bytes (the "
+                        f"{call.seconds:g} s download deadline passed)"
                     )
-                if size == 0:
-                    raise errors.DownloadError(f"task {task_id}: empty video body")
-                os.replace(tmp, dest)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+                out.flush()
+                os.fsync(out.fileno())
+            if expected is not None and size != expected:
+                raise errors.DownloadError(
+                    f"task {task_id}: got {size:,} of {expected:,} bytes (truncated download)"
+                )
+            if size == 0:
+                raise errors.DownloadError(f"task {task_id}: empty video body")
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return digest.hexdigest(), size
 
     # --- helpers -------------------------------------------------------------------------
@@ -386,20 +457,19 @@ class ViduClient:
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._api_key}"}
 
-    def _scrub(self, text: str) -> str:
-        """Server-supplied text without our key or an echoed data-URI payload."""
-        if self._api_key:
-            text = text.replace(self._api_key, "***")
-        return _DATA_URI_PAYLOAD_RE.sub(r"\1…", text)
-
-    def _json(self, resp: requests.Response) -> Any:
+    def _json(self, resp: requests.Response, call: Call) -> Any:
+        """The JSON body; :class:`_BodyCut` when it did not arrive whole, MalformedResponse
+        when it arrived but is not JSON (or is too big to be an answer)."""
         announced = _int_header(resp, "Content-Length")
         if announced is not None and announced > MAX_JSON_BYTES:
             raise errors.MalformedResponse(
                 f"response body announced as {announced:,} bytes, over {MAX_JSON_BYTES:,}; refusing to read",
                 status=resp.status_code,
             )
-        raw = resp.raw.read(MAX_JSON_BYTES + 1, decode_content=True)
+        try:
+            raw = resp.raw.read(MAX_JSON_BYTES + 1, decode_content=True)
+        except _TRANSFER_ERRORS as exc:
+            raise _BodyCut(f"the body was cut off: {self._cut_reason(exc, call)}") from None
         if len(raw) > MAX_JSON_BYTES:
             raise errors.MalformedResponse(
                 f"response body over {MAX_JSON_BYTES:,} bytes; refusing to parse", status=resp.status_code
@@ -407,35 +477,49 @@ class ViduClient:
         try:
             return json.loads(raw)
         except ValueError:
+            if call.expired:  # a close-delimited body ends "normally" when its socket is cut
+                raise _BodyCut(f"the body was cut off: {self._cut_reason(None, call)}") from None
             raise errors.MalformedResponse(
-                f"response is not JSON: {self._scrub(raw[:120].decode('utf-8', 'replace'))!r}",
+                f"response is not JSON: {self._scrub(raw[:2000].decode('utf-8', 'replace'))[:120]!r}",
                 status=resp.status_code,
             ) from None
 
-    def _error_text(self, resp: requests.Response) -> str:
-        reason, message = _error_fields(resp)
-        return self._scrub(" ".join(p for p in (reason, message) if p) or resp.reason or "no details")[:500]
+    @staticmethod
+    def _cut_reason(exc: BaseException | None, call: Call) -> str:
+        if call.expired:
+            return f"the {call.seconds:g} s deadline passed"
+        return _exc_name(exc) if exc is not None else "ended early"
 
-    def _error(self, resp: requests.Response, *, task_id: str | None = None) -> errors.ViduError:
+    def _error_words(self, resp: requests.Response) -> tuple[str | None, str]:
+        """(reason, message) of an error answer, scrubbed; best effort (the deadline still
+        holds: a dripping error body ends when the call does)."""
+        try:
+            raw = resp.raw.read(64 * 1024, decode_content=True) if resp.raw else b""
+        except _TRANSFER_ERRORS:
+            raw = b""
+        reason, message = answers.error_fields(raw)
+        reason = self._scrub(reason)[:100] if reason else None
+        return reason, self._scrub(message or resp.reason or "no details")[:500]
+
+    def _error_text(self, resp: requests.Response) -> str:
+        reason, message = self._error_words(resp)
+        return " ".join(p for p in (reason, message) if p)[:500]
+
+    def _error(
+        self, resp: requests.Response, kind: type[errors.ViduError], *, task_id: str | None = None
+    ) -> errors.ViduError:
         """The typed error for a non-200 answer (after the retry policy gave up)."""
         status = resp.status_code
-        reason, message = _error_fields(resp)
-        message = self._scrub(message or resp.reason or "no details")
-        reason = self._scrub(reason)[:100] if reason else None
-        kw = {"status": status, "reason": reason}
-        if status == 400:
+        reason, message = self._error_words(resp)
+        if kind is errors.InvalidRequest:
             problems = [p.strip() for p in message.split(";") if p.strip()]
-            return errors.InvalidRequest(problems or [message], **kw)
-        if status in (401, 403):
-            return errors.AuthError(message, **kw)
-        if status == 404:
+            return errors.InvalidRequest(problems or [message], status=status, reason=reason)
+        if kind is errors.TaskNotFound:
             what = f"task {task_id} not found" if task_id else "not found"
-            return errors.TaskNotFound(f"{what}: {message}", **kw)
-        if status == 429:
-            return errors.RateLimited(message, retry_after=_retry_after(resp), **kw)
-        if status >= 500:
-            return errors.TransientError(message, **kw)
-        return errors.ViduError(message, **kw)
+            return errors.TaskNotFound(f"{what}: {message}", status=status, reason=reason)
+        if kind is errors.RateLimited:
+            return errors.RateLimited(message, retry_after=_retry_after(resp), status=status, reason=reason)
+        return kind(message, status=status, reason=reason)
 
 
 def check_api_key(api_key: str) -> None:
@@ -465,14 +549,14 @@ def poll_delay(result: TaskResult, min_s: float, max_s: float) -> float:
 def _session(retry: Retry, pool_size: int) -> requests.Session:
     session = requests.Session()
     session.max_redirects = 5
-    adapter = HTTPAdapter(max_retries=retry, pool_connections=pool_size, pool_maxsize=pool_size)
+    adapter = DeadlineAdapter(max_retries=retry, pool_connections=pool_size, pool_maxsize=pool_size)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.headers["User-Agent"] = "vidu-pipeline"
     return session
 
 
-def _never_sent(exc: requests.RequestException) -> bool:
+def _never_sent(exc: BaseException) -> bool:
     """True when the request provably never left: the connection could not be opened."""
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return True
@@ -496,26 +580,6 @@ def _exc_name(exc: BaseException) -> str:
     return f"{name}: {type(reason).__name__}" if isinstance(reason, BaseException) else name
 
 
-def _error_fields(resp: requests.Response) -> tuple[str | None, str]:
-    """(reason, message) from an error body; defensive: a non-JSON body is still an error."""
-    try:
-        raw = resp.raw.read(64 * 1024, decode_content=True) if resp.raw else b""
-    except Exception:  # the body of an error answer is best effort
-        raw = b""
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        return None, raw[:200].decode("utf-8", "replace").strip()
-    if not isinstance(body, Mapping):
-        return None, str(body)[:200]
-    reason = body.get("reason")
-    message = body.get("message") or body.get("error") or ""
-    problems = (body.get("metadata") or {}).get("problems") if isinstance(body.get("metadata"), Mapping) else None
-    if isinstance(problems, list) and problems:
-        message = "; ".join(map(str, problems))
-    return (str(reason) if reason else None), str(message)
-
-
 def _retry_after(resp: requests.Response) -> float | None:
     value = resp.headers.get("Retry-After")
     if value is None:
@@ -524,6 +588,30 @@ def _retry_after(resp: requests.Response) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None
+
+
+class RedactQueryStrings(logging.Filter):
+    """Drops query strings from urllib3's log lines: its DEBUG lines quote each request's URL,
+    and a signed video URL carries its signature there."""
+
+    _QUERY_RE = re.compile(r"\?[^\s\"'<>]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = self._QUERY_RE.sub("?…", record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._QUERY_RE.sub("?…", a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def _redact_urllib3_logs() -> None:
+    for name in ("urllib3.connectionpool", "urllib3.util.retry", "urllib3.poolmanager"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactQueryStrings) for f in logger.filters):
+            logger.addFilter(RedactQueryStrings())
+
+
+_redact_urllib3_logs()
 
 
 def _int_header(resp: requests.Response, name: str) -> int | None:

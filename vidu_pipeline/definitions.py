@@ -2,12 +2,13 @@
 
 import os
 
-from dagster import Definitions
+from dagster import Definitions, in_process_executor
 
 from .defs.assets import ALL_ASSETS
 from .defs.checks import ALL_CHECKS
+from .defs.jobs import ALL_JOBS, vidu_automation_sensor
 from .defs.resources import PipelineResource, vidu_resource_from_env
-from .defs.schedules import generation_schedule, plan_job
+from .defs.schedules import generation_schedule
 from .defs.sensors import vidu_task_sensor
 
 
@@ -15,8 +16,11 @@ def build_definitions(pipeline: PipelineResource | None = None) -> Definitions:
     return Definitions(
         assets=ALL_ASSETS,
         asset_checks=ALL_CHECKS,
-        jobs=[plan_job],
-        sensors=[vidu_task_sensor],
+        jobs=ALL_JOBS,
+        # Steps are light and mostly sequential: one process per run, not one per step
+        # (a process start costs seconds on a small machine).
+        executor=in_process_executor,
+        sensors=[vidu_task_sensor, vidu_automation_sensor],
         schedules=[generation_schedule],
         resources={
             "pipeline": pipeline or PipelineResource(data_dir=os.environ.get("VIDU_DATA_DIR", "data")),

@@ -60,13 +60,16 @@ class RateLimited(ViduError):
 
 
 class TransientError(ViduError):
-    """5xx, timeouts, dropped connections on a call that is safe to repeat."""
+    """5xx, timeouts, dropped connections or a passed deadline on a call that is safe to
+    repeat: a poll, or a submit that provably never left (the connection was never opened)."""
 
     retryable = True
 
 
 class SubmitOutcomeUnknown(ViduError):
-    """The submit body was sent but no answer came back (or a 5xx did): a paid task may exist.
+    """The submit body may have been sent and no answer proves whether a task was created: a
+    5xx, a 1xx, a 2xx other than 200 (202, 201, 204…), a 3xx, a 200 cut off or without a
+    usable task_id, a dropped connection, or the submit deadline passing. A paid task may exist.
 
     The client never resends in this case; the caller records it and decides.
     """

@@ -18,10 +18,8 @@ import os
 import sqlite3
 import tempfile
 import threading
-import time
 from collections.abc import Iterable
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
@@ -34,7 +32,17 @@ from .contract import (
     MIN_IMAGE_SIDE_PX,
     ImageFacts,
     image_dimension_problems,
-    redact_url,
+)
+
+# Reading sources lives in sources.py; the names stay importable from here.
+from .sources import (  # noqa: F401 - re-exported
+    MAX_REDIRECTS,
+    URL_DEADLINE_S,
+    URL_TIMEOUT,
+    SourceError,
+    fetch_url,
+    not_regular_reason,
+    read_local,
 )
 
 # Bump whenever a rule or an encoding choice changes: cached verdicts of older versions are ignored.
@@ -364,82 +372,6 @@ def inspect_image_bytes(data: bytes) -> ImageFacts:
     except Exception as exc:
         raise ValueError(f"truncated or corrupt image data: {exc}") from None
     return ImageFacts(format=fmt, width=width, height=height)
-
-
-# --- reading sources -------------------------------------------------------------------------
-
-
-class SourceError(Exception):
-    """The bytes of an image could not be obtained; ``rule`` is the rejection rule."""
-
-    def __init__(self, rule: str, reason: str):
-        super().__init__(reason)
-        self.rule = rule
-        self.reason = reason
-
-
-def read_local(path: str | os.PathLike) -> bytes:
-    """Read a file, refusing before reading it when it is over the contract's file-size limit."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_IMAGE_FILE_BYTES:
-                raise SourceError("file_size", f"{size:,} bytes, at most {MAX_IMAGE_FILE_BYTES:,} allowed")
-            return f.read(MAX_IMAGE_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise SourceError("missing_file", "the file does not exist") from None
-    except IsADirectoryError:
-        raise SourceError("unreadable", "it is a directory, not a file") from None
-    except PermissionError:
-        raise SourceError("unreadable", "permission denied when reading the file") from None
-    except OSError as exc:
-        raise SourceError("unreadable", f"cannot be read ({exc.strerror or exc})") from None
-
-
-URL_TIMEOUT = (5.0, 20.0)  # connect, read (seconds between bytes)
-URL_DEADLINE_S = 120.0  # the whole download, so a slow drip cannot hold a worker forever
-MAX_REDIRECTS = 5
-
-
-def fetch_url(url: str, session, *, timeout=URL_TIMEOUT, deadline_s: float = URL_DEADLINE_S) -> bytes:
-    """GET an http(s) image, following at most MAX_REDIRECTS redirects that stay http(s).
-
-    Streamed with the 50 MB cap (Content-Length is checked first, then the running total), so a
-    huge or endless body never lands in memory. Every failure is a SourceError, never a crash.
-    """
-    import requests  # only URL catalogs pay for the import
-
-    start = time.monotonic()
-    for _ in range(MAX_REDIRECTS + 1):
-        if urlsplit(url).scheme.lower() not in ("http", "https"):
-            raise SourceError("url_scheme", f"redirected to a {urlsplit(url).scheme}: URL; only http(s) is fetched")
-        try:
-            resp = session.get(url, stream=True, timeout=timeout, allow_redirects=False)
-        except requests.RequestException as exc:
-            raise SourceError("url_fetch", f"request failed ({type(exc).__name__})") from None
-        with resp:
-            if resp.is_redirect:
-                url = urljoin(url, resp.headers.get("Location", ""))
-                continue
-            if resp.status_code != 200:
-                raise SourceError("url_fetch", f"HTTP {resp.status_code} from {redact_url(resp.url or url)}")
-            declared = resp.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > MAX_IMAGE_FILE_BYTES:
-                raise SourceError("file_size", f"Content-Length {int(declared):,} bytes, at most "
-                                               f"{MAX_IMAGE_FILE_BYTES:,} allowed")
-            chunks, total = [], 0
-            try:
-                for chunk in resp.iter_content(1 << 16):
-                    total += len(chunk)
-                    if total > MAX_IMAGE_FILE_BYTES:
-                        raise SourceError("file_size", f"body exceeds {MAX_IMAGE_FILE_BYTES:,} bytes")
-                    if time.monotonic() - start > deadline_s:
-                        raise SourceError("url_fetch", f"download took longer than {deadline_s:.0f} s")
-                    chunks.append(chunk)
-            except requests.RequestException as exc:
-                raise SourceError("url_fetch", f"download failed ({type(exc).__name__})") from None
-            return b"".join(chunks)
-    raise SourceError("url_fetch", f"more than {MAX_REDIRECTS} redirects")
 
 
 # --- the cache -------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ file end.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import io
@@ -213,6 +214,17 @@ def frame_png(path: str | Path, at_s: float = 1.0, max_side: int = 320) -> bytes
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def jpeg_data_uri(image: Image.Image, width: int = 320, quality: int = 75) -> str:
+    """A small inline JPEG (``data:image/jpeg;base64,…``), at most ``width`` pixels wide: the
+    Dagster UI shows it in Markdown metadata without serving any file."""
+    small = image.convert("RGB")
+    if small.width > width:
+        small = small.resize((width, max(1, round(small.height * width / small.width))), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=quality, optimize=True)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def contact_sheet(

@@ -8,6 +8,7 @@ partition still gets its own materialization with its own metadata.
 
 
 import dataclasses
+import os
 import time
 
 import pandas as pd
@@ -19,13 +20,17 @@ from dagster import (
     Failure,
     MaterializeResult,
     MetadataValue,
+    TableColumn,
+    TableSchema,
     asset,
 )
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from .. import catalog as catalog_mod
 from .. import collect, plan, tasks
+from .. import lineage as lineage_mod
 from ..ledger import PlannedRequest
+from .jobs import LINEAGE_AFTER_VIDEOS
 from .partitions import PARTITION_SOFT_LIMIT, REQUESTS_PARTITIONS_NAME, requests_partitions
 from .resources import SESSION_TAG, PipelineResource, ViduResource
 
@@ -116,9 +121,8 @@ def rejections(
     frame = catalog_mod.rejections_frame(
         [*catalog.rejections, *reference_images.rejections, *prompt_rejections]
     )
-    pipeline.reports_dir.mkdir(parents=True, exist_ok=True)
-    path = pipeline.reports_dir / "rejections.csv"
-    frame.to_csv(path, index=False)
+    # The CSV is for spreadsheets: formula-like cells are escaped there; this output keeps the text.
+    path = catalog_mod.write_rejections_csv(frame, pipeline.reports_dir / "rejections.csv")
     context.add_output_metadata(
         {
             "rejections": len(frame),
@@ -304,20 +308,11 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
             continue
         collected.append(key)
         stored = ledger.get(key)
+        assert stored is not None and stored.video_sha256, f"{key}: collected but not in the ledger"
         yield AssetMaterialization(
             asset_key=context.asset_key,
             partition=key,
-            metadata={
-                **_sweep_metadata(stored),
-                "path": MetadataValue.path(str(video.path)),
-                "sha256": stored.video_sha256,
-                "bytes": stored.video_bytes,
-                "task_id": stored.task_id,
-                "seed_effective": stored.effective_seed or 0,
-                "probe": MetadataValue.json(dataclasses.asdict(video.probe)),
-                "problems": MetadataValue.text("; ".join(video.problems) or "none"),
-                "thumbnail": MetadataValue.path(str(_thumbnail(pipeline, video.path, key))),
-            },
+            metadata=_video_metadata(pipeline, stored, video),
             tags={"dagster/data_version": stored.video_sha256},
         )
     if collected:
@@ -335,12 +330,17 @@ def _sweep_metadata(row) -> dict:
 
 
 def _thumbnail(pipeline: PipelineResource, path, key: str):
-    from ..video import frame_png
+    """The frame at 1 s as <data_dir>/thumbnails/<key>.png (the contact sheet reuses it) and
+    as a small inline JPEG for the UI."""
+    from ..video import frame_image, jpeg_data_uri
 
+    frame = frame_image(path, at_s=1.0)
     out = pipeline.root / "thumbnails" / f"{key}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(frame_png(path, at_s=1.0, max_side=320))
-    return out
+    png = frame.copy()
+    png.thumbnail((320, 320))
+    png.save(out, format="PNG")
+    return out, jpeg_data_uri(frame, width=THUMBNAIL_WIDTH)
 
 
 def sync_lineage(pipeline: PipelineResource, run_id: str | None) -> int:
@@ -354,7 +354,7 @@ def sync_lineage(pipeline: PipelineResource, run_id: str | None) -> int:
     return len(rows)
 
 
-@asset(group_name=GROUP, deps=[videos])
+@asset(group_name=GROUP, deps=[videos], automation_condition=LINEAGE_AFTER_VIDEOS)
 def lineage(context: AssetExecutionContext, pipeline: PipelineResource) -> MaterializeResult:
     """The Parquet lineage table: one row per request that reached an end (succeeded with its
     video, failed, or unknown) — enough to reproduce each video. Appends what is new, and
@@ -366,8 +366,10 @@ def lineage(context: AssetExecutionContext, pipeline: PipelineResource) -> Mater
     states = table["state"].value_counts().to_dict() if len(table) else {}
     return MaterializeResult(
         metadata={
-            "path": MetadataValue.path(str(store.root)),
-            "rows": len(table),
+            "path": MetadataValue.path(_relative(pipeline, store.root)),
+            "dagster/row_count": len(table),
+            "dagster/column_schema": LINEAGE_TABLE_SCHEMA,
+            "parquet_files": len(list(store.root.glob("*.parquet"))),
             "appended": appended,
             "by_state": MetadataValue.json(states),
             "preview": _md_table(
@@ -379,3 +381,93 @@ def lineage(context: AssetExecutionContext, pipeline: PipelineResource) -> Mater
 
 
 ALL_ASSETS = [catalog, reference_images, rejections, generation_requests, video_tasks, videos, lineage]
+
+
+# --- what the UI shows for each video ---------------------------------------------------------
+
+THUMBNAIL_WIDTH = 320  # px; a JPEG of ~5–15 kB inline in the event log
+REFERENCE_THUMBNAIL_WIDTH = 96
+
+
+def _relative(pipeline: PipelineResource, path) -> str:
+    """A path as the UI should show it: relative to the data dir (absolute if outside it)."""
+    from pathlib import Path
+
+    try:
+        return str(Path(path).resolve().relative_to(pipeline.root))
+    except ValueError:
+        return str(path)
+
+
+def _video_metadata(pipeline: PipelineResource, row, video: collect.CollectedVideo) -> dict:
+    """One videos partition as the UI shows it: the clip's frame inline, what was asked
+    (prompt, options, seed, subject, reference images), what came back and when."""
+    spec = plan.RequestSpec.from_json(row.spec_json)
+    _, thumbnail_uri = _thumbnail(pipeline, video.path, row.request_id)
+    metadata = {
+        "thumbnail": MetadataValue.md(f"![{row.request_id}]({thumbnail_uri})"),
+        "path": MetadataValue.path(_relative(pipeline, video.path)),
+        "prompt": MetadataValue.text(spec.prompt),
+        "options": MetadataValue.json(spec.options),
+        **_sweep_metadata(row),  # subject_id, seed (as requested)
+        "seed_effective": row.effective_seed if row.effective_seed is not None else -1,
+        "references": MetadataValue.md(_reference_markdown(pipeline, spec)),
+        "task_id": row.task_id or "",
+        "sha256": row.video_sha256,
+        "bytes": row.video_bytes,
+        "probe": MetadataValue.json(dataclasses.asdict(video.probe)),
+        "problems": MetadataValue.text("; ".join(video.problems) or "none"),
+    }
+    if row.submitted_at:
+        metadata["submitted_at"] = MetadataValue.timestamp(row.submitted_at)
+    if row.finished_at:
+        metadata["finished_at"] = MetadataValue.timestamp(row.finished_at)
+    if row.submitted_at and row.finished_at:
+        metadata["latency_s"] = MetadataValue.float(round(row.finished_at - row.submitted_at, 2))
+    return metadata
+
+
+def _reference_markdown(pipeline: PipelineResource, spec) -> str:
+    """The reference images sent, as small inline JPEGs."""
+    cells = []
+    for sha in spec.image_sha256s:
+        try:
+            cells.append(f"![{sha[:12]}]({_reference_thumbnail_uri(pipeline, sha)})")
+        except (KeyError, OSError) as exc:
+            cells.append(f"`{sha[:12]}…` ({exc})")
+    return " ".join(cells) or "_none_"
+
+
+def _reference_thumbnail_uri(pipeline: PipelineResource, sha: str) -> str:
+    """A reference image's small JPEG as a data URI, made once per image and kept under
+    <data_dir>/thumbnails/references/ (a subject's images recur in every one of its videos)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from ..video import jpeg_data_uri
+
+    path = pipeline.root / "thumbnails" / "references" / f"{sha[:16]}-{REFERENCE_THUMBNAIL_WIDTH}.jpg"
+    if not path.exists():
+        with Image.open(io.BytesIO(pipeline.image_cache().get_bytes(sha))) as im:
+            uri = jpeg_data_uri(im, width=REFERENCE_THUMBNAIL_WIDTH, quality=70)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(base64.b64decode(uri.split(",", 1)[1]))
+        tmp.replace(path)  # readers never see half a file
+        return uri
+    return "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _lineage_table_schema() -> TableSchema:
+    """The Parquet schema of lineage.py, as Dagster's column schema."""
+    return TableSchema(
+        columns=[
+            TableColumn(name=f.name, type=str(f.type), description="" if f.nullable else "required")
+            for f in lineage_mod.SCHEMA
+        ]
+    )
+
+
+LINEAGE_TABLE_SCHEMA = _lineage_table_schema()

@@ -4,11 +4,13 @@
 import os
 
 import pandas as pd
-from dagster import AssetCheckResult, AssetCheckSeverity, MetadataValue, asset_check
+from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, MetadataValue, asset_check
 
 from .. import catalog as catalog_mod
-from ..ledger import SUCCEEDED, UNKNOWN
-from .assets import lineage, reference_images
+from ..ledger import FAILED, SUCCEEDED, UNKNOWN
+from .assets import lineage, reference_images, videos
+from .jobs import AFTER_VIDEOS_BATCH, WITH_ITS_ASSET
+from .partitions import REQUESTS_PARTITIONS_NAME
 from .resources import PipelineResource
 
 
@@ -27,7 +29,7 @@ def images_accepted(reference_images: catalog_mod.ValidatedImages) -> AssetCheck
     return AssetCheckResult(passed=not rejected, severity=AssetCheckSeverity.WARN, metadata=metadata)
 
 
-@asset_check(asset=lineage, description="Every stored video has exactly one lineage row and one file, and every file a row.")
+@asset_check(asset=lineage, automation_condition=WITH_ITS_ASSET, description="Every stored video has exactly one lineage row and one file, and every file a row.")
 def lineage_complete(pipeline: PipelineResource) -> AssetCheckResult:
     table = pipeline.lineage().read()
     with_video = [r for r in pipeline.ledger().rows(states=[SUCCEEDED]) if r.video_sha256]
@@ -57,7 +59,7 @@ def lineage_complete(pipeline: PipelineResource) -> AssetCheckResult:
     )
 
 
-@asset_check(asset=lineage, description="Stored videos match their requests (size, 5 s, audio iff bgm) and none failed verification for good.")
+@asset_check(asset=lineage, automation_condition=WITH_ITS_ASSET, description="Stored videos match their requests (size, 5 s, audio iff bgm) and none failed verification for good.")
 def videos_match_requests(pipeline: PipelineResource) -> AssetCheckResult:
     problems: list[str] = []
     for row in pipeline.ledger().rows(states=[SUCCEEDED]):
@@ -72,7 +74,7 @@ def videos_match_requests(pipeline: PipelineResource) -> AssetCheckResult:
     )
 
 
-@asset_check(asset=lineage, description="Lists requests whose outcome is unknown (a paid task may exist); they are never resubmitted automatically.")
+@asset_check(asset=lineage, automation_condition=WITH_ITS_ASSET, description="Lists requests whose outcome is unknown (a paid task may exist); they are never resubmitted automatically.")
 def no_unknown_tasks(pipeline: PipelineResource) -> AssetCheckResult:
     unknown = pipeline.ledger().rows(states=[UNKNOWN])
     return AssetCheckResult(
@@ -87,4 +89,59 @@ def no_unknown_tasks(pipeline: PipelineResource) -> AssetCheckResult:
     )
 
 
-ALL_CHECKS = [images_accepted, lineage_complete, videos_match_requests, no_unknown_tasks]
+@asset_check(
+    asset=videos,
+    automation_condition=AFTER_VIDEOS_BATCH,
+    description="Every requested partition has a verified video: its request succeeded and its MP4 "
+    "decoded end to end and matches the request. Warns while some are still in flight; fails (error) "
+    "when one failed, is unknown, or does not match.",
+)
+def videos_verified(context: AssetCheckExecutionContext, pipeline: PipelineResource) -> AssetCheckResult:
+    requested = set(context.instance.get_dynamic_partitions(REQUESTS_PARTITIONS_NAME))
+    ledger_rows = {r.request_id: r for r in pipeline.ledger().rows()}
+    verified, pending, bad = [], [], []
+    for key in sorted(requested):
+        problem = _video_problem(ledger_rows.get(key), pipeline)
+        if problem is None:
+            verified.append(key)
+        elif problem.startswith("pending"):
+            pending.append(f"{key}: {problem}")
+        else:
+            bad.append(f"{key}: {problem}")
+    missing = bad + pending
+    return AssetCheckResult(
+        passed=not missing,
+        severity=AssetCheckSeverity.ERROR if bad else AssetCheckSeverity.WARN,
+        description=f"{len(verified)} of {len(requested)} requested videos verified",
+        metadata={
+            "requested": len(requested),
+            "verified": len(verified),
+            "pending": len(pending),
+            "failed_or_mismatched": len(bad),
+            "missing": MetadataValue.md("\n".join(f"- {m}" for m in missing[:100]) or "_none_"),
+        },
+    )
+
+
+def _video_problem(row, pipeline: PipelineResource) -> str | None:
+    """Why a request has no verified video (None when it has one); "pending …" while it may
+    still get one."""
+    if row is None:
+        return "not in the ledger"
+    if row.state in (FAILED, UNKNOWN):
+        return f"{row.state}: {row.last_error or 'no reason recorded'}"
+    if row.state != SUCCEEDED:
+        return f"pending ({row.state})"
+    if not row.video_sha256:
+        if row.video_attempts >= pipeline.video_attempts:
+            return f"no verified video after {row.video_attempts} attempts ({row.last_error})"
+        return "pending (succeeded, video not downloaded yet)"
+    problems = (row.probe or {}).get("problems")
+    if problems:
+        return "mismatched: " + "; ".join(problems)
+    if not row.video_path or not os.path.exists(row.video_path):
+        return f"video file missing: {row.video_path}"
+    return None
+
+
+ALL_CHECKS = [images_accepted, lineage_complete, videos_match_requests, no_unknown_tasks, videos_verified]

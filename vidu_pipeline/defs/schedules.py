@@ -7,17 +7,24 @@ comes from ``VIDU_SCHEDULE_CRON`` (default: daily at 03:00).
 
 import os
 
-from dagster import AssetSelection, DefaultScheduleStatus, ScheduleDefinition, define_asset_job
+from dagster import DefaultScheduleStatus, RunRequest, ScheduleEvaluationContext, schedule
 
-plan_job = define_asset_job(
-    "vidu_plan_job",
-    selection=AssetSelection.assets("catalog", "reference_images", "rejections", "generation_requests"),
-    description="Ingest and validate the catalog, then plan new generation requests.",
-)
+from .jobs import CATALOG_TAG, SEEDS_TAG, plan_job
+from .resources import PipelineResource
 
-generation_schedule = ScheduleDefinition(
+__all__ = ["generation_schedule", "plan_job"]
+
+
+@schedule(
     name="vidu_generation_schedule",
     job=plan_job,
     cron_schedule=os.environ.get("VIDU_SCHEDULE_CRON", "0 3 * * *"),
     default_status=DefaultScheduleStatus.STOPPED,
+    description="Re-ingest the catalog and plan new requests; the task sensor takes it from there.",
 )
+def generation_schedule(context: ScheduleEvaluationContext, pipeline: PipelineResource):
+    """One plan run per tick, tagged with the catalog it reads and any seed override."""
+    tags = {CATALOG_TAG: str(pipeline.catalog_path)}
+    if pipeline.seeds:
+        tags[SEEDS_TAG] = ",".join(map(str, pipeline.seeds))
+    return RunRequest(tags=tags)

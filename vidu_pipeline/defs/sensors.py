@@ -24,16 +24,12 @@ from dagster import (
     sensor,
 )
 
-from .. import tasks
-from ..ledger import FAILED, PLANNED, UNKNOWN
+from .. import decisions, tasks
+from ..ledger import FAILED, PLANNED
 from .partitions import REQUESTS_PARTITIONS_NAME
 from .resources import PipelineResource, ViduResource
 
-RETRY_STUCK_AFTER_S = 300.0  # a batch whose run died is asked for again after this
-VIDEO_RETRY_AFTER_S = 10.0  # a video whose download/verification failed is tried again after this
-MAX_BATCH = 500  # requests per run asked for in one tick
 MAX_RANGE_GAP = 64  # partitions between two requests of one run, at most
-AUTO_SUBMIT_AFTER_S = 30.0  # leave fresh plans to the run that planned them
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
 
@@ -41,20 +37,9 @@ RANGE_END = "dagster/asset_partition_range_end"
 def batch_run_requests(
     context: SensorEvaluationContext, asset: str, request_ids: list[str], key_material: str
 ) -> list[RunRequest]:
-    """Runs over partition ranges holding ``request_ids``, each narrowed to them by config.
-
-    A run writes a "planned" event for every partition of its range, so a batch whose requests
-    lie far apart in partition order (tasks finishing out of order) is split wherever the gap
-    exceeds ``MAX_RANGE_GAP``: a range never spans much more than its batch.
-    """
+    """Runs over partition ranges holding ``request_ids``, each narrowed to them by config
+    (see :func:`decisions.split_batches` for where a batch is cut)."""
     order = {k: i for i, k in enumerate(context.instance.get_dynamic_partitions(REQUESTS_PARTITIONS_NAME))}
-    ids = sorted((r for r in request_ids if r in order), key=order.__getitem__)
-    groups: list[list[str]] = []
-    for rid in ids:
-        if groups and order[rid] - order[groups[-1][-1]] <= MAX_RANGE_GAP:
-            groups[-1].append(rid)
-        else:
-            groups.append([rid])
     digest = hashlib.sha256(key_material.encode()).hexdigest()[:20]
     return [
         RunRequest(
@@ -64,7 +49,7 @@ def batch_run_requests(
                   "vidu/stage": asset},
             run_config={"ops": {asset: {"config": {"request_ids": group}}}},
         )
-        for n, group in enumerate(groups)
+        for n, group in enumerate(decisions.split_batches(request_ids, order, MAX_RANGE_GAP))
     ]
 
 
@@ -81,41 +66,28 @@ def evaluate_tick(context: SensorEvaluationContext, pipeline: PipelineResource, 
         policy=pipeline.polling(),
     )
     now = time.time()
+    rules = decisions.TickRules(retry_budget=pipeline.retry_budget, auto_submit=pipeline.auto_submit)
+    plan = decisions.plan_tick(
+        now=now,
+        succeeded_now=set(report.succeeded),
+        failed_now=set(report.failed),
+        needing_video=ledger.needing_video(max_video_attempts=pipeline.video_attempts),
+        failed=ledger.rows(states=[FAILED], limit=10 * rules.max_batch),
+        planned=ledger.rows(states=[PLANNED], updated_before=now - rules.auto_submit_after_s, limit=rules.max_batch)
+        if pipeline.auto_submit else [],
+        needing_lineage=ledger.needing_lineage(),
+        rules=rules,
+    )
+    rows = ledger.get_many(plan.collect + plan.submit + plan.lineage)
     requests: list[RunRequest] = []
-
-    fresh = set(report.succeeded)
-    need_video = [
-        r for r in ledger.needing_video(max_video_attempts=pipeline.video_attempts)
-        if r.request_id in fresh
-        or now - r.updated_at > RETRY_STUCK_AFTER_S
-        # its last attempt ended with a recorded error: no run holds it, try again soon
-        or (r.video_attempts > 0 and now - r.updated_at > VIDEO_RETRY_AFTER_S * r.video_attempts)
-    ]
-    need_video = need_video[:MAX_BATCH]
-    if need_video:
-        material = ",".join(sorted(f"{r.request_id}@{r.updated_at}" for r in need_video))
-        requests += batch_run_requests(context, "videos", [r.request_id for r in need_video], material)
-
-    # Failed tasks within their retry budget, and planned requests nobody has submitted yet
-    # (e.g. planned by the schedule, or held back by a spend cap earlier).
-    newly_failed = set(report.failed)
-    resubmit = [
-        r for r in ledger.rows(states=[FAILED], limit=10 * MAX_BATCH)
-        if r.attempts < pipeline.retry_budget
-        and r.task_id is not None
-        and (r.request_id in newly_failed or now - r.updated_at > RETRY_STUCK_AFTER_S)
-    ]
-    if pipeline.auto_submit:
-        resubmit += ledger.rows(states=[PLANNED], updated_before=now - AUTO_SUBMIT_AFTER_S, limit=MAX_BATCH)
-    resubmit = resubmit[:MAX_BATCH]
-    if resubmit:
-        material = ",".join(sorted(f"{r.request_id}@{r.attempts}@{r.updated_at}" for r in resubmit))
-        requests += batch_run_requests(context, "video_tasks", [r.request_id for r in resubmit], material)
-
-    resubmitting = {r.request_id for r in resubmit}
-    ended = [r for r in ledger.needing_lineage() if r.state in (FAILED, UNKNOWN) and r.request_id not in resubmitting]
-    if ended:
-        material = ",".join(sorted(f"{r.request_id}@{r.state}@{r.updated_at}" for r in ended))
+    if plan.collect:
+        material = ",".join(sorted(f"{r}@{rows[r].updated_at}" for r in plan.collect))
+        requests += batch_run_requests(context, "videos", plan.collect, material)
+    if plan.submit:
+        material = ",".join(sorted(f"{r}@{rows[r].attempts}@{rows[r].updated_at}" for r in plan.submit))
+        requests += batch_run_requests(context, "video_tasks", plan.submit, material)
+    if plan.lineage:
+        material = ",".join(sorted(f"{r}@{rows[r].state}@{rows[r].updated_at}" for r in plan.lineage))
         requests.append(
             RunRequest(
                 run_key="lineage:" + hashlib.sha256(material.encode()).hexdigest()[:20],

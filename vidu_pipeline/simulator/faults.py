@@ -35,6 +35,13 @@ class FaultConfig:
     slow: float = 0.0
     slow_s: float = 2.0
     fail_tasks: float = 0.0
+    # Share of tasks that FAIL with a reason echoing the submit's Authorization header (as is
+    # and URL-encoded), as careless gateways do: the key must not travel further.
+    echo_auth_in_reason: float = 0.0
+    # Share of submit and poll answers sent one byte every drip_s seconds (a submit's task is
+    # created first): only a total deadline ends such a call.
+    drip: float = 0.0
+    drip_s: float = 5.0
     truncate: float = 0.0
     # Share of truncated downloads whose Content-Length matches the short body (only the MP4
     # itself reveals the damage) instead of announcing the full size.
@@ -42,13 +49,13 @@ class FaultConfig:
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
-            if field.name in ("seed", "retry_after_s", "slow_s"):
+            if field.name in ("seed", "retry_after_s", "slow_s", "drip_s"):
                 continue
             value = getattr(self, field.name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"FaultConfig.{field.name} must be within 0..1, got {value}")
-        if self.retry_after_s < 0 or self.slow_s < 0:
-            raise ValueError("FaultConfig.retry_after_s and slow_s must not be negative")
+        if self.retry_after_s < 0 or self.slow_s < 0 or self.drip_s < 0:
+            raise ValueError("FaultConfig.retry_after_s, slow_s and drip_s must not be negative")
 
     @classmethod
     def from_dict(cls, data: dict) -> FaultConfig:

@@ -8,6 +8,10 @@ Same spec ⇒ same bytes: one encoder thread, ``+bitexact`` on the muxer and bot
 the library version tags), fixed time bases and pts, and all randomness from a ``random.Random``
 seeded by the spec. ``+faststart`` rewrites the file, so we write a real temp file next to the
 target and rename it into place: readers never see a half-written video.
+
+``RenderSpec.defect`` renders what a generator can get wrong while still delivering a valid MP4
+of the right size, duration and audio, so only the quality figures (``vidu_pipeline.quality``)
+can tell: see ``DEFECTS``. Without a defect the output is exactly what it was before.
 """
 
 from __future__ import annotations
@@ -41,6 +45,16 @@ AUDIO_RATE = 48_000
 AUDIO_FRAME = 1024
 PENTATONIC = (0, 2, 4, 7, 9, 12, 14, 16)
 
+# What each defect does to the clip.
+DEFECTS = {
+    "frozen": "the first frame held still for the whole clip",
+    "black": "every frame black",
+    "ignore_amplitude": "movement_amplitude misread: `small` moves like `large` and vice versa",
+    "same_clip_for_seeds": "the seed is ignored: every seed of a request gives the same clip",
+    "unrelated": "pictures made up from the seed instead of the reference images",
+}
+AMPLITUDE_MISREAD = {"small": "large", "large": "small"}
+
 
 @dataclasses.dataclass(frozen=True)
 class RenderSpec:
@@ -54,11 +68,25 @@ class RenderSpec:
     bgm: bool = False
     render_scale: float = 1.0
     fps: int = 24
+    defect: str | None = None  # one of DEFECTS, or None for a faithful render
+
+    def __post_init__(self) -> None:
+        if self.defect is not None and self.defect not in DEFECTS:
+            raise ValueError(f"RenderSpec.defect: {self.defect!r} is not one of {', '.join(DEFECTS)}")
 
     def rng(self, purpose: str) -> random.Random:
         digests = ",".join(hashlib.sha256(b).hexdigest() for b in self.images)
-        text = f"{purpose}|{self.seed}|{self.prompt}|{self.aspect_ratio}|{self.movement_amplitude}|{digests}"
+        seed = 0 if self.defect == "same_clip_for_seeds" else self.seed
+        text = f"{purpose}|{seed}|{self.prompt}|{self.aspect_ratio}|{self.movement_amplitude}|{digests}"
         return random.Random(hashlib.sha256(text.encode("utf-8")).hexdigest())
+
+    @property
+    def motion(self) -> tuple[float, float, float]:
+        """The motion actually rendered: the requested amplitude's, unless it is misread."""
+        amplitude = self.movement_amplitude
+        if self.defect == "ignore_amplitude":
+            amplitude = AMPLITUDE_MISREAD.get(amplitude, amplitude)
+        return MOTION[amplitude]
 
 
 def render_video(spec: RenderSpec, target: Path) -> None:
@@ -95,7 +123,7 @@ def _encode(spec: RenderSpec, path: str) -> None:
                 "aac", rate=AUDIO_RATE, layout="mono", options={"flags": "+bitexact"}
             )
             audio.codec_context.thread_count = 1
-        for i, image in enumerate(_frames(spec, width, height, n_frames)):
+        for i, image in enumerate(_defective(spec, width, height, n_frames)):
             frame = av.VideoFrame.from_image(image)
             frame.pts = i
             container.mux(video.encode(frame))
@@ -126,19 +154,33 @@ class _Shot:
     pan: tuple[tuple[float, float], tuple[float, float]]
 
 
+def _defective(spec: RenderSpec, width: int, height: int, n_frames: int):
+    """The frames of ``spec``, with its picture-level defect (frozen, black) applied."""
+    if spec.defect == "black":
+        black = Image.new("RGB", (width, height))
+        return (black for _ in range(n_frames))
+    frames = _frames(spec, width, height, n_frames)
+    if spec.defect == "frozen":
+        still = next(frames)
+        return (still for _ in range(n_frames))
+    return frames
+
+
 def _frames(spec: RenderSpec, width: int, height: int, n_frames: int):
     rng = spec.rng("pictures")
-    zoom_delta, pan_share, shape_radius = MOTION[spec.movement_amplitude]
+    zoom_delta, pan_share, shape_radius = spec.motion
     max_zoom = BASE_ZOOM + 2 * zoom_delta
     tint = tuple(rng.randrange(256) for _ in range(3))
     shots = []
     for data in spec.images:
+        if spec.defect == "unrelated":
+            data = _unrelated_picture(rng, width, height)
         picture = _prepare(data, width, height, max_zoom, tint)
         z0 = BASE_ZOOM + rng.uniform(0, zoom_delta)
         z1 = z0 + zoom_delta * rng.choice((-1, 1))
         start = (rng.random(), rng.random())
         aim = (rng.random(), rng.random())
-        end = tuple(s + pan_share * (a - s) for s, a in zip(start, aim))
+        end = (start[0] + pan_share * (aim[0] - start[0]), start[1] + pan_share * (aim[1] - start[1]))
         shots.append(_Shot(picture, (z0, max(1.0, z1)), (start, end)))
 
     shape_colours = [tuple(rng.randrange(256) for _ in range(3)) for _ in range(2)]
@@ -166,6 +208,22 @@ def _frames(spec: RenderSpec, width: int, height: int, n_frames: int):
         draw.ellipse((x - size, y - size, x + size, y + size), fill=shape_colours[0])
         draw.ellipse((x - size / 2, y - size / 2, x + size / 2, y + size / 2), fill=shape_colours[1])
         yield image
+
+
+def _unrelated_picture(rng: random.Random, width: int, height: int) -> bytes:
+    """A made-up picture (a two-colour gradient with a few blocks), as PNG bytes like a reference."""
+    top, bottom = (np.array([rng.randrange(256) for _ in range(3)]) for _ in range(2))
+    ramp = np.linspace(0.0, 1.0, height)[:, None, None]
+    pixels = (top + (bottom - top) * ramp) * np.ones((1, width, 1))
+    picture = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(picture)
+    for _ in range(6):
+        x, y = rng.randrange(width), rng.randrange(height)
+        w, h = rng.randrange(width // 8 + 1, width // 3 + 2), rng.randrange(height // 8 + 1, height // 3 + 2)
+        draw.rectangle((x, y, x + w, y + h), fill=tuple(rng.randrange(256) for _ in range(3)))
+    buf = io.BytesIO()
+    picture.save(buf, "PNG")
+    return buf.getvalue()
 
 
 def _prepare(data: bytes, width: int, height: int, max_zoom: float, tint: tuple) -> Image.Image:

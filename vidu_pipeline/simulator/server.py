@@ -190,8 +190,9 @@ class Simulator:
 
     # --- tasks ------------------------------------------------------------------------------
 
-    def create_task(self, body: dict[str, Any], fingerprint: str, roll: Roll) -> Task:
-        """Accept a validated body: keep its images, pick the seed, queue the task durably."""
+    def create_task(self, body: dict[str, Any], fingerprint: str, roll: Roll, authorization: str = "") -> Task:
+        """Accept a validated body: keep its images, pick the seed, queue the task durably.
+        ``authorization`` is the request's header, for the echo_auth_in_reason fault."""
         request = contract.GenerationRequest.from_payload(body)
         images, fail_reason = collect_images(list(request.images))
         refs = []
@@ -202,6 +203,9 @@ class Simulator:
             refs.append(entry)
         if not fail_reason and roll.hit("fail_task", roll.config.fail_tasks):
             fail_reason = FAIL_REASONS[int(roll.uniform("fail_reason") * len(FAIL_REASONS))]
+        if not fail_reason and roll.hit("echo_auth_in_reason", roll.config.echo_auth_in_reason):
+            fail_reason = (f"simulated failure: upstream refused 'Authorization: {authorization}' "
+                           f"(as received: {urllib.parse.quote(authorization)})")
         now = time.time()
         task = Task(
             task_id=str(uuid.uuid4()),
@@ -410,6 +414,22 @@ class _Handler(BaseHTTPRequestHandler):
         body = {"code": status, "reason": reason, "message": message, "metadata": metadata or {}}
         self._json(status, body, headers)
 
+    def _drip(self, status: int, obj: Any, every_s: float) -> None:
+        """The whole answer, status line included, one byte every ``every_s`` seconds, until
+        sent, the client hangs up or the simulator stops."""
+        body = json.dumps(obj).encode("utf-8")
+        answer = (f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                  "Connection: close\r\n\r\n").encode("ascii") + body
+        self.close_connection = True
+        for i in range(len(answer)):
+            if self.server.sim._stop.wait(every_s):
+                return
+            try:
+                self.wfile.write(answer[i:i + 1])
+                self.wfile.flush()
+            except OSError:
+                return
+
     def _drop(self) -> None:
         """Answer nothing: the client sees the connection close."""
         self.close_connection = True
@@ -551,12 +571,14 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(
                 400, "INVALID_REQUEST_BODY", "; ".join(problems), metadata={"problems": problems}
             )
-        task = sim.create_task(body, fingerprint, roll)
+        task = sim.create_task(body, fingerprint, roll, self.headers.get("Authorization", ""))
         sim.count("submit.accepted")
         if drop_after:
             return self._drop()
         if outcome == "5xx_after_accept":
             return self._server_error(roll)
+        if roll.hit("drip", faults.drip):
+            return self._drip(200, {"task_id": task.task_id}, faults.drip_s)
         self._json(200, {"task_id": task.task_id})
 
     def _poll(self, task_id: str) -> None:
@@ -583,6 +605,8 @@ class _Handler(BaseHTTPRequestHandler):
             sim.count("poll.rejected.TASK_NOT_FOUND")
             return self._error(404, "TASK_NOT_FOUND", f"no task with id {task_id[:100]!r}")
         sim.count("poll.ok")
+        if roll.hit("drip", faults.drip):
+            return self._drip(200, result, faults.drip_s)
         self._json(200, result)
 
     def _download(self, task_id: str, query: dict[str, str]) -> None:
