@@ -827,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
             kills[sig.name] += killed
             try:
                 state = check_readable(data_dir)
-            except Exception as exc:  # noqa: BLE001 - reported as a failed invariant
+            except Exception as exc:  # reported as a failed invariant
                 state = f"UNREADABLE: {exc}"
                 readable_problems.append(f"after kill {tries + 1}: {exc}")
             print(f"kill {tries + 1}: {sig.name} after {delay:.1f} s "

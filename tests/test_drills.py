@@ -248,8 +248,8 @@ def test_malformed_answers_keep_tasks_recoverable(tmp_path, monkeypatch, caplog)
     task_id ends ``unknown`` (a paid task may exist) with a readable reason; spoiled polls are
     typed MalformedResponse, logged, rescheduled, and the tasks still end with their videos."""
     from dagster import instance_for_test
-
     from test_pipeline_dagster import drive_sensor, range_tags, run
+
     from vidu_pipeline import errors
     from vidu_pipeline.client import ViduClient
     from vidu_pipeline.defs.partitions import REQUESTS_PARTITIONS_NAME

@@ -8,6 +8,7 @@ import sqlite3
 
 import pytest
 from sqlalchemy import create_mock_engine
+from sqlalchemy.exc import OperationalError
 
 from vidu_pipeline import ledger as L
 from vidu_pipeline.ledger import Claim, Ledger, LedgerStateError, PlannedRequest, Skip, SpendCaps
@@ -559,7 +560,7 @@ def test_read_only_ledger_reads_and_refuses_writes(ledger, url, tmp_path):
 def test_read_only_ledger_on_a_missing_file_creates_nothing(tmp_path):
     path = tmp_path / "absent.sqlite"
     ro = Ledger(f"sqlite:///{path}", read_only=True)
-    with pytest.raises(Exception):
+    with pytest.raises(OperationalError):
         ro.counts_by_state()
     ro.close()
     assert not path.exists()
@@ -572,7 +573,7 @@ def _create_and_plan(url: str, barrier, out) -> None:
         led.plan(planned(i) for i in range(20))
         out.put(("ok", led.counts_by_state()["planned"]))
         led.close()
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
+    except Exception as exc:  # reported to the parent
         out.put(("error", f"{type(exc).__name__}: {exc}"))
 
 

@@ -13,6 +13,7 @@ folder sits on a small tmpfs that fills up during the POST (ENOSPC).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
@@ -95,10 +96,10 @@ def test_a_task_id_the_full_ledger_cannot_take_is_journaled_and_restored(planned
     with AnsweringServer() as server:
         server.task_id_padding = "-" + "7" * 5000
         ledger = Ledger(url)
-        with FillsTheDiskOnSubmit(KEY, server.base_url, ledger=ledger) as client:
-            with caplog.at_level(logging.ERROR, logger="vidu_pipeline.tasks"):
-                with pytest.raises(errors.StorageError) as info:
-                    submit(ledger, client, pipeline, rid, journal)
+        with (FillsTheDiskOnSubmit(KEY, server.base_url, ledger=ledger) as client,
+              caplog.at_level(logging.ERROR, logger="vidu_pipeline.tasks"),
+              pytest.raises(errors.StorageError) as info):
+            submit(ledger, client, pipeline, rid, journal)
         [task_id] = client.task_ids
         assert server.posts == 1
     ledger.close()
@@ -185,19 +186,17 @@ def test_a_really_full_disk_end_to_end(tmp_path, tiny_disk, monkeypatch, caplog,
     config = SimulatorConfig(api_key=KEY, latency_s=0.2, render_scale=0.1, state_dir=tmp_path / "sim")
     with Simulator(config) as sim:
         ledger = Ledger(url)
-        with FillsTheRealDisk(KEY, sim.base_url, disk=tiny_disk) as client:
-            with caplog.at_level(logging.ERROR, logger="vidu_pipeline.tasks"):
-                with pytest.raises(errors.StorageError) as info:
-                    submit(ledger, client, pipeline, rid, pipeline.task_id_journal)
+        with (FillsTheRealDisk(KEY, sim.base_url, disk=tiny_disk) as client,
+              caplog.at_level(logging.ERROR, logger="vidu_pipeline.tasks"),
+              pytest.raises(errors.StorageError) as info):
+            submit(ledger, client, pipeline, rid, pipeline.task_id_journal)
         [task_id] = client.task_ids
         message = str(info.value)
         assert f"could not record task {task_id} of request {rid} in the ledger (database or disk is full)" \
             in message and "\n" not in message
         assert f"task {task_id} (request {rid}, attempt 1) was accepted and paid for" in caplog.text
-        try:
+        with contextlib.suppress(Exception):  # the full disk may refuse the final checkpoint
             ledger.close()
-        except Exception:  # noqa: BLE001 - the full disk may refuse the final checkpoint
-            pass
         client.filler.unlink()
         if journal is None:
             assert message.endswith(f"the task id is only in this log: the recovery journal "

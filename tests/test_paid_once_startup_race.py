@@ -66,7 +66,7 @@ def _plan(home: str, data: str, catalog: str, barrier, out) -> None:
         errors = [str(e.step_failure_data.error.message).strip() for e in result.all_events if e.is_step_failure]
         out.put(("ok" if result.success else "failed", errors, len(result.output_for_node("generation_requests"))
                  if result.success else 0))
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
+    except Exception as exc:  # reported to the parent
         out.put(("error", [f"{type(exc).__name__}: {exc}"], 0))
 
 

@@ -20,8 +20,8 @@ from dagster import AssetKey, instance_for_test, materialize
 
 from drills.run_drill import make_catalog
 from vidu_pipeline import errors, tasks
-from vidu_pipeline.contract import SUBMIT_PATH
 from vidu_pipeline.client import RetryPolicy, ViduClient
+from vidu_pipeline.contract import SUBMIT_PATH
 from vidu_pipeline.defs.assets import ALL_ASSETS
 from vidu_pipeline.defs.resources import PipelineResource, ViduResource
 from vidu_pipeline.ledger import Ledger, SpendCaps
@@ -150,7 +150,7 @@ def test_a_404_is_never_put_back_to_planned(world):
     (SubmitRejected) — or unknown while the client still calls it TaskNotFound."""
     ledger, server, submit, ids = world
     server.status = 404
-    [out] = submit(ids[:1], budget=1)
+    submit(ids[:1], budget=1)
     row = ledger.get(ids[0])
     assert row.state in ("failed", "unknown"), row
     assert "service says not_found" in row.last_error
@@ -195,7 +195,7 @@ def test_a_refused_key_with_submits_in_flight(world):
 def test_rate_limited_and_connection_refused_go_back_to_planned(world, planned_catalog):
     ledger, server, submit, ids = world
     server.status = 429
-    [out] = submit(ids[:1], budget=1)
+    submit(ids[:1], budget=1)
     assert ledger.get(ids[0]).state == "planned" and outcomes(ledger, ids[0]) == ["rejected"]
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -222,7 +222,7 @@ class RefusingClient:
 
 @pytest.mark.timeout(120)
 def test_submit_rejected_fails_with_the_services_words_and_uses_the_budget(world):
-    ledger, server, submit, ids = world
+    ledger, _server, submit, ids = world
     client = RefusingClient()
     for _ in range(3):
         submit(ids[:1], budget=2, client_=client)

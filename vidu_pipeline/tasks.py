@@ -260,7 +260,7 @@ def _submit_claimed(ledger: Ledger, client: ViduClient, claim: Claim, data_uri_f
     except _NOT_ACCEPTED as exc:
         end(ledger.record_submit_rejected, f"not accepted: {exc}", retryable=True)
         return SubmitOutcome(request_id, False, None, f"not accepted: {exc}")
-    except Exception as exc:  # noqa: BLE001 - recorded, never resent
+    except Exception as exc:  # recorded, never resent
         # Any other answer (a redirect, 202, an unexpected status, a broken connection) does
         # not prove that no task was created: count it as maybe paid, and never resend it.
         why = str(exc) if isinstance(exc, errors.ViduError) else f"{type(exc).__name__}: {exc}"
@@ -272,7 +272,7 @@ def _submit_claimed(ledger: Ledger, client: ViduClient, claim: Claim, data_uri_f
         raise
     try:
         ledger.record_submitted(request_id, attempt, task_id, first_poll_at=first_poll_at())
-    except Exception as exc:  # noqa: BLE001 - whatever failed, the paid task id must survive
+    except Exception as exc:  # whatever failed, the paid task id must survive
         halted.append(_keep_task_id(journal, request_id, attempt, task_id, exc))
         return SubmitOutcome(request_id, True, task_id, f"submitted as task {task_id}; {halted[-1]}")
     return SubmitOutcome(request_id, True, task_id, f"submitted as task {task_id}")

@@ -9,13 +9,12 @@ from dagster import ConfigurableResource, EnvVar
 from pydantic import Field
 
 from .. import runtime
-from ..images import ImageCache
 from ..client import ViduClient
 from ..contract import DEFAULT_BASE_URL
+from ..images import ImageCache
 from ..ledger import Ledger, SpendCaps
 from ..lineage import LineageStore
 from ..tasks import PollingPolicy
-
 
 # Runs that share this tag share one per-run spend cap (the CLI tags every run of a generate).
 SESSION_TAG = "vidu/session"
