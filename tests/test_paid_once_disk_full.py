@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from vidu_pipeline import errors, tasks
 from vidu_pipeline.client import ViduClient
 from vidu_pipeline.defs.assets import ALL_ASSETS
 from vidu_pipeline.defs.resources import PipelineResource, ViduResource
-from vidu_pipeline.ledger import Ledger, SpendCaps
+from vidu_pipeline.ledger import Ledger, PlannedRequest, SpendCaps
 from vidu_pipeline.simulator import Simulator, SimulatorConfig
 
 KEY = "disk-full-key"
@@ -37,7 +38,9 @@ CAPS = SpendCaps(per_run=None, per_day=None, run_id="disk-full")
 
 
 def freeze_size(ledger: Ledger) -> None:
-    """From now on the ledger file may not grow by a single page (SQLITE_FULL past that)."""
+    """From now on the ledger file may not grow by a single page (SQLITE_FULL past that).
+
+    VACUUM first packs every page full, so a row that grows needs a new page."""
 
     def cap(dbapi_connection, _record):
         cur = dbapi_connection.cursor()
@@ -46,12 +49,16 @@ def freeze_size(ledger: Ledger) -> None:
         cur.close()
 
     ledger.engine.dispose()  # pooled connections opened before are closed; new ones are capped
+    con = sqlite3.connect(ledger.url.split(":///", 1)[1])
+    con.execute("VACUUM")
+    con.close()
     event.listen(ledger.engine, "connect", cap)
 
 
 class FillsTheDiskOnSubmit(ViduClient):
     """The real client; while the POST is out, the disk under the ledger fills up. The
-    service's task ids here are long (it may choose any string), so recording one needs a page."""
+    service's task ids here are long (up to the 256 characters the client accepts), so recording
+    one makes its row outgrow its packed page."""
 
     def __init__(self, *a, ledger: Ledger, **kw):
         super().__init__(*a, **kw)
@@ -85,8 +92,8 @@ def submit(ledger, client, pipeline, rid, journal):
 
 @pytest.mark.timeout(120)
 def test_a_task_id_the_full_ledger_cannot_take_is_journaled_and_restored(planned, caplog):
-    """SQLITE_FULL from ``max_page_count`` (no privileges needed). The service's ids are long
-    here, so recording one needs a new page."""
+    """SQLITE_FULL from ``max_page_count`` (no privileges needed). Small rows planned after
+    the request pack its page; the service's ids are long here, so recording one needs a page."""
     from test_paid_once_submit_answers import AnsweringServer
 
     pipeline, rid = planned
@@ -94,8 +101,9 @@ def test_a_task_id_the_full_ledger_cannot_take_is_journaled_and_restored(planned
     journal = pipeline.task_id_journal
     assert journal == pipeline.root / "state" / "submitted-task-ids.jsonl"
     with AnsweringServer() as server:
-        server.task_id_padding = "-" + "7" * 5000
+        server.task_id_padding = "-" + "7" * 240
         ledger = Ledger(url)
+        ledger.plan(PlannedRequest(f"filler-{i:04d}", "f", i, f"{i:064x}", "{}") for i in range(300))
         with (FillsTheDiskOnSubmit(KEY, server.base_url, ledger=ledger) as client,
               caplog.at_level(logging.ERROR, logger="vidu_pipeline.tasks"),
               pytest.raises(errors.StorageError) as info):
