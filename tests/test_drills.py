@@ -335,23 +335,26 @@ def test_paid_once_invariants_fail_on_a_stale_poll_answer(tmp_path, monkeypatch)
     [rid] = list(result.output_for_node("generation_requests")["request_id"])
     path = pipeline.root / "ledger.sqlite"
     ledger = Ledger(f"sqlite:///{path}")
-    config = SimulatorConfig(api_key="k", latency_s=0.2, render_scale=0.1, state_dir=tmp_path / "sim",
+    key = "stale-answer-key"
+    config = SimulatorConfig(api_key=key, latency_s=0.2, render_scale=0.1, state_dir=tmp_path / "sim",
                              faults=FaultConfig(fail_tasks=1.0))
 
     def submit(client):
         [out] = tasks.submit_requests(ledger, client, [rid], data_uri_for=pipeline.image_cache().data_uri,
                                       caps=SpendCaps(None, None, "bug"), owner="o:1:bug", retry_budget=3)
+        assert out.submitted, out
         return out.task_id
 
     def settle(client, *task_ids):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if all(client.get_task_result(t).terminal for t in task_ids):
+            results = [client.get_task_result(t) for t in task_ids]
+            if all(r.terminal for r in results):
                 return
             time.sleep(0.1)
-        raise AssertionError("tasks did not end")
+        raise AssertionError(f"tasks did not end: {results}")
 
-    with Simulator(config) as sim, ViduClient("k", sim.base_url) as client:
+    with Simulator(config) as sim, ViduClient(key, sim.base_url) as client:
         task1 = submit(client)
         settle(client, task1)
         assert tasks.poll_due(ledger, client, now=10**10).failed == [rid]
