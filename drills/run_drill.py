@@ -1,12 +1,16 @@
 """Fault and crash drill for ``vidu-pipeline generate`` against a misbehaving simulator.
 
-    python drills/run_drill.py [--requests 60 --kills 20 --seed 7 --keep DIR]
+    python drills/run_drill.py [--requests 60 --kills 20 --sigterm-every 3 --race-requests 20
+                                --races 2 --seed 7 --keep DIR]
 
 Runs a sweep against a standalone simulator subprocess that injects 5xx, 429, dropped
 connections (also after a task was accepted), failing tasks, truncated downloads and short URL
-TTLs all at once; kills ``generate`` with SIGKILL at seeded random moments (and once in the
-middle of a slow submit), restarting it each time; then checks that nothing was lost and
-nothing was paid twice. Prints every invariant and the counts; exits 1 if any invariant fails.
+TTLs all at once; races two pollers on one ledger (two ``generate``s at once, and ``generate``
+beside the sensor evaluated in another process) while many tasks fail and polls are slow;
+kills ``generate`` with SIGKILL or SIGTERM at seeded random moments (and once in the middle of
+a slow submit), restarting it each time; then checks that nothing was lost and nothing was paid
+twice — also against the service's own books, task by task. Prints every invariant and the
+counts; exits 1 if any invariant fails.
 
 The helpers here are also what ``tests/test_drills.py`` and ``tests/test_security.py`` use.
 """
@@ -34,6 +38,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 DRILL_KEY = "sk-vidu-drill-5e1d0c"
 TERMINAL = ("succeeded", "failed", "unknown")
+NOT_BILLABLE = ("rejected", "refused")  # attempt outcomes for which the service created no task
 
 # The fault mix of the drill (simulator CLI flags).
 FAULT_FLAGS = {
@@ -203,11 +208,70 @@ def run_generate(catalog: Path, data_dir: Path, env: dict[str, str], *extra: str
                           capture_output=True, text=True, timeout=timeout + 120, cwd=data_dir.parent)
 
 
-def start_generate(catalog: Path, data_dir: Path, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+# Runs ``python -m vidu_pipeline.cli`` with the ledger's debug log (where it notes every stale
+# poll answer it ignored) in the file given first: that is how the drill sees a race land.
+_WITH_LEDGER_LOG = (
+    "import logging, runpy, sys\n"
+    "handler = logging.FileHandler(sys.argv.pop(1))\n"
+    "handler.setFormatter(logging.Formatter('%(asctime)s %(process)d %(message)s'))\n"
+    "ledger_log = logging.getLogger('vidu_pipeline.ledger')\n"
+    "ledger_log.setLevel(logging.DEBUG)\n"
+    "ledger_log.addHandler(handler)\n"
+    "ledger_log.propagate = False\n"
+    "runpy.run_module('vidu_pipeline.cli', run_name='__main__', alter_sys=True)\n"
+)
+STALE_MARK = "stale answer ignored"
+
+# The sensor body evaluated in a loop in its own process, as ``dagster dev``'s daemon would
+# (its run requests are not executed: what races is its polling). Args: ledger log, data dir,
+# seconds.
+_SENSOR_LOOP = (
+    "import sys, time\n"
+    "from dagster import DagsterInstance, build_sensor_context\n"
+    "from vidu_pipeline.defs.resources import PipelineResource, vidu_resource_from_env\n"
+    "from vidu_pipeline.defs.sensors import evaluate_tick\n"
+    "data_dir, seconds = sys.argv[1], float(sys.argv[2])\n"
+    "pipeline = PipelineResource(data_dir=data_dir, poll_time_budget_s=10)\n"
+    "vidu = vidu_resource_from_env()\n"
+    "instance = DagsterInstance.get()\n"
+    "ticks, end = 0, time.monotonic() + seconds\n"
+    "while time.monotonic() < end:\n"
+    "    evaluate_tick(build_sensor_context(instance=instance, resources={'pipeline': pipeline, 'vidu': vidu}),\n"
+    "                  pipeline, vidu)\n"
+    "    ticks += 1\n"
+    "    time.sleep(0.3)\n"
+    "print(f'sensor ticks: {ticks}', flush=True)\n"
+)
+
+
+def _logged(cmd: list[str], ledger_log: Path | None) -> list[str]:
+    """``cmd`` (a ``python -m vidu_pipeline.cli …`` command) with the ledger's debug log kept."""
+    if ledger_log is None:
+        return cmd
+    return [sys.executable, "-c", _WITH_LEDGER_LOG, str(ledger_log), *cmd[3:]]
+
+
+def start_generate(catalog: Path, data_dir: Path, env: dict[str, str], log_path: Path, *,
+                   ledger_log: Path | None = None) -> subprocess.Popen:
     log = open(log_path, "ab")
     try:
-        return subprocess.Popen(generate_cmd(catalog, data_dir, "--timeout", "600"), env=env, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=data_dir.parent)
+        cmd = _logged(generate_cmd(catalog, data_dir, "--timeout", "600"), ledger_log)
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=data_dir.parent)
+    finally:
+        log.close()
+
+
+def start_sensor(data_dir: Path, env: dict[str, str], log_path: Path, *, seconds: float,
+                 ledger_log: Path) -> subprocess.Popen:
+    """The polling sensor evaluated in a loop in another process, beside ``generate``."""
+    code = _WITH_LEDGER_LOG.replace("runpy.run_module('vidu_pipeline.cli', run_name='__main__', alter_sys=True)\n",
+                                    "") + _SENSOR_LOOP
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen([sys.executable, "-c", code, str(ledger_log), str(data_dir), str(seconds)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=data_dir.parent)
     finally:
         log.close()
 
@@ -219,6 +283,28 @@ def kill9(proc: subprocess.Popen) -> bool:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     return True
+
+
+def terminate(proc: subprocess.Popen, *, grace: float = 90.0) -> bool:
+    """SIGTERM the process if it still runs, as a service manager stops it, and wait for it to
+    end (SIGKILL after ``grace`` seconds). True when the signal landed on a running process."""
+    if proc.poll() is not None:
+        return False
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        kill9(proc)
+    return True
+
+
+def stop(proc: subprocess.Popen, sig: int) -> bool:
+    return terminate(proc) if sig == signal.SIGTERM else kill9(proc)
+
+
+def stale_answers(*logs: Path) -> int:
+    """Poll answers the ledger ignored because another poller had moved the request on."""
+    return sum(p.read_text(errors="replace").count(STALE_MARK) for p in logs if p.exists())
 
 
 def ledger_states(data_dir: Path) -> dict[str, str]:
@@ -287,15 +373,64 @@ def leaked_pool_slots(dagster_home: Path, *, free: bool = True) -> list[str]:
 
 
 def kill_at_random(catalog: Path, data_dir: Path, env: dict[str, str], rng: random.Random,
-                   log_path: Path, *, low: float = 2.0, high: float = 25.0) -> tuple[bool, float]:
-    """Start generate, SIGKILL it after a seeded random delay. (killed?, delay)."""
+                   log_path: Path, *, low: float = 2.0, high: float = 25.0,
+                   sig: int = signal.SIGKILL) -> tuple[bool, float]:
+    """Start generate, send it ``sig`` (SIGKILL, or SIGTERM and wait for it to end) after a
+    seeded random delay. (landed on a running generate?, delay)."""
     delay = rng.uniform(low, high)
     proc = start_generate(catalog, data_dir, env, log_path)
     try:
         proc.wait(timeout=delay)
     except subprocess.TimeoutExpired:
         pass
-    return kill9(proc), delay
+    return stop(proc, sig), delay
+
+
+@dataclasses.dataclass
+class RaceResult:
+    pollers: str
+    exits: list[int | None]
+    stale_answers: int
+    sigterms: int
+
+
+def race_pollers(catalog: Path, data_dir: Path, env: dict[str, str], sim: SimulatorProcess, work: Path, *,
+                 with_sensor: bool, fail_tasks: float = 0.4, slow: float = 0.4, slow_s: float = 1.5,
+                 sigterm_after: float | None = None, timeout: float = 300) -> RaceResult:
+    """Two pollers on one ledger while tasks fail often and polls are slow: two ``generate``s
+    at once, or one beside the sensor evaluated in another process. A slow poll answer about
+    a failed task then arrives after the other poller has recorded it and resubmitted. With
+    ``sigterm_after``, the first generate gets SIGTERM that many seconds in."""
+    previous = sim.faults()
+    sim.set_faults(fail_tasks=fail_tasks, slow=slow, slow_s=slow_s)
+    tag = "sensor" if with_sensor else "two"
+    logs = [work / f"race-{tag}-{i}.ledger.log" for i in range(2)]
+    procs: list[subprocess.Popen] = []
+    sigterms = 0
+    try:
+        procs.append(start_generate(catalog, data_dir, env, work / "generate.log", ledger_log=logs[0]))
+        if with_sensor:
+            procs.append(start_sensor(data_dir, env, work / "sensor.log", seconds=timeout, ledger_log=logs[1]))
+        else:
+            procs.append(start_generate(catalog, data_dir, env, work / "generate.log", ledger_log=logs[1]))
+        generates = procs if not with_sensor else procs[:1]
+        deadline = time.monotonic() + timeout
+        if sigterm_after is not None:
+            try:
+                generates[0].wait(timeout=sigterm_after)
+            except subprocess.TimeoutExpired:
+                sigterms += terminate(generates[0])
+        for proc in generates:
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                sigterms += terminate(proc)
+    finally:
+        for proc in procs:
+            terminate(proc, grace=30)
+        sim.set_faults(**previous)
+    return RaceResult("generate + sensor" if with_sensor else "two generates",
+                      [p.returncode for p in procs], stale_answers(*logs), sigterms)
 
 
 def kill_mid_submit(catalog: Path, data_dir: Path, env: dict[str, str], sim: SimulatorProcess,
@@ -337,7 +472,11 @@ def finish(catalog: Path, data_dir: Path, env: dict[str, str], *, max_runs: int 
     """Run generate until every request is terminal (a run may end 1: failed/unknown ones)."""
     runs = []
     for _ in range(max_runs):
-        runs.append(run_generate(catalog, data_dir, env, timeout=timeout))
+        try:
+            runs.append(run_generate(catalog, data_dir, env, timeout=timeout))
+        except subprocess.TimeoutExpired as exc:  # reported by the invariants, not a traceback
+            runs.append(subprocess.CompletedProcess(exc.cmd, -1, "", f"generate still running after {exc.timeout} s"))
+            break
         states = ledger_states(data_dir)
         if runs[-1].returncode in (0, 1) and states and all(s in TERMINAL for s in states.values()):
             break
@@ -377,6 +516,75 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+FAILED_STATUS = "TASK_STATUS_FAILED"
+SUCCEED_STATUS = "TASK_STATUS_SUCCEED"
+
+
+def paid_once_checks(rows: dict, attempts: dict, service_tasks: list[dict], *,
+                     retry_budget: int = 3) -> tuple[list[Check], dict[str, int]]:
+    """What the service's own books say against the ledger, per request:
+
+    * paid tasks beyond need: the tasks accepted for a request's fingerprint, in submit order,
+      are explained only by failed tasks resubmitted within the budget, then one more; any
+      other accepted task was paid for nothing (e.g. a stale poll answer made the request
+      look failed while its task ran, and it was sent again);
+    * succeeded but not downloaded: a task the service finished whose id the ledger knows,
+      but whose request does not hold that task's stored video.
+    """
+    by_fp: dict[str, list[str]] = collections.defaultdict(list)
+    for rid, r in rows.items():
+        by_fp[r.fingerprint].append(rid)
+    tasks_by_fp: dict[str, list[dict]] = collections.defaultdict(list)
+    for task in service_tasks:
+        tasks_by_fp[task["fingerprint"]].append(task)
+
+    paid_problems, paid_extra = [], 0
+    for fp, tasks in tasks_by_fp.items():
+        rids = by_fp.get(fp, [])
+        if not rids:
+            continue  # counted by "no hidden duplicate payment"
+        explained = 0
+        for task in sorted(tasks, key=lambda t: t["submit_t"])[: retry_budget * len(rids)]:
+            explained += 1
+            if task["status"] != FAILED_STATUS:
+                break
+        extra = len(tasks) - explained
+        if extra:
+            paid_extra += extra
+            statuses = ", ".join(t["status"].removeprefix("TASK_STATUS_") for t in
+                                 sorted(tasks, key=lambda t: t["submit_t"]))
+            paid_problems.append(f"{rids[0]}: {len(tasks)} tasks paid ({statuses}), {extra} beyond need")
+
+    holder = {}  # task id → the request that knows it
+    for rid, atts in attempts.items():
+        for a in atts:
+            if a.task_id:
+                holder[a.task_id] = rid
+    for rid, r in rows.items():
+        if r.task_id:
+            holder[r.task_id] = rid
+    lost_problems = []
+    for task in service_tasks:
+        rid = holder.get(task["task_id"])
+        if task["status"] != SUCCEED_STATUS or rid is None:
+            continue
+        r = rows[rid]
+        if not (r.state == "succeeded" and r.task_id == task["task_id"] and r.video_sha256):
+            lost_problems.append(f"{rid}: task {task['task_id'][:8]} SUCCEEDED at the service but the request "
+                                 f"is {r.state} with task {(r.task_id or '-')[:8]} and "
+                                 f"{'a' if r.video_sha256 else 'no'} video")
+    checks = [
+        Check("no task paid beyond need", not paid_problems,
+              f"{len(service_tasks)} tasks at the service; each request's are its failed-and-resubmitted "
+              f"ones within budget, then one" if not paid_problems else
+              f"{len(paid_problems)} problem(s): " + "; ".join(paid_problems[:5])),
+        Check("no succeeded task left undownloaded", not lost_problems,
+              "every task the service finished and the ledger knows has its video stored"
+              if not lost_problems else f"{len(lost_problems)} problem(s): " + "; ".join(lost_problems[:5])),
+    ]
+    return checks, {"paid_extra": paid_extra, "succeeded_not_downloaded": len(lost_problems)}
 
 
 def check_invariants(data_dir: Path, sim: SimulatorProcess, env: dict[str, str], *,
@@ -443,7 +651,7 @@ def check_invariants(data_dir: Path, sim: SimulatorProcess, env: dict[str, str],
             problems.append(f"{n} task(s) accepted for fingerprint {fp[:12]} unknown to the ledger")
             duplicates += n
             continue
-        billable = sum(1 for rid in rids for a in attempts[rid] if a.outcome != "rejected")
+        billable = sum(1 for rid in rids for a in attempts[rid] if a.outcome not in NOT_BILLABLE)
         if n > billable:
             problems.append(f"{rids[0]}: {n} accepted > {billable} billable attempt(s)")
             duplicates += n - billable
@@ -456,6 +664,10 @@ def check_invariants(data_dir: Path, sim: SimulatorProcess, env: dict[str, str],
     check("no hidden duplicate payment", problems,
           f"{sum(accepted.values())} tasks accepted for {len(accepted)} fingerprints; accepted ≤ billable "
           f"attempts everywhere; accepted == attempts for the {exact} requests whose attempts all ended 'submitted'")
+
+    # 3b. per request at the service: nothing paid beyond need, nothing finished left behind
+    paid_checks, paid_counts = paid_once_checks(rows, attempts, stats["tasks"]["list"], retry_budget=retry_budget)
+    checks.extend(paid_checks)
 
     # 4. one verified video per success, byte-identical to what the service rendered
     videos_dir = data_dir / "videos"
@@ -524,11 +736,12 @@ def check_invariants(data_dir: Path, sim: SimulatorProcess, env: dict[str, str],
         "requests": len(rows),
         "states": dict(sorted(by_state.items())),
         "attempts": sum(len(a) for a in attempts.values()),
-        "billable_attempts": sum(1 for a in attempts.values() for x in a if x.outcome != "rejected"),
+        "billable_attempts": sum(1 for a in attempts.values() for x in a if x.outcome not in NOT_BILLABLE),
         "accepted_tasks": sum(accepted.values()),
         "injected_faults": faults,
         "downloads": stats["downloads"],
         "duplicates": duplicates,
+        **paid_counts,
         "lost": sum(1 for r in rows.values() if r.state not in TERMINAL
                     or (r.state == "succeeded" and not r.video_sha256)),
     }
@@ -552,7 +765,13 @@ def terminal_snapshot(data_dir: Path) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=60, help="at least this many requests (default 60)")
-    parser.add_argument("--kills", type=int, default=20, help="random SIGKILLs of generate (default 20)")
+    parser.add_argument("--kills", type=int, default=20, help="random kills of generate (default 20)")
+    parser.add_argument("--sigterm-every", type=int, default=3,
+                        help="every Nth random kill is a SIGTERM instead of a SIGKILL (default 3; 0: none)")
+    parser.add_argument("--race-requests", type=int, default=20,
+                        help="requests of each two-poller race round (default 20; 0: no race)")
+    parser.add_argument("--races", type=int, default=2,
+                        help="race rounds, alternating two generates / generate beside a sensor (default 2)")
     parser.add_argument("--seed", type=int, default=7, help="seeds the kill times and the faults")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
     args = parser.parse_args(argv)
@@ -562,37 +781,58 @@ def main(argv: list[str] | None = None) -> int:
     catalog, data_dir, home = work / "catalog", work / "data", work / "dagster_home"
     subjects, prompts, seeds = shape_for(args.requests)
     n = make_catalog(catalog, subjects=subjects, prompts=prompts, seeds=seeds, rng_seed=args.seed)
+    race_catalogs = []
+    for i in range(args.races if args.race_requests else 0):
+        shape = shape_for(args.race_requests)
+        race_catalog = work / f"race-catalog-{i}"
+        n += make_catalog(race_catalog, subjects=shape[0], prompts=shape[1], seeds=shape[2],
+                          rng_seed=1000 + 17 * i + args.seed)
+        race_catalogs.append(race_catalog)
     rng = random.Random(args.seed)
-    print(f"drill in {work}: {n} requests ({subjects} subjects × {prompts} prompts × {seeds} seeds), "
-          f"{args.kills} kills, seed {args.seed}")
+    print(f"drill in {work}: {n} requests ({subjects} subjects × {prompts} prompts × {seeds} seeds, and "
+          f"{len(race_catalogs)} race round(s) of {args.race_requests}), {args.kills} kills "
+          f"(every {args.sigterm_every or 'no'} Nth a SIGTERM), seed {args.seed}")
     print("faults: " + " ".join(f"{k} {v}" for k, v in FAULT_FLAGS.items())
           + " --url-ttl 3 --latency 0.7 --render-scale 0.1 --concurrency 5")
     started = time.monotonic()
     sim = SimulatorProcess(work / "sim", fault_seed=args.seed, faults=FAULT_FLAGS)
     readable_problems: list[str] = []
+    races: list[RaceResult] = []
+    kills = {"SIGKILL": 0, "SIGTERM": 0}
     try:
         sim.start()
         env = sim.env(home)
         log = work / "generate.log"
-        kills = 0
         inflight = kill_mid_submit(catalog, data_dir, env, sim, log)
-        kills += 1
+        kills["SIGKILL"] += 1
         print(f"kill 1 (mid-submit): {len(inflight)} request(s) were submitting: {', '.join(inflight[:5])}")
-        tries = 0
-        while kills < args.kills + 1 and tries < 3 * args.kills:
+
+        # Two pollers on one ledger, with 40 % of tasks failing and slow polls.
+        for i, race_catalog in enumerate(race_catalogs):
+            result = race_pollers(race_catalog, data_dir, env, sim, work, with_sensor=bool(i % 2),
+                                  sigterm_after=rng.uniform(10.0, 25.0) if i % 2 else None)
+            races.append(result)
+            kills["SIGTERM"] += result.sigterms
+            print(f"race {i + 1} ({result.pollers}): {result.stale_answers} stale poll answer(s) ignored; "
+                  f"exits {result.exits}; {check_readable(data_dir)}")
+
+        tries = landed = 0
+        while landed < args.kills and tries < 3 * args.kills:
             # Short windows, so kills land while work remains (a run that already finished
             # is not counted): startup, planning, submits, polls, downloads, lineage.
             tries += 1
-            i = tries - 1
-            killed, delay = kill_at_random(catalog, data_dir, env, rng, log, low=1.5, high=9.0)
-            kills += killed
+            sig = signal.SIGTERM if args.sigterm_every and tries % args.sigterm_every == 0 else signal.SIGKILL
+            killed, delay = kill_at_random(catalog, data_dir, env, rng, log, low=1.5, high=9.0, sig=sig)
+            landed += killed
+            kills[sig.name] += killed
             try:
                 state = check_readable(data_dir)
-            except Exception as exc:  # noqa: BLE001 - reported as a failed invariant
+            except Exception as exc:  # reported as a failed invariant
                 state = f"UNREADABLE: {exc}"
-                readable_problems.append(f"after kill {i + 2}: {exc}")
-            print(f"kill {i + 2}: after {delay:.1f} s ({'killed' if killed else 'had already finished'}); {state}")
-        runs = finish(catalog, data_dir, env)
+                readable_problems.append(f"after kill {tries + 1}: {exc}")
+            print(f"kill {tries + 1}: {sig.name} after {delay:.1f} s "
+                  f"({'landed' if killed else 'had already finished'}); {state}")
+        runs = [run for c in [catalog, *race_catalogs] for run in finish(c, data_dir, env)]
         print(f"final run(s): exit {[r.returncode for r in runs]}")
         # Killed runs held pool slots; every restarted generate reaps them. None may remain.
         leaks = leaked_pool_slots(home, free=False)
@@ -622,7 +862,9 @@ def main(argv: list[str] | None = None) -> int:
                                    "; ".join(readable_problems) or f"checked after each of {tries} restarts"))
     finally:
         sim.stop()
-    report.counts["kills"] = kills  # SIGKILLs that landed on a running generate (1 mid-submit)
+    report.counts["kills"] = kills  # kills that landed on a running generate (1 SIGKILL mid-submit)
+    report.counts["races"] = [dataclasses.asdict(r) for r in races]
+    report.counts["stale_answers"] = sum(r.stale_answers for r in races)
     print("\ninvariants")
     print(report.text())
     print("\ncounts")

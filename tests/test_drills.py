@@ -32,6 +32,7 @@ from drills.run_drill import (
     leaked_pool_slots,
     ledger_states,
     make_catalog,
+    race_pollers,
     run_generate,
     terminal_snapshot,
 )
@@ -129,6 +130,33 @@ def test_crash_drill_kill9_restart(tmp_path, faulty_sim):
     assert leaked_pool_slots(home, free=False) == []
 
 
+@pytest.mark.timeout(480)
+def test_race_drill_two_pollers_and_sigterm(tmp_path, faulty_sim):
+    """Two pollers on one ledger (two ``generate``s planning and polling one fresh catalog at
+    once; then ``generate`` beside the sensor evaluated in another process) while 40 % of tasks
+    fail and polls are slow; then a SIGTERM at a random moment. Every invariant holds,
+    including the paid-once ones: no task paid beyond need, no finished task left behind."""
+    import signal
+
+    catalog, data, home = tmp_path / "catalog", tmp_path / "data", tmp_path / "dagster_home"
+    n = make_catalog(catalog, subjects=3, prompts=1, seeds=2, rng_seed=5)
+    env = faulty_sim.env(home)
+    races = [race_pollers(catalog, data, env, faulty_sim, tmp_path, with_sensor=False, timeout=150)]
+    # Both planned one fresh catalog at once: neither dies on the partition race (exit 2).
+    assert all(code in (0, 1) for code in races[0].exits), races[0]
+    # generate + the sensor elsewhere, on requests the first race left failed or unfinished
+    races.append(race_pollers(catalog, data, env, faulty_sim, tmp_path, with_sensor=True, timeout=150))
+    landed, _ = kill_at_random(catalog, data, env, random.Random(3), tmp_path / "generate.log",
+                               low=2.0, high=6.0, sig=signal.SIGTERM)
+    check_readable(data)
+    runs = finish(catalog, data, env, timeout=200)
+    assert runs[-1].returncode in (0, 1), runs[-1].stdout[-2000:] + runs[-1].stderr[-2000:]
+    report = check_invariants(data, faulty_sim, env, expected_requests=n)
+    print(f"races: {races}; SIGTERM landed: {landed}")
+    assert_report(report)
+    assert report.counts["paid_extra"] == 0 and report.counts["succeeded_not_downloaded"] == 0
+
+
 # --- malformed service answers through the pipeline -------------------------------------------------
 
 
@@ -220,8 +248,8 @@ def test_malformed_answers_keep_tasks_recoverable(tmp_path, monkeypatch, caplog)
     task_id ends ``unknown`` (a paid task may exist) with a readable reason; spoiled polls are
     typed MalformedResponse, logged, rescheduled, and the tasks still end with their videos."""
     from dagster import instance_for_test
-
     from test_pipeline_dagster import drive_sensor, range_tags, run
+
     from vidu_pipeline import errors
     from vidu_pipeline.client import ViduClient
     from vidu_pipeline.defs.partitions import REQUESTS_PARTITIONS_NAME
@@ -269,3 +297,99 @@ def test_malformed_answers_keep_tasks_recoverable(tmp_path, monkeypatch, caplog)
         assert sim.stats()["submits"]["accepted"] == 4
         assert all(len(ledger.attempts_for(r.request_id)) == 1 for r in unknown)
         shutil.rmtree(tmp_path / "sim", ignore_errors=True)
+
+
+# --- the paid-once invariants catch the case-1 bug (issue 10) ---------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_paid_once_invariants_fail_on_a_stale_poll_answer(tmp_path, monkeypatch):
+    """Rebuild what the old code did: task 1 failed and was resubmitted (task 2); a slow
+    poller's stale "failed" about task 1 was then applied to the request (written here as the
+    old unconditioned UPDATE did), so task 3 was paid while task 2 ran. Task 3's video is
+    collected; task 2 SUCCEEDED at the service and is never downloaded. The older invariants
+    all hold on this data (3 tasks accepted, 3 billable attempts, one video per success); the
+    paid-once ones must not."""
+    import sqlite3
+    import time
+
+    from dagster import AssetKey, instance_for_test, materialize
+
+    from drills.run_drill import paid_once_checks
+    from vidu_pipeline import tasks
+    from vidu_pipeline.client import ViduClient
+    from vidu_pipeline.collect import collect_video
+    from vidu_pipeline.defs.assets import ALL_ASSETS
+    from vidu_pipeline.defs.resources import PipelineResource, ViduResource
+    from vidu_pipeline.ledger import Ledger, SpendCaps
+    from vidu_pipeline.simulator import Simulator, SimulatorConfig
+    from vidu_pipeline.simulator.faults import FaultConfig
+
+    monkeypatch.setenv("VIDU_SIMULATOR_RENDER_SCALE", "0.1")
+    make_catalog(tmp_path / "catalog", subjects=1, prompts=1, seeds=1)
+    pipeline = PipelineResource(data_dir=str(tmp_path / "data"), catalog_dir=str(tmp_path / "catalog"))
+    with instance_for_test() as instance:
+        result = materialize(ALL_ASSETS, selection=[AssetKey(k) for k in
+                                                    ("catalog", "reference_images", "generation_requests")],
+                             instance=instance, resources={"pipeline": pipeline, "vidu": ViduResource()})
+    [rid] = list(result.output_for_node("generation_requests")["request_id"])
+    path = pipeline.root / "ledger.sqlite"
+    ledger = Ledger(f"sqlite:///{path}")
+    key = "stale-answer-key"
+    config = SimulatorConfig(api_key=key, latency_s=0.2, render_scale=0.1, state_dir=tmp_path / "sim",
+                             faults=FaultConfig(fail_tasks=1.0))
+
+    def submit(client):
+        [out] = tasks.submit_requests(ledger, client, [rid], data_uri_for=pipeline.image_cache().data_uri,
+                                      caps=SpendCaps(None, None, "bug"), owner="o:1:bug", retry_budget=3)
+        assert out.submitted, out
+        return out.task_id
+
+    def settle(client, *task_ids):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            results = [client.get_task_result(t) for t in task_ids]
+            if all(r.terminal for r in results):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"tasks did not end: {results}")
+
+    with Simulator(config) as sim, ViduClient(key, sim.base_url) as client:
+        task1 = submit(client)
+        settle(client, task1)
+        assert tasks.poll_due(ledger, client, now=10**10).failed == [rid]
+        sim.set_faults(FaultConfig())
+        task2 = submit(client)
+        con = sqlite3.connect(path)  # the slow poller's stale write, as the old code made it
+        con.execute("UPDATE requests SET state='failed', last_error='stale: task 1 failed', next_poll_at=NULL "
+                    "WHERE request_id=?", (rid,))
+        con.commit()
+        con.close()
+        task3 = submit(client)
+        assert len({task1, task2, task3}) == 3
+        settle(client, task2, task3)
+        assert tasks.poll_due(ledger, client, now=10**10).succeeded == [rid]
+        collect_video(ledger, client, rid, videos_dir=pipeline.videos_dir, render_scale=0.1)
+        stats = sim.stats()
+    rows = {r.request_id: r for r in ledger.rows()}
+    attempts = {r: ledger.attempts_for(r) for r in rows}
+    ledger.close()
+
+    # What the older invariants look at is in order: one success with its video, 3 accepted
+    # tasks for 3 billable attempts.
+    assert rows[rid].state == "succeeded" and rows[rid].video_sha256 and rows[rid].task_id == task3
+    assert stats["submits"]["accepted"] == 3 == sum(1 for a in attempts[rid] if a.outcome == "submitted")
+
+    checks, counts = paid_once_checks(rows, attempts, stats["tasks"]["list"], retry_budget=3)
+    by_name = {c.name: c for c in checks}
+    assert not by_name["no task paid beyond need"].ok
+    assert "3 tasks paid (FAILED, SUCCEED, SUCCEED), 1 beyond need" in by_name["no task paid beyond need"].detail
+    assert not by_name["no succeeded task left undownloaded"].ok
+    assert f"task {task2[:8]} SUCCEEDED at the service" in by_name["no succeeded task left undownloaded"].detail
+    assert counts == {"paid_extra": 1, "succeeded_not_downloaded": 1}
+
+    # The same service books with a correct ledger history (no stale write) pass.
+    good = [t for t in stats["tasks"]["list"] if t["task_id"] != task2]
+    good_attempts = {rid: [a for a in attempts[rid] if a.task_id != task2]}
+    checks, counts = paid_once_checks(rows, good_attempts, good, retry_budget=3)
+    assert all(c.ok for c in checks) and counts == {"paid_extra": 0, "succeeded_not_downloaded": 0}

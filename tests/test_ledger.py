@@ -8,6 +8,7 @@ import sqlite3
 
 import pytest
 from sqlalchemy import create_mock_engine
+from sqlalchemy.exc import OperationalError
 
 from vidu_pipeline import ledger as L
 from vidu_pipeline.ledger import Claim, Ledger, LedgerStateError, PlannedRequest, Skip, SpendCaps
@@ -135,7 +136,7 @@ def test_skip_reasons(ledger, clock):
     assert claim(ledger).reason == "submit in progress (attempt 1 by pid-1@host)"
     ledger.record_submitted("req-00000", c.attempt, "task-9", first_poll_at=0)
     assert claim(ledger).reason == "already submitted (task task-9)"
-    ledger.record_succeeded("req-00000", effective_seed=5, finished_at=clock.t)
+    ledger.record_succeeded("req-00000", task_id="task-9", effective_seed=5, finished_at=clock.t)
     assert claim(ledger).reason == "already succeeded (task task-9)"
 
     c = claim(ledger, "req-00001")
@@ -144,7 +145,7 @@ def test_skip_reasons(ledger, clock):
 
     c = claim(ledger, "req-00002", budget=1)
     ledger.record_submitted("req-00002", c.attempt, "task-2", first_poll_at=0)
-    ledger.record_failed("req-00002", "TASK_STATUS_FAILED: moderation")
+    ledger.record_failed("req-00002", "TASK_STATUS_FAILED: moderation", task_id="task-2")
     assert claim(ledger, "req-00002", budget=1).reason == "retry budget exhausted (1 of 1 attempts)"
 
 
@@ -153,7 +154,7 @@ def test_failed_is_resubmittable_within_budget(ledger, clock):
         c = claim(ledger, budget=2)
         assert c.attempt == attempt
         ledger.record_submitted(c.request_id, c.attempt, f"task-{attempt}", first_poll_at=0)
-        ledger.record_failed(c.request_id, "boom")
+        ledger.record_failed(c.request_id, "boom", task_id=f"task-{attempt}")
     assert isinstance(claim(ledger, budget=2), Skip)
     assert [(a.attempt, a.task_id, a.outcome) for a in ledger.attempts_for("req-00000")] == [
         (1, "task-1", "submitted"),
@@ -268,19 +269,23 @@ def test_due_for_poll_orders_by_next_poll_at(ledger, clock):
 
 def test_record_poll(ledger, clock):
     submit(ledger, clock=clock)
-    ledger.record_poll("req-00000", status="TASK_STATUS_PROCESSING", eta_s=12.0, progress=40.0, next_poll_at=clock.t + 12)
-    ledger.record_poll("req-00000", status="TASK_STATUS_PROCESSING", eta_s=3.0, progress=90.0, next_poll_at=clock.t + 15)
+    ledger.record_poll("req-00000", task_id="task-1", status="TASK_STATUS_PROCESSING", eta_s=12.0, progress=40.0, next_poll_at=clock.t + 12)
+    ledger.record_poll("req-00000", task_id="task-1", status="TASK_STATUS_PROCESSING", eta_s=3.0, progress=90.0, next_poll_at=clock.t + 15)
     row = ledger.get("req-00000")
     assert (row.last_status, row.eta_s, row.progress, row.polls, row.next_poll_at) == (
         "TASK_STATUS_PROCESSING", 3.0, 90.0, 2, clock.t + 15,
     )
-    with pytest.raises(LedgerStateError, match="is planned"):
-        ledger.record_poll("req-00001", status="x", eta_s=None, progress=None, next_poll_at=None)
+    # A row that holds no such task is left alone, and the caller is told so.
+    assert not ledger.record_poll("req-00001", task_id="task-1", status="x", eta_s=None, progress=None,
+                                  next_poll_at=None)
+    assert ledger.get("req-00001").polls == 0
+    with pytest.raises(LedgerStateError, match="not in the ledger"):
+        ledger.record_poll("nope", task_id="task-1", status="x", eta_s=None, progress=None, next_poll_at=None)
 
 
 def test_succeeded(ledger, clock):
     submit(ledger, clock=clock)
-    ledger.record_succeeded("req-00000", effective_seed=158881667, finished_at=clock.t + 60)
+    ledger.record_succeeded("req-00000", task_id="task-1", effective_seed=158881667, finished_at=clock.t + 60)
     row = ledger.get("req-00000")
     assert (row.state, row.effective_seed, row.finished_at, row.next_poll_at) == ("succeeded", 158881667, clock.t + 60, None)
     assert ledger.due_for_poll(clock.t + 1e6, 10) == []
@@ -288,24 +293,27 @@ def test_succeeded(ledger, clock):
 
 def test_failed_and_unknown(ledger, clock):
     submit(ledger, "req-00000", clock=clock)
-    ledger.record_failed("req-00000", "TASK_STATUS_FAILED: content policy")
+    ledger.record_failed("req-00000", "TASK_STATUS_FAILED: content policy", task_id="task-1")
     submit(ledger, "req-00001", clock=clock)
-    ledger.record_unknown("req-00001", "deadline passed; last status TASK_STATUS_CANCELED")
+    ledger.record_unknown("req-00001", "deadline passed; last status TASK_STATUS_CANCELED", task_id="task-1")
     assert ledger.get("req-00000").state == "failed"
     u = ledger.get("req-00001")
     assert (u.state, u.last_error) == ("unknown", "deadline passed; last status TASK_STATUS_CANCELED")
     # A late poll that finds the unknown task done is still recorded.
-    ledger.record_succeeded("req-00001", effective_seed=1, finished_at=clock.t)
+    ledger.record_succeeded("req-00001", task_id="task-1", effective_seed=1, finished_at=clock.t)
     assert ledger.get("req-00001").state == "succeeded"
 
 
-def test_terminal_transitions_require_a_task(ledger):
-    with pytest.raises(LedgerStateError):
-        ledger.record_succeeded("req-00000", effective_seed=1, finished_at=0)
+def test_terminal_transitions_require_the_task(ledger):
+    assert not ledger.record_succeeded("req-00000", task_id="task-1", effective_seed=1, finished_at=0)
+    assert ledger.get("req-00000").state == "planned"
     c = claim(ledger, "req-00001")
     ledger.record_submit_unknown(c.request_id, c.attempt, "timeout")
-    with pytest.raises(LedgerStateError):  # unknown without a task id: nothing to have succeeded
-        ledger.record_succeeded("req-00001", effective_seed=1, finished_at=0)
+    # unknown without a task id: nothing to have succeeded
+    assert not ledger.record_succeeded("req-00001", task_id="task-1", effective_seed=1, finished_at=0)
+    assert ledger.get("req-00001").state == "unknown"
+    with pytest.raises(LedgerStateError, match="no task id"):
+        ledger.record_succeeded("req-00001", task_id=None, effective_seed=1, finished_at=0)
 
 
 # --- videos, lineage, reading ----------------------------------------------------------------
@@ -313,7 +321,7 @@ def test_terminal_transitions_require_a_task(ledger):
 
 def test_video_lifecycle(ledger, clock):
     submit(ledger, clock=clock)
-    ledger.record_succeeded("req-00000", effective_seed=7, finished_at=clock.t)
+    ledger.record_succeeded("req-00000", task_id="task-1", effective_seed=7, finished_at=clock.t)
     assert [r.request_id for r in ledger.needing_video()] == ["req-00000"]
     ledger.record_video_error("req-00000", "download truncated")
     ledger.record_video_error("req-00000", "download truncated")
@@ -330,9 +338,9 @@ def test_video_lifecycle(ledger, clock):
 
 def test_lineage_marks(ledger, clock):
     submit(ledger, "req-00000", clock=clock)
-    ledger.record_succeeded("req-00000", effective_seed=7, finished_at=clock.t)
+    ledger.record_succeeded("req-00000", task_id="task-1", effective_seed=7, finished_at=clock.t)
     submit(ledger, "req-00001", clock=clock)
-    ledger.record_failed("req-00001", "x")
+    ledger.record_failed("req-00001", "x", task_id="task-1")
     assert [r.request_id for r in ledger.needing_lineage()] == ["req-00001"]  # no video yet
     ledger.record_video("req-00000", path="p", sha256="s", size_bytes=1, probe={})
     assert {r.request_id for r in ledger.needing_lineage()} == {"req-00000", "req-00001"}
@@ -347,7 +355,7 @@ def test_reading(ledger, clock):
     assert ledger.get("missing") is None
     assert ledger.oldest_pending().request_id == "req-00000"
     submit(ledger, "req-00000", clock=clock)
-    ledger.record_succeeded("req-00000", effective_seed=1, finished_at=clock.t)
+    ledger.record_succeeded("req-00000", task_id="task-1", effective_seed=1, finished_at=clock.t)
     assert ledger.oldest_pending().request_id == "req-00001"
     assert [r.request_id for r in ledger.rows(["succeeded"])] == ["req-00000"]
     assert len(ledger.rows()) == 5
@@ -389,11 +397,11 @@ def test_recover_submitting_whose_owner_is_gone(ledger, clock):
 
 def test_record_unknown_on_a_submitting_row_closes_its_attempt(ledger):
     c = claim(ledger)
-    ledger.record_unknown(c.request_id, "submitter stopped")
+    ledger.record_unknown(c.request_id, "submitter stopped", task_id=None)
     assert ledger.get(c.request_id).state == "unknown"
     assert ledger.attempts_for(c.request_id)[0].outcome == "unknown"
-    with pytest.raises(LedgerStateError, match="is planned"):
-        ledger.record_unknown("req-00001", "x")
+    assert not ledger.record_unknown("req-00001", "x", task_id=None)  # planned: nothing to be unknown
+    assert ledger.get("req-00001").state == "planned"
 
 
 # --- concurrency -----------------------------------------------------------------------------
@@ -431,3 +439,154 @@ def test_two_processes_respect_caps_and_never_double_claim(url):
     assert led.submits_since(0) == 20
     assert all(len(led.attempts_for(rid)) == 1 for rid in claimed)
     led.close()
+
+
+# --- answers about a task the request no longer holds (issue 10, case 1) ------------------------
+
+
+def test_a_late_answer_about_an_old_task_is_a_reported_no_op(ledger, clock):
+    """Task 1 failed; a fast poller recorded it and the request was resubmitted (task 2). The
+    slow poller's answers about task 1 arrive now: none may touch the row."""
+    submit(ledger, task="task-1", clock=clock)
+    assert ledger.record_failed("req-00000", "TASK_STATUS_FAILED", task_id="task-1")
+    submit(ledger, task="task-2", clock=clock)
+    before = ledger.get("req-00000")
+    assert (before.state, before.task_id, before.attempts) == ("submitted", "task-2", 2)
+
+    assert ledger.record_failed("req-00000", "TASK_STATUS_FAILED", task_id="task-1") is False
+    assert ledger.record_succeeded("req-00000", task_id="task-1", effective_seed=1, finished_at=clock.t) is False
+    assert ledger.record_poll("req-00000", task_id="task-1", status="TASK_STATUS_PROCESSING", eta_s=1.0,
+                              progress=5.0, next_poll_at=0) is False
+    assert ledger.record_unknown("req-00000", "deadline", task_id="task-1") is False
+    assert ledger.get("req-00000") == before
+
+    # The answers about task 2 do apply.
+    assert ledger.record_succeeded("req-00000", task_id="task-2", effective_seed=3, finished_at=clock.t)
+    assert ledger.get("req-00000").state == "succeeded"
+
+
+def test_a_late_failure_between_record_and_resubmit_is_a_no_op(ledger, clock):
+    """The slow answer lands while the request is failed (or being resubmitted)."""
+    submit(ledger, task="task-1", clock=clock)
+    assert ledger.record_failed("req-00000", "first", task_id="task-1")
+    assert not ledger.record_failed("req-00000", "second", task_id="task-1")  # already failed
+    assert ledger.get("req-00000").last_error == "first"
+    c = claim(ledger)
+    assert not ledger.record_failed("req-00000", "late", task_id="task-1")  # submitting, no task yet
+    assert not ledger.record_unknown("req-00000", "late", task_id="task-1")
+    assert ledger.get("req-00000").state == "submitting"
+    assert ledger.record_submitted("req-00000", c.attempt, "task-2", first_poll_at=0)
+
+
+def test_record_submitted_never_replaces_a_task_id(ledger, clock):
+    """Replaying a journaled task id is idempotent and cannot overwrite another task."""
+    c = claim(ledger)
+    assert ledger.record_submitted(c.request_id, c.attempt, "task-1", first_poll_at=0)
+    assert not ledger.record_submitted(c.request_id, c.attempt, "task-1", first_poll_at=0)
+    assert not ledger.record_submitted(c.request_id, c.attempt, "task-X", first_poll_at=0)
+    assert ledger.get(c.request_id).task_id == "task-1"
+    assert [a.task_id for a in ledger.attempts_for(c.request_id)] == ["task-1"]
+    # An unknown row (deadline passed) that holds its task is not taken over either.
+    assert ledger.record_unknown(c.request_id, "deadline", task_id="task-1")
+    assert not ledger.record_submitted(c.request_id, c.attempt, "task-X", first_poll_at=0)
+    assert ledger.get(c.request_id).task_id == "task-1"
+
+
+def test_video_recording_is_conditioned_on_the_task(ledger, clock):
+    submit(ledger, task="task-1", clock=clock)
+    ledger.record_succeeded("req-00000", task_id="task-1", effective_seed=1, finished_at=clock.t)
+    with pytest.raises(LedgerStateError):
+        ledger.record_video("req-00000", path="p", sha256="s", size_bytes=1, probe={}, task_id="task-0")
+    ledger.record_video("req-00000", path="p", sha256="s", size_bytes=1, probe={}, task_id="task-1")
+    assert ledger.get("req-00000").video_sha256 == "s"
+
+
+def test_recovery_does_not_touch_a_newer_attempt(ledger, clock):
+    """recover_stale_submitting decides and updates per attempt, in one transaction."""
+    c = claim(ledger)
+    clock.t += 1000
+    assert ledger.recover_stale_submitting(older_than_s=300) == [c.request_id]
+    c2 = claim(ledger, allow_unknown=True)
+    assert c2.attempt == 2
+    assert ledger.recover_stale_submitting(older_than_s=300) == []
+    assert ledger.get(c.request_id).state == "submitting"
+
+
+# --- the retry budget and the caps count what may have cost money (issue 10, case 2) ------------
+
+
+def test_unsent_attempts_count_against_nothing_refused_ones_against_the_budget(ledger):
+    caps = SpendCaps(per_run=2, per_day=None, run_id="r")
+    for _ in range(4):  # 429s / refused keys / connection refused: back to planned, counted nowhere
+        c = claim(ledger, caps=caps, budget=2)
+        ledger.record_submit_rejected(c.request_id, c.attempt, "HTTP 429", retryable=True)
+    c = claim(ledger, caps=caps, budget=2)
+    assert isinstance(c, Claim) and c.attempt == 5
+    ledger.record_submit_rejected(c.request_id, c.attempt, "HTTP 404 NOT_FOUND: no such route")
+    row = ledger.get(c.request_id)
+    assert (row.state, row.last_error) == ("failed", "HTTP 404 NOT_FOUND: no such route")
+    assert ledger.attempts_for(c.request_id)[-1].outcome == "refused"
+    assert ledger.submits_since(0) == 0  # refused: no task, no money
+    c = claim(ledger, caps=caps, budget=2)  # within the budget: one refused attempt so far
+    ledger.record_submit_rejected(c.request_id, c.attempt, "HTTP 404 again")
+    assert claim(ledger, caps=caps, budget=2).reason == "retry budget exhausted (2 of 2 attempts)"
+
+
+def test_unknown_submits_count_against_caps_and_budget(ledger):
+    caps = SpendCaps(per_run=1, per_day=None, run_id="r")
+    c = claim(ledger, caps=caps)
+    ledger.record_submit_unknown(c.request_id, c.attempt, "HTTP 202 without a task id")
+    assert claim(ledger, "req-00001", caps=caps).reason == "cap reached: per-run 1"
+    assert claim(ledger, budget=1, allow_unknown=True).reason == "retry budget exhausted (1 of 1 attempts)"
+
+
+# --- read-only and concurrent creation (issue 10, cases 12 and 9) -----------------------------------
+
+
+def test_read_only_ledger_reads_and_refuses_writes(ledger, url, tmp_path):
+    submit(ledger)
+    ledger.close()
+    ro = Ledger(url, read_only=True)
+    try:
+        assert ro.counts_by_state()["submitted"] == 1
+        assert ro.get("req-00000").task_id == "task-1"
+        with pytest.raises(LedgerStateError, match="read-only"):
+            ro.plan([planned(99)])
+    finally:
+        ro.close()
+    assert Ledger(url).get("req-00099") is None
+
+
+def test_read_only_ledger_on_a_missing_file_creates_nothing(tmp_path):
+    path = tmp_path / "absent.sqlite"
+    ro = Ledger(f"sqlite:///{path}", read_only=True)
+    with pytest.raises(OperationalError):
+        ro.counts_by_state()
+    ro.close()
+    assert not path.exists()
+
+
+def _create_and_plan(url: str, barrier, out) -> None:
+    try:
+        barrier.wait(30)
+        led = Ledger(url)
+        led.plan(planned(i) for i in range(20))
+        out.put(("ok", led.counts_by_state()["planned"]))
+        led.close()
+    except Exception as exc:  # reported to the parent
+        out.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+@pytest.mark.timeout(120)
+def test_two_processes_create_one_fresh_ledger_at_once(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    for round_ in range(3):
+        url = f"sqlite:///{tmp_path / f'fresh-{round_}.sqlite'}"
+        barrier, out = ctx.Barrier(3), ctx.Queue()
+        procs = [ctx.Process(target=_create_and_plan, args=(url, barrier, out)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        results = [out.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+        assert results == [("ok", 20)] * 3, results

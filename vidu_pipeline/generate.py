@@ -511,10 +511,13 @@ def status(args) -> int:
     if not (pipeline.root / "ledger.sqlite").exists() and not pipeline.ledger_url:
         print(f"no ledger in {pipeline.root}: nothing generated yet")
         return EXIT_OK
-    ledger = pipeline.ledger()
-    counts = ledger.counts_by_state()
-    oldest = ledger.oldest_pending()
-    unknown = ledger.rows(states=[UNKNOWN])
+    ledger = pipeline.read_only_ledger()  # looking writes nothing: works on a read-only folder
+    try:
+        counts = ledger.counts_by_state()
+        oldest = ledger.oldest_pending()
+        unknown = ledger.rows(states=[UNKNOWN])
+    finally:
+        ledger.close()
     if args.json:
         print(json.dumps({
             "counts": counts,

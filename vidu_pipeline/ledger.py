@@ -12,10 +12,20 @@ States::
        |            |              '----> unknown (deadline passed without a terminal status)
        '- rejected -+-> failed (rejected for good) / unknown (outcome unknown, crash)
 
+Each attempt ends ``submitted`` or ``unknown`` (both may have cost money: spend caps and the
+retry budget count them), ``refused`` (the service refused the request for good: counts against
+the retry budget only) or ``rejected`` (provably never accepted — 429, a connection that never
+opened, a refused key — counts against nothing).
+
 SQLAlchemy Core, so the same code runs on SQLite (the default: WAL, ``busy_timeout``, and
 ``BEGIN IMMEDIATE`` for every write transaction so concurrent processes serialize instead of
 failing on a lock upgrade) and on Postgres (row locks with ``SELECT … FOR UPDATE``; claims
 additionally lock one row of ``ledger_locks`` so spend caps hold across concurrent claimers).
+
+Every update that follows a service answer is conditioned on the task it is about (or, for
+submit outcomes, on the attempt): two pollers may read one task, and an answer about a task the
+request has since replaced must not touch the new one. Such a stale answer is a no-op the
+method reports (``False``), never an exception that aborts a batch.
 
 All timestamps are UTC epoch seconds (floats).
 """
@@ -24,8 +34,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -48,7 +61,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 PLANNED = "planned"
 SUBMITTING = "submitting"
@@ -61,8 +74,12 @@ PENDING_STATES = (PLANNED, SUBMITTING, SUBMITTED)
 
 # Outcomes of one submit attempt (``attempts.outcome``); NULL while the POST is in flight.
 OUTCOME_SUBMITTED = "submitted"
-OUTCOME_REJECTED = "rejected"
+OUTCOME_REJECTED = "rejected"  # provably not created, may be tried again: costs nothing, not counted
+OUTCOME_REFUSED = "refused"  # the service refused it for good: costs nothing, counts against the budget
 OUTCOME_UNKNOWN = "unknown"
+NOT_BILLABLE = (OUTCOME_REJECTED, OUTCOME_REFUSED)
+
+log = logging.getLogger(__name__)
 
 DAY_S = 86_400.0
 _PLAN_CHUNK = 5_000
@@ -214,21 +231,24 @@ class LedgerStateError(RuntimeError):
     """A transition was asked of a row that is not in a state allowing it (a caller bug)."""
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, *, read_only: bool = False) -> None:
     """Take transaction control from pysqlite, as SQLAlchemy's SQLite docs describe.
 
     Writes begin with ``BEGIN IMMEDIATE`` (the write lock is taken up front, waiting up to
     ``busy_timeout``), reads with a plain deferred ``BEGIN`` so WAL readers never block.
+    ``busy_timeout`` comes first: switching a new file to WAL needs a lock another process
+    creating the same ledger may hold. A read-only ledger sets nothing that writes.
     """
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):
         dbapi_connection.isolation_level = None
         cur = dbapi_connection.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA busy_timeout=30000")
-        # FULL: a committed intent must survive power loss, or we might pay twice.
-        cur.execute("PRAGMA synchronous=FULL")
+        if not read_only:
+            cur.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed intent must survive power loss, or we might pay twice.
+            cur.execute("PRAGMA synchronous=FULL")
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -237,23 +257,65 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+def _sqlite_read_only_creator(path: str) -> Callable[[], sqlite3.Connection]:
+    """Connections that cannot write: ``mode=ro``, or ``immutable=1`` when even that fails
+    (a WAL ledger in a read-only folder: its ``-shm`` side file cannot be created)."""
+    uri = Path(path).resolve().as_uri()
+
+    def connect() -> sqlite3.Connection:
+        con = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False)
+        try:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return con
+        except sqlite3.OperationalError:
+            con.close()
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False)
+
+    return connect
+
+
 class Ledger:
-    def __init__(self, url: str, *, clock: Callable[[], float] = time.time, echo: bool = False):
-        """Open (and create if needed) the ledger at ``url``; ``clock`` is injectable for tests."""
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        echo: bool = False,
+        read_only: bool = False,
+    ):
+        """Open (and create if needed) the ledger at ``url``; ``clock`` is injectable for tests.
+
+        ``read_only``: open an existing ledger for reading only (``vidu-pipeline status`` on a
+        read-only folder): no table creation, no write, no PRAGMA that writes.
+        """
         self.url = url
         self.clock = clock
-        self.engine = create_engine(url, echo=echo)
+        self.read_only = read_only
+        kw = {}
+        if read_only and url.startswith("sqlite"):
+            kw["creator"] = _sqlite_read_only_creator(url.split(":///", 1)[1])
+        self.engine = create_engine(url, echo=echo, **kw)
         self._sqlite = self.engine.dialect.name == "sqlite"
         if self._sqlite:
-            _configure_sqlite(self.engine)
-        with self._write() as conn:
-            metadata.create_all(conn)
-        try:
-            with self._write() as conn:
-                if conn.execute(select(locks_table).where(locks_table.c.name == _CLAIM_LOCK)).first() is None:
-                    conn.execute(insert(locks_table).values(name=_CLAIM_LOCK))
-        except IntegrityError:
-            pass  # another process created it first
+            _configure_sqlite(self.engine, read_only=read_only)
+        if not read_only:
+            self._create()
+
+    def _create(self) -> None:
+        """Tables and the claim lock row; idempotent, also when several processes start at
+        once on a fresh ledger (on SQLite the write lock serializes them; elsewhere a lost
+        race shows as an error and the next look finds everything there)."""
+        for tries_left in (2, 1, 0):
+            try:
+                with self._write() as conn:
+                    metadata.create_all(conn)
+                    if conn.execute(select(locks_table).where(locks_table.c.name == _CLAIM_LOCK)).first() is None:
+                        conn.execute(insert(locks_table).values(name=_CLAIM_LOCK))
+                return
+            except (IntegrityError, ProgrammingError, OperationalError):
+                if not tries_left:
+                    raise
+                time.sleep(0.1)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -262,6 +324,8 @@ class Ledger:
 
     def _write(self):
         """A write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
+        if self.read_only:
+            raise LedgerStateError(f"the ledger {self.url} was opened read-only")
         return self.engine.execution_options(ledger_write=True).begin()
 
     def _read(self):
@@ -289,6 +353,17 @@ class Ledger:
         return new
 
     def _plan_chunk(self, rows: list[PlannedRequest]) -> int:
+        """Insert the rows not yet present. SQLite's write lock serializes planners; elsewhere a
+        planner that loses the race to insert the same ids reads again and inserts the rest."""
+        for tries_left in (2, 1, 0):
+            try:
+                return self._insert_new(rows)
+            except IntegrityError:
+                if not tries_left:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _insert_new(self, rows: list[PlannedRequest]) -> int:
         now = self.clock()
         r = requests_table.c
         with self._write() as conn:
@@ -330,9 +405,10 @@ class Ledger:
     ) -> Claim | Skip:
         """Commit the intent to submit, or say why not — state, budget and caps in ONE transaction.
 
-        ``retry_budget`` is the total number of attempts a failed (or, with ``allow_unknown``,
-        unknown) request may reach. Caps count attempts that may have cost money: every attempt
-        row except those provably rejected by the service.
+        ``retry_budget`` is the number of attempts a request may use: every attempt counts
+        except those provably never accepted and put back to ``planned`` (429, connection
+        refused, a refused key). Caps count attempts that may have cost money: every attempt
+        row except those the service provably created no task for.
         """
         r, a = requests_table.c, attempts_table.c
         with self._write() as conn:
@@ -341,11 +417,14 @@ class Ledger:
             row = conn.execute(self._locked(select(requests_table).where(r.request_id == request_id))).first()
             if row is None:
                 return Skip(request_id, "not in the ledger")
-            skip = _state_skip(row, retry_budget, allow_unknown)
+            counted = conn.scalar(
+                select(func.count()).where(a.request_id == request_id, _counted(a))
+            )
+            skip = _state_skip(row, counted, retry_budget, allow_unknown)
             if skip:
                 return Skip(request_id, skip)
             now = self.clock()
-            billable = or_(a.outcome.is_(None), a.outcome != OUTCOME_REJECTED)
+            billable = _billable(a)
             if caps.per_run is not None:
                 used = conn.scalar(select(func.count()).where(a.run_id == caps.run_id, billable))
                 if used >= caps.per_run:
@@ -384,19 +463,22 @@ class Ledger:
 
     def record_submitted(self, request_id: str, attempt: int, task_id: str, *, first_poll_at: float) -> bool:
         """Store the task id the service returned. Always recorded on the attempt row (money was
-        spent); the request row follows only if it is still at this attempt (``submitting``, or
-        ``unknown`` after a stale-intent recovery). Returns whether the request row follows it."""
+        spent) unless that row already holds another task id; the request row follows only if
+        it is still at this attempt without a task id (``submitting``, or ``unknown`` after a
+        stale-intent recovery). Returns whether the request row follows it."""
         now = self.clock()
         r, a = requests_table.c, attempts_table.c
         with self._write() as conn:
             conn.execute(
                 update(attempts_table)
-                .where(a.request_id == request_id, a.attempt == attempt)
+                .where(a.request_id == request_id, a.attempt == attempt,
+                       or_(a.task_id.is_(None), a.task_id == task_id))
                 .values(task_id=task_id, ended_at=now, outcome=OUTCOME_SUBMITTED, error=None)
             )
             res = conn.execute(
                 update(requests_table)
-                .where(r.request_id == request_id, r.attempts == attempt, r.state.in_((SUBMITTING, UNKNOWN)))
+                .where(r.request_id == request_id, r.attempts == attempt, r.task_id.is_(None),
+                       r.state.in_((SUBMITTING, UNKNOWN)))
                 .values(
                     state=SUBMITTED,
                     task_id=task_id,
@@ -409,11 +491,17 @@ class Ledger:
             return res.rowcount == 1
 
     def record_submit_rejected(self, request_id: str, attempt: int, error: str, *, retryable: bool = False) -> None:
-        """The service provably created no task (400, 401, 429, refused connection).
+        """The service provably created no task (400, 401, 404, 429, refused connection).
 
-        ``retryable`` (e.g. 429) puts the request back to ``planned``; otherwise ``failed``.
+        ``retryable`` (429, refused connection, refused key): the attempt was never accepted;
+        the request goes back to ``planned`` and the attempt counts against nothing.
+        Otherwise (400, another 4xx) the request is ``failed`` with the service's words and the
+        attempt counts against the retry budget (not against the spend caps).
         """
-        self._end_attempt(request_id, attempt, OUTCOME_REJECTED, error, PLANNED if retryable else FAILED)
+        if retryable:
+            self._end_attempt(request_id, attempt, OUTCOME_REJECTED, error, PLANNED)
+        else:
+            self._end_attempt(request_id, attempt, OUTCOME_REFUSED, error, FAILED)
 
     def record_submit_unknown(self, request_id: str, attempt: int, error: str) -> None:
         """The body may have reached the service: a paid task may exist. Never resubmitted."""
@@ -471,7 +559,7 @@ class Ledger:
                 )
                 conn.execute(
                     update(requests_table)
-                    .where(r.request_id == rid, r.state == SUBMITTING)
+                    .where(r.request_id == rid, r.attempts == attempt, r.state == SUBMITTING)
                     .values(state=UNKNOWN, last_error=reason, updated_at=now)
                 )
         return stale
@@ -492,74 +580,96 @@ class Ledger:
         self,
         request_id: str,
         *,
-        status: str,
+        task_id: str,
+        status: str | None,
         eta_s: float | None,
         progress: float | None,
         next_poll_at: float | None,
-    ) -> None:
+    ) -> bool:
+        """A non-terminal answer about ``task_id``: when to look again. False (nothing
+        written) if the request has moved on from that task."""
         r = requests_table.c
-        self._transition(
-            request_id,
-            (SUBMITTED,),
-            "record a poll",
-            last_status=status,
-            eta_s=eta_s,
-            progress=progress,
-            next_poll_at=next_poll_at,
+        return self._answer(
+            request_id, task_id, (SUBMITTED,), "record a poll",
+            last_status=status, eta_s=eta_s, progress=progress, next_poll_at=next_poll_at,
             polls=r.polls + 1,
         )
 
-    def record_succeeded(self, request_id: str, *, effective_seed: int | None, finished_at: float) -> None:
-        """From ``submitted`` or from ``unknown`` with a task id (a late poll found it done)."""
-        self._transition(
-            request_id,
-            (SUBMITTED, UNKNOWN),
-            "record success",
-            require_task=True,
-            state=SUCCEEDED,
-            effective_seed=effective_seed,
-            finished_at=finished_at,
-            next_poll_at=None,
-            last_error=None,
+    def record_succeeded(
+        self, request_id: str, *, task_id: str, effective_seed: int | None, finished_at: float
+    ) -> bool:
+        """``task_id`` succeeded: from ``submitted``, or from ``unknown`` with that task id (a
+        late poll found it done). False if the request has moved on from that task."""
+        return self._answer(
+            request_id, task_id, (SUBMITTED, UNKNOWN), "record success",
+            state=SUCCEEDED, effective_seed=effective_seed, finished_at=finished_at,
+            next_poll_at=None, last_error=None,
         )
 
-    def record_failed(self, request_id: str, reason: str) -> None:
-        """The task ended FAILED: resubmittable while attempts < retry budget."""
-        self._transition(
-            request_id,
-            (SUBMITTED, UNKNOWN),
-            "record failure",
-            require_task=True,
-            state=FAILED,
-            last_error=reason,
-            finished_at=self.clock(),
-            next_poll_at=None,
+    def record_failed(self, request_id: str, reason: str, *, task_id: str) -> bool:
+        """``task_id`` ended FAILED: resubmittable while within the retry budget. False if the
+        request has moved on from that task (an old task's failure must not end a new one)."""
+        return self._answer(
+            request_id, task_id, (SUBMITTED, UNKNOWN), "record failure",
+            state=FAILED, last_error=reason, finished_at=self.clock(), next_poll_at=None,
         )
 
-    def record_unknown(self, request_id: str, reason: str) -> None:
+    def record_unknown(self, request_id: str, reason: str, *, task_id: str | None) -> bool:
         """E.g. the deadline passed with a non-terminal or unfamiliar status: report, never drop.
 
-        Also accepted for a ``submitting`` row (its submitter is gone): the in-flight attempt is
-        then closed as unknown too. Prefer :meth:`recover_stale_submitting`, which decides and
-        updates in one transaction.
+        ``task_id`` is the task the caller looked at; None for a ``submitting`` row (its
+        submitter is gone), whose in-flight attempt is then closed as unknown too. Prefer
+        :meth:`recover_stale_submitting` for those. False if the request has moved on.
         """
-        a = attempts_table.c
+        r, a = requests_table.c, attempts_table.c
         with self._write() as conn:
             row = conn.execute(
-                self._locked(select(requests_table.c.state, requests_table.c.attempts)).where(
-                    requests_table.c.request_id == request_id
-                )
+                self._locked(select(r.state, r.attempts, r.task_id).where(r.request_id == request_id))
             ).first()
-            if row is not None and row.state == SUBMITTING:
+            if row is None:
+                raise LedgerStateError(f"cannot record unknown: {request_id} is not in the ledger")
+            if row.state not in (SUBMITTED, SUBMITTING) or row.task_id != task_id:
+                self._stale(request_id, task_id, "record unknown", row)
+                return False
+            if row.state == SUBMITTING:
                 conn.execute(
                     update(attempts_table)
                     .where(a.request_id == request_id, a.attempt == row.attempts, a.outcome.is_(None))
                     .values(ended_at=self.clock(), outcome=OUTCOME_UNKNOWN, error=reason)
                 )
-            self._update_from(
-                conn, request_id, (SUBMITTED, SUBMITTING), "record unknown",
-                state=UNKNOWN, last_error=reason, next_poll_at=None,
+            conn.execute(
+                update(requests_table)
+                .where(r.request_id == request_id, r.attempts == row.attempts)
+                .values(state=UNKNOWN, last_error=reason, next_poll_at=None, updated_at=self.clock())
             )
+            return True
+
+    def _answer(self, request_id: str, task_id: str | None, from_states: tuple[str, ...], what: str,
+                **values) -> bool:
+        """Apply a poll's answer only while the row holds ``task_id`` in one of ``from_states``
+        (one conditional UPDATE, so no other writer can slip in between). A miss is a stale
+        answer: logged at debug and reported as False."""
+        r = requests_table.c
+        if task_id is None:
+            raise LedgerStateError(f"cannot {what}: no task id given for {request_id}")
+        with self._write() as conn:
+            res = conn.execute(
+                update(requests_table)
+                .where(r.request_id == request_id, r.task_id == task_id, r.state.in_(from_states))
+                .values(updated_at=self.clock(), **values)
+            )
+            if res.rowcount == 1:
+                return True
+            row = conn.execute(select(r.state, r.attempts, r.task_id).where(r.request_id == request_id)).first()
+        if row is None:
+            raise LedgerStateError(f"cannot {what}: {request_id} is not in the ledger")
+        self._stale(request_id, task_id, what, row)
+        return False
+
+    @staticmethod
+    def _stale(request_id: str, task_id: str | None, what: str, row) -> None:
+        log.debug("stale answer ignored: cannot %s for %s about task %s: the row is %s (attempt %s, task %s)",
+                  what, request_id, task_id, row.state, row.attempts, row.task_id)
 
     # --- videos and lineage -------------------------------------------------------------------
 
@@ -573,11 +683,16 @@ class Ledger:
             stmt = stmt.limit(limit)
         return self._select(stmt)
 
-    def record_video(self, request_id: str, *, path: str, sha256: str, size_bytes: int, probe: dict) -> None:
+    def record_video(
+        self, request_id: str, *, path: str, sha256: str, size_bytes: int, probe: dict, task_id: str | None = None
+    ) -> None:
+        """The verified video of a succeeded task. Given ``task_id`` (the task downloaded), the
+        row must still hold it."""
         self._transition(
             request_id,
             (SUCCEEDED,),
             "record a video",
+            task_id_is=task_id,
             video_path=str(path),
             video_sha256=sha256,
             video_bytes=size_bytes,
@@ -585,12 +700,13 @@ class Ledger:
             last_error=None,
         )
 
-    def record_video_error(self, request_id: str, error: str) -> None:
+    def record_video_error(self, request_id: str, error: str, *, task_id: str | None = None) -> None:
         r = requests_table.c
         self._transition(
             request_id,
             (SUCCEEDED,),
             "record a video error",
+            task_id_is=task_id,
             video_attempts=r.video_attempts + 1,
             last_error=error,
         )
@@ -688,9 +804,7 @@ class Ledger:
     def submits_since(self, since: float, run_id: str | None = None) -> int:
         """Billable attempts started after ``since`` (optionally for one run): what caps count."""
         a = attempts_table.c
-        stmt = select(func.count()).where(
-            a.started_at > since, or_(a.outcome.is_(None), a.outcome != OUTCOME_REJECTED)
-        )
+        stmt = select(func.count()).where(a.started_at > since, _billable(a))
         if run_id is not None:
             stmt = stmt.where(a.run_id == run_id)
         with self._read() as conn:
@@ -713,14 +827,15 @@ class Ledger:
         from_states: tuple[str, ...],
         what: str,
         *,
-        require_task: bool = False,
+        task_id_is: str | None = None,
         **values,
     ) -> None:
-        """Update one row if it is in one of ``from_states``; LedgerStateError otherwise."""
+        """Update one row if it is in one of ``from_states`` (and holds ``task_id_is``, when
+        given); LedgerStateError otherwise."""
         r = requests_table.c
         where = [r.request_id == request_id, r.state.in_(from_states)]
-        if require_task:
-            where.append(r.task_id.is_not(None))
+        if task_id_is is not None:
+            where.append(r.task_id == task_id_is)
         res = conn.execute(update(requests_table).where(*where).values(updated_at=self.clock(), **values))
         if res.rowcount != 1:
             raise LedgerStateError(self._describe(conn, request_id, what))
@@ -734,11 +849,20 @@ class Ledger:
         return f"cannot {what}: {request_id} is {row.state} (attempt {row.attempts}, task {row.task_id})"
 
 
-def _state_skip(row, retry_budget: int, allow_unknown: bool) -> str | None:
-    """Why a request in this state may not be submitted now, or None if it may."""
+def _billable(a):
+    """Attempts that may have cost money: all but those the service provably created no task for."""
+    return or_(a.outcome.is_(None), a.outcome.not_in(NOT_BILLABLE))
+
+
+def _counted(a):
+    """Attempts that use up the retry budget: all but those provably never accepted."""
+    return or_(a.outcome.is_(None), a.outcome != OUTCOME_REJECTED)
+
+
+def _state_skip(row, counted: int, retry_budget: int, allow_unknown: bool) -> str | None:
+    """Why a request in this state may not be submitted now, or None if it may. ``counted``:
+    its attempts that use up the budget."""
     state = row.state
-    if state == PLANNED:
-        return None
     if state == SUBMITTING:
         return f"submit in progress (attempt {row.attempts} by {row.owner})"
     if state == SUBMITTED:
@@ -747,6 +871,6 @@ def _state_skip(row, retry_budget: int, allow_unknown: bool) -> str | None:
         return f"already succeeded (task {row.task_id})"
     if state == UNKNOWN and not allow_unknown:
         return "unknown outcome: not resubmitted"
-    if row.attempts >= retry_budget:
-        return f"retry budget exhausted ({row.attempts} of {retry_budget} attempts)"
+    if counted >= retry_budget:
+        return f"retry budget exhausted ({counted} of {retry_budget} attempts)"
     return None

@@ -9,6 +9,7 @@ partition still gets its own materialization with its own metadata.
 
 import dataclasses
 import os
+import time
 
 import pandas as pd
 from dagster import (
@@ -23,6 +24,7 @@ from dagster import (
     TableSchema,
     asset,
 )
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from .. import catalog as catalog_mod
 from .. import collect, plan, tasks
@@ -132,6 +134,28 @@ def rejections(
     return frame
 
 
+def register_partitions(instance, keys: list[str], *, tries: int = 5) -> tuple[list[str], int]:
+    """Add the request partitions that are missing; returns (keys added here, total keys).
+
+    Dagster's own add is check-then-insert, so two processes planning one fresh catalog at
+    once (two ``generate``s, or one beside ``dagster dev``) collide on its unique index: the
+    loser re-reads what is there and adds only what is still missing.
+    """
+    for attempt in range(tries):
+        existing = set(instance.get_dynamic_partitions(REQUESTS_PARTITIONS_NAME))
+        missing = [k for k in dict.fromkeys(keys) if k not in existing]
+        if not missing:
+            return [], len(existing)
+        try:
+            instance.add_dynamic_partitions(REQUESTS_PARTITIONS_NAME, missing)
+            return missing, len(existing) + len(missing)
+        except (IntegrityError, OperationalError):  # the same keys inserted, or being inserted, elsewhere
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))  # let the other planner's insert commit
+    raise AssertionError("unreachable")
+
+
 @asset(group_name=GROUP)
 def generation_requests(
     context: AssetExecutionContext,
@@ -154,11 +178,7 @@ def generation_requests(
         )
         for s in specs
     )
-    existing = set(context.instance.get_dynamic_partitions(REQUESTS_PARTITIONS_NAME))
-    new_keys = [s.request_id for s in specs if s.request_id not in existing]
-    if new_keys:
-        context.instance.add_dynamic_partitions(REQUESTS_PARTITIONS_NAME, new_keys)
-    total = len(existing) + len(new_keys)
+    new_keys, total = register_partitions(context.instance, [s.request_id for s in specs])
     if total > PARTITION_SOFT_LIMIT:
         context.log.warning(
             f"{total:,} request partitions: past Dagster's advised {PARTITION_SOFT_LIMIT:,} per asset "
@@ -215,7 +235,7 @@ def video_tasks(
     ledger = pipeline.ledger()
     client, endpoint = vidu.client(pipeline.simulator_state_dir)
     context.log.info(f"submitting up to {len(keys)} request(s) to the {endpoint.describe()}")
-    tasks.recover_abandoned(ledger)
+    tasks.recover_abandoned(ledger, journal=pipeline.task_id_journal)
     outcomes = tasks.submit_requests(
         ledger,
         client,
@@ -227,6 +247,7 @@ def video_tasks(
         allow_unknown=pipeline.resubmit_unknown,
         policy=pipeline.polling(),
         workers=pipeline.submit_workers,
+        journal=pipeline.task_id_journal,
     )
     submitted = 0
     for outcome in outcomes:

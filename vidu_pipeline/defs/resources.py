@@ -9,13 +9,12 @@ from dagster import ConfigurableResource, EnvVar
 from pydantic import Field
 
 from .. import runtime
-from ..images import ImageCache
 from ..client import ViduClient
 from ..contract import DEFAULT_BASE_URL
+from ..images import ImageCache
 from ..ledger import Ledger, SpendCaps
 from ..lineage import LineageStore
 from ..tasks import PollingPolicy
-
 
 # Runs that share this tag share one per-run spend cap (the CLI tags every run of a generate).
 SESSION_TAG = "vidu/session"
@@ -51,6 +50,9 @@ class PipelineResource(ConfigurableResource):
     poll_time_budget_s: float = Field(default=40.0, gt=0, description="Per sensor tick; Dagster's limit is 60 s.")
     task_deadline_s: float = Field(default=3600.0, gt=0, description="After this, a task is reported unknown.")
     video_attempts: int = Field(default=3, ge=1, description="Download/verify attempts per video.")
+    task_id_journal_path: str = Field(
+        default="", description="Recovery journal for paid task ids the ledger could not take (disk full); "
+        "default <data_dir>/state/submitted-task-ids.jsonl. Best on another disk than the ledger.")
 
     @property
     def root(self) -> Path:
@@ -72,10 +74,24 @@ class PipelineResource(ConfigurableResource):
     def simulator_state_dir(self) -> Path:
         return self.root / "state" / "simulator"
 
+    @property
+    def task_id_journal(self) -> Path:
+        """Where a paid task id goes when the ledger cannot take it (disk full); replayed on start."""
+        if self.task_id_journal_path:
+            return Path(self.task_id_journal_path).resolve()
+        return self.root / "state" / "submitted-task-ids.jsonl"
+
+    @property
+    def ledger_location(self) -> str:
+        return self.ledger_url or f"sqlite:///{self.root / 'ledger.sqlite'}"
+
     def ledger(self) -> Ledger:
-        url = self.ledger_url or f"sqlite:///{self.root / 'ledger.sqlite'}"
         self.root.mkdir(parents=True, exist_ok=True)
-        return _ledger(url)
+        return _ledger(self.ledger_location)
+
+    def read_only_ledger(self) -> Ledger:
+        """For looking only (``status``): works on a read-only data folder, creates nothing."""
+        return Ledger(self.ledger_location, read_only=True)
 
     def image_cache(self) -> ImageCache:
         return ImageCache(self.root / "cache" / "images")

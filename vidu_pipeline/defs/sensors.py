@@ -57,7 +57,7 @@ def evaluate_tick(context: SensorEvaluationContext, pipeline: PipelineResource, 
     """The sensor body, callable directly (the CLI drives it in-process)."""
     ledger = pipeline.ledger()
     client, _ = vidu.client(pipeline.simulator_state_dir)
-    abandoned = tasks.recover_abandoned(ledger)
+    abandoned = tasks.recover_abandoned(ledger, journal=pipeline.task_id_journal)
     report = tasks.poll_due(
         ledger,
         client,
@@ -102,6 +102,7 @@ def evaluate_tick(context: SensorEvaluationContext, pipeline: PipelineResource, 
         "succeeded": len(report.succeeded),
         "failed": len(report.failed),
         "unknown": len(report.unknown) + len(abandoned),
+        "stale_answers": len(report.stale),
         "out_of_time": report.out_of_time,
         "states": {k: v for k, v in counts.items() if v},
     }

@@ -278,6 +278,11 @@ class Simulator:
             counts = dict(self._counts)
         with self.book.lock:
             rendering = len(self._rendering)
+            # Per task, for drills that check what was paid for and what was collected.
+            task_list = [
+                {"task_id": t.task_id, "fingerprint": t.fingerprint, "status": t.status(), "submit_t": t.submit_t}
+                for t in self.book.tasks.values()
+            ]
 
         def group(prefix: str) -> dict[str, int]:
             return {k[len(prefix):]: v for k, v in sorted(counts.items()) if k.startswith(prefix)}
@@ -300,7 +305,7 @@ class Simulator:
                 for k in ("ok", "expired", "bad_signature", "not_found", "truncated", "bytes")
             },
             "faults": self.dice.snapshot(),
-            "tasks": {"total": summary["accepted"], "by_status": summary["tasks_by_status"]},
+            "tasks": {"total": summary["accepted"], "by_status": summary["tasks_by_status"], "list": task_list},
             "max_concurrent_processing": summary["max_concurrent_processing"],
             "renders": {
                 "done": counts.get("renders.done", 0),
