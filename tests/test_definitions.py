@@ -151,3 +151,17 @@ def test_scheduled_plan_runs_say_which_catalog_and_seeds(tmp_path):
     assert request.tags["vidu/catalog"] == str(tmp_path.resolve() / "catalog")
     assert request.tags["vidu/seeds"] == "3,4"
     assert generation_schedule.job_name == "vidu_plan_job"
+
+
+def test_a_seed_override_in_run_config_follows_the_seed_policy():
+    """Run config (the UI's launchpad) may not slip a seed past the rules sweep.yaml follows."""
+    import pytest
+
+    from vidu_pipeline import contract
+    from vidu_pipeline.defs.resources import PipelineResource
+
+    assert PipelineResource(seeds=[0, contract.SEED_MAX]).seeds == [0, contract.SEED_MAX]
+    with pytest.raises(Exception, match="outside 0..2147483647"):
+        PipelineResource(seeds=[1, 2**63])
+    with pytest.raises(Exception, match="at most 10000"):
+        PipelineResource(seeds=list(range(contract.MAX_SWEEP_SEEDS + 1)))

@@ -5,8 +5,8 @@ standalone simulator that accepts only that key (given to it through the environ
 its command line), with server errors injected so error paths are logged too. Then the key is
 searched for in the captured output, every file under the data folder and DAGSTER_HOME (also
 decoded: SQLite rows and Parquet values, since zstd pages could hide a plain-text match), the
-simulator's log, and ``repr()`` of resources, clients and endpoints; and no ``data:image/``
-payload may appear in Dagster's event metadata or logs. The simulator also fails some tasks with
+simulator's log, and ``repr()`` of resources, clients and endpoints; and no image that was sent
+(its base64) may appear anywhere — only the small inline thumbnails the UI shows. The simulator also fails some tasks with
 a reason that echoes the request's Authorization header (the ``echo_auth_in_reason`` fault), so
 the key comes back from the service too: as is, after ``Bearer`` and URL-encoded. It must be
 scrubbed before anything keeps or prints it.
@@ -18,6 +18,7 @@ tests/test_images.py and the ``url_scheme`` rows of tests/test_catalog.py.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -102,9 +103,12 @@ def test_key_and_payloads_never_stored_or_printed(tmp_path, leak_sim, monkeypatc
         assert "data:image/" not in text, f"an image payload is in the {name}"
 
     # Every file of the data folder and of the Dagster instance (event log DBs, compute logs).
+    # Small inline thumbnails are metadata on purpose (the UI shows them); what was SENT — the
+    # reference images as base64 — must be nowhere.
     assert list(home.rglob("*.db")), "expected Dagster's SQLite storage under DAGSTER_HOME"
     assert (data / "ledger.sqlite").exists() and list((data / "lineage").glob("*.parquet"))
-    hits = scan([data, home], [f.encode() for f in KEY_FORMS] + [b"data:image/"])
+    payloads = sent_payload_markers(data)
+    hits = scan([data, home], [f.encode() for f in KEY_FORMS] + [p.encode() for p in payloads])
     assert not hits, "\n".join(hits[:20])
     # The simulator's own log says where its key came from, not the key.
     assert KEY not in leak_sim.log_path.read_text()
@@ -119,8 +123,28 @@ def test_key_and_payloads_never_stored_or_printed(tmp_path, leak_sim, monkeypatc
         for run in runs:
             for record in instance.all_logs(run.run_id):
                 text = repr(record)
-                assert not [f for f in KEY_FORMS if f in text] and "data:image/" not in text, run.run_id
+                assert not [f for f in KEY_FORMS if f in text], run.run_id
+                assert not [p for p in payloads if p in text], f"a submitted image is in run {run.run_id}"
+                assert all(len(m) < 40_000 for m in INLINE_IMAGE_RE.findall(text)), "an inline image is not small"
             assert not [f for f in KEY_FORMS if f in repr(run.run_config) + repr(run.tags)]
+
+
+INLINE_IMAGE_RE = re.compile(r"data:image/[a-z]+;base64,[A-Za-z0-9+/=]+")
+
+
+def sent_payload_markers(data: Path) -> list[str]:
+    """A distinctive stretch of the base64 of every image the sweep sent (from the cache)."""
+    from vidu_pipeline.images import ImageCache
+
+    cache = ImageCache(data / "cache" / "images")
+    blobs = [p for p in (data / "cache" / "images").rglob("*") if p.is_file() and len(p.stem) == 64]
+    markers = []
+    for blob in blobs:
+        uri = cache.data_uri(blob.stem)
+        payload = uri.split(",", 1)[1]
+        markers.append(payload[200:300])  # past the format header, which all PNGs share
+    assert markers, "expected the sent images in the cache"
+    return markers
 
 
 def test_repr_of_resources_clients_and_endpoints(monkeypatch, tmp_path):

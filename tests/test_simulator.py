@@ -573,3 +573,38 @@ def test_cli_fault_flags_set_both_sides_unless_overridden():
     faults = cli.fault_config(args)
     assert (faults.submit_rate_limit, faults.poll_rate_limit) == (0.1, 0.0)
     assert (faults.submit_drop, faults.poll_drop, faults.truncate) == (0.05, 0.05, 0.2)
+
+
+def test_defect_flags_deliver_valid_but_wrong_clips_per_request(make_sim, tmp_path):
+    """A render defect is decided per request (every seed of it shows it), delivered as a valid
+    MP4 over the normal endpoints, counted in the stats — and only the quality figures tell."""
+    from vidu_pipeline import quality
+    from vidu_pipeline.video import probe_video
+
+    sim = make_sim(faults=FaultConfig(defect_frozen=1.0))
+    clips = []
+    for seed in (1, 2):
+        result = run_task(sim, body(seed=seed))
+        assert result["task"]["status"] == "TASK_STATUS_SUCCEED"
+        path = tmp_path / f"seed{seed}.mp4"
+        path.write_bytes(download(result))
+        probe_video(path)  # decodes end to end: a valid file
+        clips.append(quality.measure_video(path))
+    assert all(q.frozen for q in clips), [q.still_share for q in clips]
+    assert stats(sim)["faults"].get("submit.defect_frozen") == 2
+
+    good = make_sim()
+    result = run_task(good, body(seed=1))
+    path = tmp_path / "good.mp4"
+    path.write_bytes(download(result))
+    assert not quality.measure_video(path).frozen
+
+
+def test_the_defect_draw_ignores_what_the_defect_is_about():
+    from vidu_pipeline.simulator.faults import pick_defect
+
+    config = FaultConfig(defect_same_clip_for_seeds=0.5, seed=3)
+    picks = {pick_defect(config, body(seed=s)) for s in range(20)}
+    assert len(picks) == 1  # all seeds of one request share the draw
+    other = [pick_defect(config, body(prompt=f"prompt {i}")) for i in range(40)]
+    assert "same_clip_for_seeds" in other and None in other  # across requests it varies

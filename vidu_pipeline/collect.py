@@ -63,8 +63,14 @@ def collect_video(
         probe = probe_video(staging)
     except (VideoInvalid, errors.ViduError) as exc:
         staging.unlink(missing_ok=True)
-        ledger.record_video_error(request_id, f"{type(exc).__name__}: {exc}")
+        ledger.record_video_error(request_id, f"{type(exc).__name__}: {exc}", task_id=row.task_id)
         raise
+    except OSError as exc:  # our side: disk full, folder not writable — not the video's fault
+        staging.unlink(missing_ok=True)
+        raise errors.StorageError(
+            f"could not store the video of {request_id} in {videos_dir}: {exc.strerror or exc}; "
+            "the task stays succeeded and is downloaded again on the next run"
+        ) from None
     problems = tuple(
         check_against_request(
             probe,
@@ -77,6 +83,7 @@ def collect_video(
     staging.replace(final)
     ledger.record_video(
         request_id,
+        task_id=row.task_id,
         path=str(final),
         sha256=download.sha256,
         size_bytes=download.size_bytes,

@@ -651,23 +651,13 @@ def wait_for_reproduction(ledger, client, row, timeout_s: float):
     try:
         result = client.wait(row.task_id, timeout_s=timeout_s)
     except errors.TaskFailed as exc:
-        _for_task(ledger.record_failed, row, exc.reason or str(exc))
+        ledger.record_failed(row.request_id, exc.reason or str(exc), task_id=row.task_id)
     except TimeoutError as exc:
         raise CatalogProblem(f"{exc}; run reproduce again to keep waiting (nothing new is submitted)") from None
     else:
         finished = (result.debug_times_ms.get("complete_time_ms") or time.time() * 1000) / 1000.0
-        _for_task(ledger.record_succeeded, row, effective_seed=result.seed, finished_at=finished)
+        ledger.record_succeeded(row.request_id, task_id=row.task_id, effective_seed=result.seed, finished_at=finished)
     return ledger.get(row.request_id)
-
-
-def _for_task(record, row, *args, **kw) -> None:
-    """A ledger update about the task ``row`` holds. Passes ``task_id=`` (the update applies only
-    while the row still holds that task) once the ledger takes it; drop the check then."""
-    import inspect
-
-    if "task_id" in inspect.signature(record).parameters:
-        kw["task_id"] = row.task_id
-    record(row.request_id, *args, **kw)
 
 
 def _first_failure(result) -> str:

@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 from dagster import ConfigurableResource, EnvVar
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from .. import runtime
+from .. import contract, runtime
 from ..client import ViduClient
 from ..contract import DEFAULT_BASE_URL
 from ..images import ImageCache
@@ -53,6 +53,17 @@ class PipelineResource(ConfigurableResource):
     task_id_journal_path: str = Field(
         default="", description="Recovery journal for paid task ids the ledger could not take (disk full); "
         "default <data_dir>/state/submitted-task-ids.jsonl. Best on another disk than the ledger.")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_in_policy(cls, seeds: list[int]) -> list[int]:
+        """The same seed rules as sweep.yaml and --seeds: a run-config override may not bypass them."""
+        if len(seeds) > contract.MAX_SWEEP_SEEDS:
+            raise ValueError(f"seeds: {len(seeds)} seeds, at most {contract.MAX_SWEEP_SEEDS}")
+        problems = [p for p in map(contract.seed_problem, seeds) if p]
+        if problems:
+            raise ValueError(f"seeds: {problems[0]}")
+        return seeds
 
     @property
     def root(self) -> Path:

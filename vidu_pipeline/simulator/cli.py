@@ -52,6 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     faults.add_argument("--slow", type=float, default=0.0, help="calls delayed by --slow-seconds")
     faults.add_argument("--slow-seconds", type=float, default=2.0)
     faults.add_argument("--fail-tasks", type=float, default=0.0, help="tasks that end FAILED")
+    faults.add_argument("--echo-auth-in-reason", type=float, default=0.0,
+                        help="tasks that FAIL with a reason echoing the Authorization header")
+    faults.add_argument("--drip", type=float, default=0.0, help="answers sent one byte at a time")
+    faults.add_argument("--drip-seconds", type=float, default=5.0, help="seconds between dripped bytes")
+    for defect in ("frozen", "black", "ignore-amplitude", "same-clip-for-seeds", "unrelated"):
+        faults.add_argument(f"--defect-{defect}", type=float, default=0.0,
+                            help=f"requests rendered with the {defect!r} defect (a valid but wrong clip)")
     faults.add_argument("--truncate", type=float, default=0.0, help="downloads cut short")
     faults.add_argument("--truncate-matching-length", type=float, default=0.0,
                         help="share of truncated downloads whose Content-Length matches the short body")
@@ -77,6 +84,14 @@ def fault_config(args: argparse.Namespace) -> FaultConfig:
         slow=args.slow,
         slow_s=args.slow_seconds,
         fail_tasks=args.fail_tasks,
+        echo_auth_in_reason=args.echo_auth_in_reason,
+        drip=args.drip,
+        drip_s=args.drip_seconds,
+        defect_frozen=args.defect_frozen,
+        defect_black=args.defect_black,
+        defect_ignore_amplitude=args.defect_ignore_amplitude,
+        defect_same_clip_for_seeds=args.defect_same_clip_for_seeds,
+        defect_unrelated=args.defect_unrelated,
         truncate=args.truncate,
         truncate_matching_length=args.truncate_matching_length,
     )

@@ -42,6 +42,15 @@ class FaultConfig:
     # created first): only a total deadline ends such a call.
     drip: float = 0.0
     drip_s: float = 5.0
+    # Shares of requests rendered with one of render.DEFECTS: valid MP4s that only the quality
+    # figures can tell from good ones. Decided per request (not per call), so a resubmitted
+    # request, every seed of it (same_clip_for_seeds) or every amplitude (ignore_amplitude)
+    # shows the same defect.
+    defect_frozen: float = 0.0
+    defect_black: float = 0.0
+    defect_ignore_amplitude: float = 0.0
+    defect_same_clip_for_seeds: float = 0.0
+    defect_unrelated: float = 0.0
     truncate: float = 0.0
     # Share of truncated downloads whose Content-Length matches the short body (only the MP4
     # itself reveals the damage) instead of announcing the full size.
@@ -124,3 +133,25 @@ class Roll:
             return False
         self.dice.count(self.endpoint, kind)
         return True
+
+
+# What must not decide a defect's draw, per defect: the request varies in it, and the defect
+# is about exactly that variation.
+_DEFECT_IGNORES = {"same_clip_for_seeds": "seed", "ignore_amplitude": "movement_amplitude"}
+
+
+def pick_defect(config: FaultConfig, body: dict) -> str | None:
+    """The render defect of this request, if any: a seeded draw per defect over the request's
+    fingerprint (without the field the defect is about), first hit wins."""
+    from .. import contract
+
+    for name in ("frozen", "black", "ignore_amplitude", "same_clip_for_seeds", "unrelated"):
+        rate = getattr(config, f"defect_{name}")
+        if rate <= 0.0:
+            continue
+        ignored = _DEFECT_IGNORES.get(name)
+        key = contract.payload_fingerprint({k: v for k, v in body.items() if k != ignored})
+        draw = hashlib.sha256(f"{config.seed}|defect|{name}|{key}".encode()).digest()
+        if int.from_bytes(draw[:8], "big") / 2**64 < rate:
+            return name
+    return None

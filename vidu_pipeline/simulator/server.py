@@ -28,7 +28,7 @@ from typing import Any
 
 from .. import contract
 from ..images import inspect_image_bytes
-from .faults import FaultConfig, FaultDice, Roll
+from .faults import FaultConfig, FaultDice, Roll, pick_defect
 from .intake import ImageStore, collect_images
 from .render import RenderSpec, render_video
 from .state import Task, TaskBook
@@ -173,6 +173,7 @@ class Simulator:
                 bgm=task.options["bgm"],
                 render_scale=self.config.render_scale,
                 fps=self.config.fps,
+                defect=task.defect,
             )
             render_video(spec, self.video_path(task.task_id))
         except Exception as exc:  # a task must end, whatever went wrong
@@ -206,6 +207,9 @@ class Simulator:
         if not fail_reason and roll.hit("echo_auth_in_reason", roll.config.echo_auth_in_reason):
             fail_reason = (f"simulated failure: upstream refused 'Authorization: {authorization}' "
                            f"(as received: {urllib.parse.quote(authorization)})")
+        defect = None if fail_reason else pick_defect(roll.config, body)
+        if defect:
+            roll.dice.count("submit", f"defect_{defect}")
         now = time.time()
         task = Task(
             task_id=str(uuid.uuid4()),
@@ -217,6 +221,7 @@ class Simulator:
             submit_t=now,
             planned_finish_t=self.book.plan_finish(now),
             fail_reason=fail_reason,
+            defect=defect,
         )
         self.book.add(task)
         self.advance()

@@ -39,6 +39,7 @@ class Task:
     submit_t: float
     planned_finish_t: float  # the estimate behind a queued task's eta
     fail_reason: str = ""  # decided at submit: injected failure or an unusable image URL
+    defect: str | None = None  # decided at submit: a render defect (faults.pick_defect)
     start_t: float | None = None
     finish_t: float | None = None  # start + latency: the earliest possible completion
     ready_t: float | None = None  # when the video was written (or the render gave up)
@@ -47,7 +48,7 @@ class Task:
 
     SUBMIT_FIELDS = (
         "task_id", "fingerprint", "seed", "prompt", "options", "images",
-        "submit_t", "planned_finish_t", "fail_reason",
+        "submit_t", "planned_finish_t", "fail_reason", "defect",
     )
 
     @property
@@ -136,7 +137,8 @@ class TaskBook:
     def _replay(self, event: dict[str, Any]) -> None:
         kind = event.pop("event", None)
         if kind == "submit":
-            task = Task(**{k: event[k] for k in Task.SUBMIT_FIELDS})
+            # Logs written before a field existed still load (it keeps its default).
+            task = Task(**{k: event[k] for k in Task.SUBMIT_FIELDS if k in event})
             self.tasks[task.task_id] = task
             return
         task = self.tasks.get(event.get("task_id", ""))
