@@ -93,9 +93,18 @@ def main(argv=None) -> int:
         r = s.get(url, timeout=60)
         r.raise_for_status()
         (args.out / f"{task_id}.mp4").write_bytes(r.content)
-    print(json.dumps({"tasks": len(task_ids), "videos": len(urls), "failed": len(failed), "polls": polls,
-                      "submit_s": round(first_submit_done - started, 3),
-                      "total_s": round(time.time() - started, 3)}))
+    print(
+        json.dumps(
+            {
+                "tasks": len(task_ids),
+                "videos": len(urls),
+                "failed": len(failed),
+                "polls": polls,
+                "submit_s": round(first_submit_done - started, 3),
+                "total_s": round(time.time() - started, 3),
+            }
+        )
+    )
     return 0 if not failed else 1
 
 

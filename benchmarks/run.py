@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures as cf
-import contextlib
 import io
 import json
 import math
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,7 +29,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
-import requests
 from PIL import Image, ImageDraw
 
 from vidu_pipeline.testing import SimulatorProcess
@@ -49,8 +46,9 @@ def log(msg: str) -> None:
 
 def figure(name: str, value: float | str, goal: str, met: bool | None, fmt: str = "{:.3g}") -> None:
     text = fmt.format(value) if isinstance(value, (int, float)) else str(value)
-    RESULTS.append({"figure": name, "value": text, "goal": goal,
-                    "met": "n/a" if met is None else ("yes" if met else "NO")})
+    RESULTS.append(
+        {"figure": name, "value": text, "goal": goal, "met": "n/a" if met is None else ("yes" if met else "NO")}
+    )
     log(f"FIGURE {name}: {text}  (goal {goal}; met: {RESULTS[-1]['met']})")
 
 
@@ -65,19 +63,23 @@ def picture(rng: random.Random, w: int, h: int, mode: str = "RGB") -> Image.Imag
     x = np.linspace(0, 1, w, dtype=np.float32)[None, :]
     y = np.linspace(0, 1, h, dtype=np.float32)[:, None]
     c = [rng.random() for _ in range(6)]
-    arr = np.stack([(255 * (c[i] * x + c[i + 3] * y) / 2) % 256 + np.zeros((h, w), np.float32)
-                    for i in range(3)], axis=-1).astype(np.uint8)
+    arr = np.stack(
+        [(255 * (c[i] * x + c[i + 3] * y) / 2) % 256 + np.zeros((h, w), np.float32) for i in range(3)], axis=-1
+    ).astype(np.uint8)
     im = Image.fromarray(arr, "RGB")
     d = ImageDraw.Draw(im)
     for _ in range(6):
         x0, y0 = rng.randrange(w), rng.randrange(h)
-        d.ellipse([x0, y0, x0 + rng.randrange(10, max(11, w // 3)), y0 + rng.randrange(10, max(11, h // 3))],
-                  fill=tuple(rng.randrange(256) for _ in range(3)))
+        d.ellipse(
+            [x0, y0, x0 + rng.randrange(10, max(11, w // 3)), y0 + rng.randrange(10, max(11, h // 3))],
+            fill=tuple(rng.randrange(256) for _ in range(3)),
+        )
     return im.convert(mode) if mode != "RGB" else im
 
 
-def make_catalog(root: Path, subjects: int, prompts_per_subject: int, images_per_subject: int = 2,
-                 seed: int = 0) -> Path:
+def make_catalog(
+    root: Path, subjects: int, prompts_per_subject: int, images_per_subject: int = 2, seed: int = 0
+) -> Path:
     """A small valid catalog: PNG/JPEG references of 256-480 px, prompts cycling the aspect ratios."""
     rng = random.Random(seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -115,8 +117,9 @@ def make_mixed_images(root: Path, n: int, seed: int = 1) -> Path:
         im.save(root / name, fmt, **kw)
         rows.append(f"s{i // 5:04d},{name},v{i % 5}")
     (root / "images.csv").write_text("\n".join(rows) + "\n")
-    (root / "prompts.csv").write_text("subject_id,prompt\n" + "".join(
-        f"s{s:04d},a prompt\n" for s in range(math.ceil(n / 5))))
+    (root / "prompts.csv").write_text(
+        "subject_id,prompt\n" + "".join(f"s{s:04d},a prompt\n" for s in range(math.ceil(n / 5)))
+    )
     (root / "sweep.yaml").write_text("seeds: [1]\n")
     return root
 
@@ -127,8 +130,7 @@ def make_mixed_images(root: Path, n: int, seed: int = 1) -> Path:
 def simulator(work: Path, *, latency: float, concurrency: int, render_scale: float) -> SimulatorProcess:
     """A standalone simulator in a child process (its own state folder, fresh counters)."""
     state = Path(tempfile.mkdtemp(prefix="sim-", dir=work)) / "state"
-    return SimulatorProcess(state, api_key=API_KEY, latency=latency, concurrency=concurrency,
-                            render_scale=render_scale)
+    return SimulatorProcess(state, api_key=API_KEY, latency=latency, concurrency=concurrency, render_scale=render_scale)
 
 
 def run_child(cmd: list[str], env: dict, out_path: Path, timeout: float) -> dict:
@@ -163,21 +165,32 @@ def run_child(cmd: list[str], env: dict, out_path: Path, timeout: float) -> dict
         t1 = time.time()
         sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"rc": proc.returncode, "start": t0, "end": t1, "wall": t1 - t0,
-            "cpu": ru.ru_utime + ru.ru_stime, "maxrss_mb": peak_kb[0] / 1024.0,
-            "output": out_path.read_text(errors="replace")}
+    return {
+        "rc": proc.returncode,
+        "start": t0,
+        "end": t1,
+        "wall": t1 - t0,
+        "cpu": ru.ru_utime + ru.ru_stime,
+        "maxrss_mb": peak_kb[0] / 1024.0,
+        "output": out_path.read_text(errors="replace"),
+    }
 
 
-def run_generate(workdir: Path, catalog: Path, sim: SimulatorProcess, seeds: str, tag: str,
-                 timeout: float = 900) -> dict:
+def run_generate(
+    workdir: Path, catalog: Path, sim: SimulatorProcess, seeds: str, tag: str, timeout: float = 900
+) -> dict:
     data = workdir / f"data-{tag}"
     home = Path(tempfile.mkdtemp(prefix=f"dagster-{tag}-", dir=workdir))
-    env = {**os.environ, "VIDU_API_KEY": API_KEY, "VIDU_API_BASE_URL": sim.base_url,
-           "VIDU_SIMULATOR_RENDER_SCALE": str(sim.render_scale), "DAGSTER_HOME": str(home)}
+    env = {
+        **os.environ,
+        "VIDU_API_KEY": API_KEY,
+        "VIDU_API_BASE_URL": sim.base_url,
+        "VIDU_SIMULATOR_RENDER_SCALE": str(sim.render_scale),
+        "DAGSTER_HOME": str(home),
+    }
     script = Path(PY).parent / "vidu-pipeline"  # the console script a user runs
     entry = [str(script)] if script.exists() else [PY, "-m", "vidu_pipeline.cli"]
-    cmd = [*entry, "generate", "--catalog", str(catalog), "--data-dir", str(data),
-           "--seeds", seeds]
+    cmd = [*entry, "generate", "--catalog", str(catalog), "--data-dir", str(data), "--seeds", seeds]
     res = run_child(cmd, env, workdir / f"generate-{tag}.log", timeout)
     if res["rc"] != 0:
         raise RuntimeError(f"generate ({tag}) exited {res['rc']}:\n{res['output'][-3000:]}")
@@ -189,8 +202,7 @@ def run_generate(workdir: Path, catalog: Path, sim: SimulatorProcess, seeds: str
         res["first_submit"] = conn.exec_driver_sql("SELECT min(started_at) FROM attempts").scalar()
         res["last_submit_end"] = conn.exec_driver_sql("SELECT max(ended_at) FROM attempts").scalar()
         res["last_server_finish"] = conn.exec_driver_sql("SELECT max(finished_at) FROM requests").scalar()
-        res["videos"] = conn.exec_driver_sql(
-            "SELECT count(*) FROM requests WHERE video_sha256 IS NOT NULL").scalar()
+        res["videos"] = conn.exec_driver_sql("SELECT count(*) FROM requests WHERE video_sha256 IS NOT NULL").scalar()
         res["requests"] = conn.exec_driver_sql("SELECT count(*) FROM requests").scalar()
     ledger.close()
     return res
@@ -215,9 +227,25 @@ def bench_e2e(work: Path, quick: bool) -> None:
         stats = sim.stats()
     with simulator(work, latency=L, concurrency=C, render_scale=scale) as sim:
         env = dict(os.environ)
-        naive = run_child([PY, str(HERE / "naive_script.py"), "--catalog", str(catalog), "--out",
-                           str(work / "naive-out"), "--seeds", seeds, "--base-url", sim.base_url,
-                           "--api-key", API_KEY], env, work / "naive.log", 600)
+        naive = run_child(
+            [
+                PY,
+                str(HERE / "naive_script.py"),
+                "--catalog",
+                str(catalog),
+                "--out",
+                str(work / "naive-out"),
+                "--seeds",
+                seeds,
+                "--base-url",
+                sim.base_url,
+                "--api-key",
+                API_KEY,
+            ],
+            env,
+            work / "naive.log",
+            600,
+        )
         if naive["rc"] != 0:
             raise RuntimeError(f"naive script failed:\n{naive['output'][-2000:]}")
     naive_info = json.loads(naive["output"].strip().splitlines()[-1])
@@ -228,12 +256,16 @@ def bench_e2e(work: Path, quick: bool) -> None:
     startup = res["first_submit"] - res["start"]
     server = res["last_server_finish"] - res["first_submit"]
     tail = res["end"] - res["last_server_finish"]
-    log(f"generate: makespan {wall:.2f} s (process start -> exit) = startup to first submit {startup:.2f} s "
+    log(
+        f"generate: makespan {wall:.2f} s (process start -> exit) = startup to first submit {startup:.2f} s "
         f"+ first submit to the service's last completion {server:.2f} s (submits took "
         f"{res['last_submit_end'] - res['first_submit']:.2f} s) + tail to exit {tail:.2f} s "
-        f"(detect, download, verify, lineage, contact sheet)")
-    log(f"naive script: makespan {naive['wall']:.2f} s (submits {naive_info['submit_s']} s, "
-        f"{naive_info['polls']} polls)")
+        f"(detect, download, verify, lineage, contact sheet)"
+    )
+    log(
+        f"naive script: makespan {naive['wall']:.2f} s (submits {naive_info['submit_s']} s, "
+        f"{naive_info['polls']} polls)"
+    )
     figure("e2e makespan / ideal", wall / ideal, "<= 1.10", wall / ideal <= 1.10)
     figure("e2e makespan / naive script", wall / naive["wall"], "<= 1.00", wall <= naive["wall"])
     figure("e2e makespan from first submit / ideal (info)", from_submit / ideal, "info", None)
@@ -242,8 +274,10 @@ def bench_e2e(work: Path, quick: bool) -> None:
     polls = stats["polls"]["total"]
     videos = stats["downloads"]["ok"]
     figure("polls per finished video", polls / max(1, videos), "<= 3", polls / max(1, videos) <= 3)
-    log(f"simulator stats: polls {stats['polls']}, downloads ok {videos}, "
-        f"naive polls per video {naive_info['polls'] / max(1, naive_info['videos']):.2f}")
+    log(
+        f"simulator stats: polls {stats['polls']}, downloads ok {videos}, "
+        f"naive polls per video {naive_info['polls'] / max(1, naive_info['videos']):.2f}"
+    )
 
 
 class _SlowPollHandler(BaseHTTPRequestHandler):
@@ -261,10 +295,22 @@ class _SlowPollHandler(BaseHTTPRequestHandler):
 
         time.sleep(self.delay)
         task_id = parse_qs(urlsplit(self.path).query).get("task_id", [""])[0]
-        body = json.dumps({"task": {"task_id": task_id, "task_type": "VIDU_Q1_REFERENCE2VIDEO",
-                                    "status": "TASK_STATUS_PROCESSING", "reason": "", "eta": 30,
-                                    "progress_percent": 10},
-                           "extra": {"seed": "1"}, "videos": [], "images": [], "audios": []}).encode()
+        body = json.dumps(
+            {
+                "task": {
+                    "task_id": task_id,
+                    "task_type": "VIDU_Q1_REFERENCE2VIDEO",
+                    "status": "TASK_STATUS_PROCESSING",
+                    "reason": "",
+                    "eta": 30,
+                    "progress_percent": 10,
+                },
+                "extra": {"seed": "1"},
+                "videos": [],
+                "images": [],
+                "audios": [],
+            }
+        ).encode()
         self.server.polls += 1
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -278,19 +324,37 @@ def prefill_ledger(path: Path, n: int):
     from vidu_pipeline.ledger import Ledger, PlannedRequest
 
     ledger = Ledger(f"sqlite:///{path}")
-    spec = json.dumps({"request_id": "x", "subject_id": "s", "prompt": "p", "seed": 1,
-                       "options": {"aspect_ratio": "16:9", "movement_amplitude": "auto", "bgm": False,
-                                   "duration": 5, "resolution": "1080p"},
-                       "image_sha256s": [], "original_sha256s": [], "image_mimes": []})
+    spec = json.dumps(
+        {
+            "request_id": "x",
+            "subject_id": "s",
+            "prompt": "p",
+            "seed": 1,
+            "options": {
+                "aspect_ratio": "16:9",
+                "movement_amplitude": "auto",
+                "bgm": False,
+                "duration": 5,
+                "resolution": "1080p",
+            },
+            "image_sha256s": [],
+            "original_sha256s": [],
+            "image_mimes": [],
+        }
+    )
     ledger.plan(PlannedRequest(f"req-{i:05d}", "s", 1, "f" * 64, spec) for i in range(n))
     now = time.time()
     with ledger.engine.begin() as conn:
         conn.exec_driver_sql(
             "UPDATE requests SET state='submitted', attempts=1, task_id='task-' || request_id, "
-            "submitted_at=?, next_poll_at=?", (now - 5, now - 1))
+            "submitted_at=?, next_poll_at=?",
+            (now - 5, now - 1),
+        )
         conn.exec_driver_sql(
             "INSERT INTO attempts (request_id, attempt, run_id, owner, task_id, started_at, ended_at, outcome) "
-            "SELECT request_id, 1, 'bench', 'bench', task_id, ?, ?, 'submitted' FROM requests", (now - 5, now - 5))
+            "SELECT request_id, 1, 'bench', 'bench', task_id, ?, ?, 'submitted' FROM requests",
+            (now - 5, now - 5),
+        )
     return ledger
 
 
@@ -337,8 +401,10 @@ def bench_tick(work: Path, quick: bool) -> None:
     finally:
         server.shutdown()
         server.server_close()
-    log(f"poll_due: {poll_s:.2f} s for {n} polls; evaluate_tick: {tick_s:.2f} s; "
-        f"network floor {n} x {delay * 1000:.0f} ms / {pipeline.poll_workers} workers = {floor:.2f} s")
+    log(
+        f"poll_due: {poll_s:.2f} s for {n} polls; evaluate_tick: {tick_s:.2f} s; "
+        f"network floor {n} x {delay * 1000:.0f} ms / {pipeline.poll_workers} workers = {floor:.2f} s"
+    )
     figure(f"sensor tick, {n} pending @20ms (evaluate_tick), s", tick_s, "<= 10", tick_s <= 10, "{:.2f}")
     figure(f"poll_due alone, {n} pending, s (info)", poll_s, "info", None, "{:.2f}")
 
@@ -382,9 +448,11 @@ def bench_overhead(work: Path, quick: bool) -> None:
         videos = res["videos"]
         over = res["cpu"] - dd
         per_video[n], rss[n], cpu_total[n], walls[n] = over / videos, res["maxrss_mb"], res["cpu"], res["wall"]
-        log(f"N={videos}: wall {res['wall']:.1f} s, child CPU {res['cpu']:.2f} s, of which download+decode "
+        log(
+            f"N={videos}: wall {res['wall']:.1f} s, child CPU {res['cpu']:.2f} s, of which download+decode "
             f"(re-measured) {dd:.2f} s -> overhead {over:.2f} s = {over / videos * 1000:.1f} ms/video; "
-            f"peak RSS {res['maxrss_mb']:.0f} MB")
+            f"peak RSS {res['maxrss_mb']:.0f} MB"
+        )
     a, b = sizes
     marginal = (cpu_total[b] - cpu_total[a]) / (b - a)
     growth = per_video[b] / per_video[a]
@@ -432,8 +500,10 @@ def bench_images(work: Path, quick: bool) -> None:
     second = time.perf_counter() - t
     assert v2.cache_hits == n
     floor_1 = _floor(paths, 1)
-    log(f"validate+encode: {first:.2f} s ({n / first:.0f} images/s); raw floor (open+load+base64, 2 threads) "
-        f"{floor_s:.2f} s ({n / floor_s:.0f}/s; 1 thread {floor_1:.2f} s); re-run {second:.3f} s")
+    log(
+        f"validate+encode: {first:.2f} s ({n / first:.0f} images/s); raw floor (open+load+base64, 2 threads) "
+        f"{floor_s:.2f} s ({n / floor_s:.0f}/s; 1 thread {floor_1:.2f} s); re-run {second:.3f} s"
+    )
     figure("images/s validated / raw floor", floor_s / first, ">= 0.8", floor_s / first >= 0.8)
     figure("image re-run time / first run", second / first, "<= 0.05", second / first <= 0.05)
 
@@ -448,14 +518,38 @@ def bench_lineage(work: Path, quick: bool) -> None:
     now = pd.Timestamp.now(tz="UTC")
 
     def rows(start: int, k: int) -> list[dict]:
-        return [{"request_id": f"req-{i:07d}", "subject_id": f"s{i % 97}", "prompt": "a prompt " * 8,
-                 "aspect_ratio": "16:9", "movement_amplitude": "auto", "bgm": False, "duration": 5,
-                 "resolution": "1080p", "seed_requested": i, "seed_effective": i,
-                 "reference_sha256s": ["a" * 64, "b" * 64], "reference_original_sha256s": ["c" * 64],
-                 "task_id": f"task-{i}", "attempts": 1, "state": "succeeded", "submitted_at": now,
-                 "finished_at": now, "video_path": f"/v/{i}.mp4", "video_sha256": "d" * 64,
-                 "video_bytes": 12345, "width": 96, "height": 54, "fps": 24.0, "frames": 120,
-                 "duration_s": 5.0, "has_audio": False, "pipeline_version": "bench"} for i in range(start, start + k)]
+        return [
+            {
+                "request_id": f"req-{i:07d}",
+                "subject_id": f"s{i % 97}",
+                "prompt": "a prompt " * 8,
+                "aspect_ratio": "16:9",
+                "movement_amplitude": "auto",
+                "bgm": False,
+                "duration": 5,
+                "resolution": "1080p",
+                "seed_requested": i,
+                "seed_effective": i,
+                "reference_sha256s": ["a" * 64, "b" * 64],
+                "reference_original_sha256s": ["c" * 64],
+                "task_id": f"task-{i}",
+                "attempts": 1,
+                "state": "succeeded",
+                "submitted_at": now,
+                "finished_at": now,
+                "video_path": f"/v/{i}.mp4",
+                "video_sha256": "d" * 64,
+                "video_bytes": 12345,
+                "width": 96,
+                "height": 54,
+                "fps": 24.0,
+                "frames": 120,
+                "duration_s": 5.0,
+                "has_audio": False,
+                "pipeline_version": "bench",
+            }
+            for i in range(start, start + k)
+        ]
 
     appends, reads = {}, {}
     for size in sizes:
@@ -474,8 +568,10 @@ def bench_lineage(work: Path, quick: bool) -> None:
         df = store.read()
         reads[size] = time.perf_counter() - t
         assert len(df) == size + 500
-        log(f"{size:>7} rows: append 100 rows median {appends[size] * 1000:.1f} ms; "
-            f"read whole table into pandas {reads[size] * 1000:.0f} ms")
+        log(
+            f"{size:>7} rows: append 100 rows median {appends[size] * 1000:.1f} ms; "
+            f"read whole table into pandas {reads[size] * 1000:.0f} ms"
+        )
     for size in sizes:
         figure(f"lineage append 100 rows at {size} rows, ms", appends[size] * 1000, "flat", None, "{:.1f}")
     ratio = appends[sizes[-1]] / appends[sizes[0]]
@@ -484,8 +580,13 @@ def bench_lineage(work: Path, quick: bool) -> None:
         figure(f"lineage read whole table at {size + 500} rows, s", reads[size], "info", None, "{:.3f}")
 
 
-BENCHES = {"e2e": bench_e2e, "tick": bench_tick, "overhead": bench_overhead, "images": bench_images,
-           "lineage": bench_lineage}
+BENCHES = {
+    "e2e": bench_e2e,
+    "tick": bench_tick,
+    "overhead": bench_overhead,
+    "images": bench_images,
+    "lineage": bench_lineage,
+}
 
 
 def print_table() -> None:
@@ -517,8 +618,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.ERROR)
     warnings.filterwarnings("ignore")
     work = Path(tempfile.mkdtemp(prefix="vidu-bench-"))
-    log(f"work folder: {work}{' (kept)' if args.keep else ''}; python {sys.version.split()[0]}; "
-        f"{os.cpu_count()} cores; {'quick' if args.quick else 'full'} run")
+    log(
+        f"work folder: {work}{' (kept)' if args.keep else ''}; python {sys.version.split()[0]}; "
+        f"{os.cpu_count()} cores; {'quick' if args.quick else 'full'} run"
+    )
     t0 = time.perf_counter()
     failed = []
     try:

@@ -54,14 +54,33 @@ FAULT_FLAGS = {
 
 # --- the catalog ---------------------------------------------------------------------------------
 
-ACTIONS = ["turns slowly", "waves at the camera", "walks to the left", "looks up at the sky",
-           "spins around", "jumps once", "nods twice", "sits down", "stands up", "smiles"]
-PLACES = ["in a sunny park", "on a quiet beach", "in a busy kitchen", "under a night sky",
-          "in a snowy forest", "at a train station", "on a rooftop", "in a library"]
+ACTIONS = [
+    "turns slowly",
+    "waves at the camera",
+    "walks to the left",
+    "looks up at the sky",
+    "spins around",
+    "jumps once",
+    "nods twice",
+    "sits down",
+    "stands up",
+    "smiles",
+]
+PLACES = [
+    "in a sunny park",
+    "on a quiet beach",
+    "in a busy kitchen",
+    "under a night sky",
+    "in a snowy forest",
+    "at a train station",
+    "on a rooftop",
+    "in a library",
+]
 
 
-def make_catalog(root: Path, *, subjects: int = 5, prompts: int = 5, seeds: int = 2, rng_seed: int = 0,
-                 size: int = 160) -> int:
+def make_catalog(
+    root: Path, *, subjects: int = 5, prompts: int = 5, seeds: int = 2, rng_seed: int = 0, size: int = 160
+) -> int:
     """Write a catalog of ``subjects × prompts × seeds`` requests with generated images
     (``size`` px, ≥ 128); returns the number of requests."""
     from PIL import Image, ImageDraw
@@ -78,8 +97,10 @@ def make_catalog(root: Path, *, subjects: int = 5, prompts: int = 5, seeds: int 
             draw = ImageDraw.Draw(img)
             for _ in range(6):
                 x0, y0 = rng.randrange(size // 2), rng.randrange(size // 2)
-                draw.rectangle([x0, y0, x0 + rng.randrange(10, size // 2), y0 + rng.randrange(10, size // 2)],
-                               fill=tuple(rng.randrange(256) for _ in range(3)))
+                draw.rectangle(
+                    [x0, y0, x0 + rng.randrange(10, size // 2), y0 + rng.randrange(10, size // 2)],
+                    fill=tuple(rng.randrange(256) for _ in range(3)),
+                )
             name = f"images/{subject}-{v}.png"
             img.save(root / name)
             image_rows.append(f"{subject},{name},view{v}")
@@ -87,8 +108,9 @@ def make_catalog(root: Path, *, subjects: int = 5, prompts: int = 5, seeds: int 
             text = f"The {subject} {ACTIONS[(s + p) % len(ACTIONS)]} {PLACES[(s * 3 + p) % len(PLACES)]} (take {p})"
             prompt_rows.append(f'{subject},"{text}",{ratios[(s + p) % 3]},auto,{"true" if p % 4 == 0 else "false"}')
     (root / "images.csv").write_text("subject_id,image,view\n" + "\n".join(image_rows) + "\n")
-    (root / "prompts.csv").write_text("subject_id,prompt,aspect_ratio,movement_amplitude,bgm\n"
-                                      + "\n".join(prompt_rows) + "\n")
+    (root / "prompts.csv").write_text(
+        "subject_id,prompt,aspect_ratio,movement_amplitude,bgm\n" + "\n".join(prompt_rows) + "\n"
+    )
     (root / "sweep.yaml").write_text(f"seeds: [{', '.join(str(100 + i) for i in range(seeds))}]\n")
     return subjects * prompts * seeds
 
@@ -106,17 +128,41 @@ def shape_for(requests_wanted: int) -> tuple[int, int, int]:
 class SimulatorProcess:
     """``vidu-pipeline simulator`` in a subprocess on a free loopback port; the key via env."""
 
-    def __init__(self, state_dir: Path, *, api_key: str = DRILL_KEY, latency: float = 0.7,
-                 render_scale: float = 0.1, url_ttl: int = 3, concurrency: int = 5, fault_seed: int = 0,
-                 faults: dict[str, float] | None = None, extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        api_key: str = DRILL_KEY,
+        latency: float = 0.7,
+        render_scale: float = 0.1,
+        url_ttl: int = 3,
+        concurrency: int = 5,
+        fault_seed: int = 0,
+        faults: dict[str, float] | None = None,
+        extra_args: tuple[str, ...] = (),
+    ):
         self.state_dir = Path(state_dir)
         self.api_key = api_key
         self.render_scale = render_scale
         self.args = [
-            "--port", "0", "--state-dir", str(self.state_dir), "--announce", str(self.state_dir / "announce.json"),
-            "--latency", str(latency), "--render-scale", str(render_scale), "--url-ttl", str(url_ttl),
-            "--concurrency", str(concurrency), "--fault-seed", str(fault_seed),
-            *[str(x) for kv in (faults or {}).items() for x in kv], *extra_args,
+            "--port",
+            "0",
+            "--state-dir",
+            str(self.state_dir),
+            "--announce",
+            str(self.state_dir / "announce.json"),
+            "--latency",
+            str(latency),
+            "--render-scale",
+            str(render_scale),
+            "--url-ttl",
+            str(url_ttl),
+            "--concurrency",
+            str(concurrency),
+            "--fault-seed",
+            str(fault_seed),
+            *[str(x) for kv in (faults or {}).items() for x in kv],
+            *extra_args,
         ]
         self.proc: subprocess.Popen | None = None
         self.base_url = ""
@@ -131,7 +177,11 @@ class SimulatorProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "vidu_pipeline.simulator", *self.args],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -184,13 +234,15 @@ class SimulatorProcess:
     def env(self, dagster_home: Path) -> dict[str, str]:
         """The environment a ``generate`` pointed at this simulator runs with."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VIDU_", "DAGSTER_"))}
-        env.update({
-            "VIDU_API_KEY": self.api_key,
-            "VIDU_API_BASE_URL": self.base_url,
-            "VIDU_SIMULATOR_RENDER_SCALE": str(self.render_scale),
-            "DAGSTER_HOME": str(dagster_home),
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "VIDU_API_KEY": self.api_key,
+                "VIDU_API_BASE_URL": self.base_url,
+                "VIDU_SIMULATOR_RENDER_SCALE": str(self.render_scale),
+                "DAGSTER_HOME": str(dagster_home),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         return env
 
 
@@ -198,14 +250,31 @@ class SimulatorProcess:
 
 
 def generate_cmd(catalog: Path, data_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "vidu_pipeline.cli", "generate", "--catalog", str(catalog),
-            "--data-dir", str(data_dir), "--no-contact-sheet", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "vidu_pipeline.cli",
+        "generate",
+        "--catalog",
+        str(catalog),
+        "--data-dir",
+        str(data_dir),
+        "--no-contact-sheet",
+        *extra,
+    ]
 
 
-def run_generate(catalog: Path, data_dir: Path, env: dict[str, str], *extra: str,
-                 timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(generate_cmd(catalog, data_dir, "--timeout", str(timeout), *extra), env=env,
-                          capture_output=True, text=True, timeout=timeout + 120, cwd=data_dir.parent)
+def run_generate(
+    catalog: Path, data_dir: Path, env: dict[str, str], *extra: str, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        generate_cmd(catalog, data_dir, "--timeout", str(timeout), *extra),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout + 120,
+        cwd=data_dir.parent,
+    )
 
 
 # Runs ``python -m vidu_pipeline.cli`` with the ledger's debug log (where it notes every stale
@@ -251,27 +320,37 @@ def _logged(cmd: list[str], ledger_log: Path | None) -> list[str]:
     return [sys.executable, "-c", _WITH_LEDGER_LOG, str(ledger_log), *cmd[3:]]
 
 
-def start_generate(catalog: Path, data_dir: Path, env: dict[str, str], log_path: Path, *,
-                   ledger_log: Path | None = None) -> subprocess.Popen:
+def start_generate(
+    catalog: Path, data_dir: Path, env: dict[str, str], log_path: Path, *, ledger_log: Path | None = None
+) -> subprocess.Popen:
     log = open(log_path, "ab")
     try:
         cmd = _logged(generate_cmd(catalog, data_dir, "--timeout", "600"), ledger_log)
-        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=data_dir.parent)
+        return subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=data_dir.parent
+        )
     finally:
         log.close()
 
 
-def start_sensor(data_dir: Path, env: dict[str, str], log_path: Path, *, seconds: float,
-                 ledger_log: Path) -> subprocess.Popen:
+def start_sensor(
+    data_dir: Path, env: dict[str, str], log_path: Path, *, seconds: float, ledger_log: Path
+) -> subprocess.Popen:
     """The polling sensor evaluated in a loop in another process, beside ``generate``."""
-    code = _WITH_LEDGER_LOG.replace("runpy.run_module('vidu_pipeline.cli', run_name='__main__', alter_sys=True)\n",
-                                    "") + _SENSOR_LOOP
+    code = (
+        _WITH_LEDGER_LOG.replace("runpy.run_module('vidu_pipeline.cli', run_name='__main__', alter_sys=True)\n", "")
+        + _SENSOR_LOOP
+    )
     log = open(log_path, "ab")
     try:
-        return subprocess.Popen([sys.executable, "-c", code, str(ledger_log), str(data_dir), str(seconds)],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=data_dir.parent)
+        return subprocess.Popen(
+            [sys.executable, "-c", code, str(ledger_log), str(data_dir), str(seconds)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=data_dir.parent,
+        )
     finally:
         log.close()
 
@@ -356,8 +435,9 @@ def leaked_pool_slots(dagster_home: Path, *, free: bool = True) -> list[str]:
         return []
     con = sqlite3.connect(str(index), timeout=30)
     try:
-        held = con.execute("SELECT concurrency_key, run_id, step_key FROM concurrency_slots "
-                           "WHERE run_id IS NOT NULL").fetchall()
+        held = con.execute(
+            "SELECT concurrency_key, run_id, step_key FROM concurrency_slots WHERE run_id IS NOT NULL"
+        ).fetchall()
     except sqlite3.OperationalError:
         held = []
     finally:
@@ -372,9 +452,17 @@ def leaked_pool_slots(dagster_home: Path, *, free: bool = True) -> list[str]:
     return [f"{key} slot held by dead run {run_id[:8]} ({step})" for key, run_id, step in held]
 
 
-def kill_at_random(catalog: Path, data_dir: Path, env: dict[str, str], rng: random.Random,
-                   log_path: Path, *, low: float = 2.0, high: float = 25.0,
-                   sig: int = signal.SIGKILL) -> tuple[bool, float]:
+def kill_at_random(
+    catalog: Path,
+    data_dir: Path,
+    env: dict[str, str],
+    rng: random.Random,
+    log_path: Path,
+    *,
+    low: float = 2.0,
+    high: float = 25.0,
+    sig: int = signal.SIGKILL,
+) -> tuple[bool, float]:
     """Start generate, send it ``sig`` (SIGKILL, or SIGTERM and wait for it to end) after a
     seeded random delay. (landed on a running generate?, delay)."""
     delay = rng.uniform(low, high)
@@ -394,9 +482,20 @@ class RaceResult:
     sigterms: int
 
 
-def race_pollers(catalog: Path, data_dir: Path, env: dict[str, str], sim: SimulatorProcess, work: Path, *,
-                 with_sensor: bool, fail_tasks: float = 0.4, slow: float = 0.4, slow_s: float = 1.5,
-                 sigterm_after: float | None = None, timeout: float = 300) -> RaceResult:
+def race_pollers(
+    catalog: Path,
+    data_dir: Path,
+    env: dict[str, str],
+    sim: SimulatorProcess,
+    work: Path,
+    *,
+    with_sensor: bool,
+    fail_tasks: float = 0.4,
+    slow: float = 0.4,
+    slow_s: float = 1.5,
+    sigterm_after: float | None = None,
+    timeout: float = 300,
+) -> RaceResult:
     """Two pollers on one ledger while tasks fail often and polls are slow: two ``generate``s
     at once, or one beside the sensor evaluated in another process. A slow poll answer about
     a failed task then arrives after the other poller has recorded it and resubmitted. With
@@ -429,12 +528,24 @@ def race_pollers(catalog: Path, data_dir: Path, env: dict[str, str], sim: Simula
         for proc in procs:
             terminate(proc, grace=30)
         sim.set_faults(**previous)
-    return RaceResult("generate + sensor" if with_sensor else "two generates",
-                      [p.returncode for p in procs], stale_answers(*logs), sigterms)
+    return RaceResult(
+        "generate + sensor" if with_sensor else "two generates",
+        [p.returncode for p in procs],
+        stale_answers(*logs),
+        sigterms,
+    )
 
 
-def kill_mid_submit(catalog: Path, data_dir: Path, env: dict[str, str], sim: SimulatorProcess,
-                    log_path: Path, *, slow_s: float = 4.0, timeout: float = 120) -> list[str]:
+def kill_mid_submit(
+    catalog: Path,
+    data_dir: Path,
+    env: dict[str, str],
+    sim: SimulatorProcess,
+    log_path: Path,
+    *,
+    slow_s: float = 4.0,
+    timeout: float = 120,
+) -> list[str]:
     """With every submit delayed by ``slow_s``, SIGKILL generate while a request is
     ``submitting``. Returns the ids that were ``submitting`` at the kill."""
     previous = sim.faults()
@@ -467,8 +578,9 @@ def attempts_by_request(data_dir: Path) -> dict[str, list[tuple[int, str | None]
         con.close()
 
 
-def finish(catalog: Path, data_dir: Path, env: dict[str, str], *, max_runs: int = 3,
-           timeout: float = 600) -> list[subprocess.CompletedProcess]:
+def finish(
+    catalog: Path, data_dir: Path, env: dict[str, str], *, max_runs: int = 3, timeout: float = 600
+) -> list[subprocess.CompletedProcess]:
     """Run generate until every request is terminal (a run may end 1: failed/unknown ones)."""
     runs = []
     for _ in range(max_runs):
@@ -522,8 +634,9 @@ FAILED_STATUS = "TASK_STATUS_FAILED"
 SUCCEED_STATUS = "TASK_STATUS_SUCCEED"
 
 
-def paid_once_checks(rows: dict, attempts: dict, service_tasks: list[dict], *,
-                     retry_budget: int = 3) -> tuple[list[Check], dict[str, int]]:
+def paid_once_checks(
+    rows: dict, attempts: dict, service_tasks: list[dict], *, retry_budget: int = 3
+) -> tuple[list[Check], dict[str, int]]:
     """What the service's own books say against the ledger, per request:
 
     * paid tasks beyond need: the tasks accepted for a request's fingerprint, in submit order,
@@ -553,8 +666,9 @@ def paid_once_checks(rows: dict, attempts: dict, service_tasks: list[dict], *,
         extra = len(tasks) - explained
         if extra:
             paid_extra += extra
-            statuses = ", ".join(t["status"].removeprefix("TASK_STATUS_") for t in
-                                 sorted(tasks, key=lambda t: t["submit_t"]))
+            statuses = ", ".join(
+                t["status"].removeprefix("TASK_STATUS_") for t in sorted(tasks, key=lambda t: t["submit_t"])
+            )
             paid_problems.append(f"{rids[0]}: {len(tasks)} tasks paid ({statuses}), {extra} beyond need")
 
     holder = {}  # task id → the request that knows it
@@ -572,23 +686,39 @@ def paid_once_checks(rows: dict, attempts: dict, service_tasks: list[dict], *,
             continue
         r = rows[rid]
         if not (r.state == "succeeded" and r.task_id == task["task_id"] and r.video_sha256):
-            lost_problems.append(f"{rid}: task {task['task_id'][:8]} SUCCEEDED at the service but the request "
-                                 f"is {r.state} with task {(r.task_id or '-')[:8]} and "
-                                 f"{'a' if r.video_sha256 else 'no'} video")
+            lost_problems.append(
+                f"{rid}: task {task['task_id'][:8]} SUCCEEDED at the service but the request "
+                f"is {r.state} with task {(r.task_id or '-')[:8]} and "
+                f"{'a' if r.video_sha256 else 'no'} video"
+            )
     checks = [
-        Check("no task paid beyond need", not paid_problems,
-              f"{len(service_tasks)} tasks at the service; each request's are its failed-and-resubmitted "
-              f"ones within budget, then one" if not paid_problems else
-              f"{len(paid_problems)} problem(s): " + "; ".join(paid_problems[:5])),
-        Check("no succeeded task left undownloaded", not lost_problems,
-              "every task the service finished and the ledger knows has its video stored"
-              if not lost_problems else f"{len(lost_problems)} problem(s): " + "; ".join(lost_problems[:5])),
+        Check(
+            "no task paid beyond need",
+            not paid_problems,
+            f"{len(service_tasks)} tasks at the service; each request's are its failed-and-resubmitted "
+            f"ones within budget, then one"
+            if not paid_problems
+            else f"{len(paid_problems)} problem(s): " + "; ".join(paid_problems[:5]),
+        ),
+        Check(
+            "no succeeded task left undownloaded",
+            not lost_problems,
+            "every task the service finished and the ledger knows has its video stored"
+            if not lost_problems
+            else f"{len(lost_problems)} problem(s): " + "; ".join(lost_problems[:5]),
+        ),
     ]
     return checks, {"paid_extra": paid_extra, "succeeded_not_downloaded": len(lost_problems)}
 
 
-def check_invariants(data_dir: Path, sim: SimulatorProcess, env: dict[str, str], *,
-                     retry_budget: int = 3, expected_requests: int | None = None) -> Report:
+def check_invariants(
+    data_dir: Path,
+    sim: SimulatorProcess,
+    env: dict[str, str],
+    *,
+    retry_budget: int = 3,
+    expected_requests: int | None = None,
+) -> Report:
     """Everything the promise says, checked from the ledger, the files, the lineage table,
     ``vidu-pipeline status`` and the simulator's own books."""
     from vidu_pipeline.ledger import Ledger
@@ -599,8 +729,13 @@ def check_invariants(data_dir: Path, sim: SimulatorProcess, env: dict[str, str],
     checks: list[Check] = []
 
     def check(name: str, problems: list[str], ok_detail: str) -> None:
-        checks.append(Check(name, not problems, ok_detail if not problems else
-                            f"{len(problems)} problem(s): " + "; ".join(problems[:5])))
+        checks.append(
+            Check(
+                name,
+                not problems,
+                ok_detail if not problems else f"{len(problems)} problem(s): " + "; ".join(problems[:5]),
+            )
+        )
 
     ledger = Ledger(f"sqlite:///{data_dir / 'ledger.sqlite'}")
     try:
@@ -622,12 +757,20 @@ def check_invariants(data_dir: Path, sim: SimulatorProcess, env: dict[str, str],
             problems.append(f"{r.request_id} succeeded without a stored video ({r.last_error})")
         elif r.state == "failed" and r.task_id and r.attempts < retry_budget:
             problems.append(f"{r.request_id} failed after {r.attempts} of {retry_budget} attempts")
-    check("every request terminal", problems,
-          f"{len(rows)} requests: " + ", ".join(f"{k} {v}" for k, v in sorted(by_state.items())))
+    check(
+        "every request terminal",
+        problems,
+        f"{len(rows)} requests: " + ", ".join(f"{k} {v}" for k, v in sorted(by_state.items())),
+    )
 
     # 2. unknown ones are listed by `vidu-pipeline status`
-    status = subprocess.run([sys.executable, "-m", "vidu_pipeline.cli", "status", "--data-dir", str(data_dir),
-                             "--json"], env=env, capture_output=True, text=True, timeout=120)
+    status = subprocess.run(
+        [sys.executable, "-m", "vidu_pipeline.cli", "status", "--data-dir", str(data_dir), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     problems = []
     try:
         listed = {u["request_id"] for u in json.loads(status.stdout)["unknown"]}
@@ -661,9 +804,12 @@ def check_invariants(data_dir: Path, sim: SimulatorProcess, env: dict[str, str],
             got = accepted.get(rows[rid].fingerprint, 0)
             if got != len(atts):
                 problems.append(f"{rid}: {len(atts)} attempt(s) all 'submitted' but {got} accepted")
-    check("no hidden duplicate payment", problems,
-          f"{sum(accepted.values())} tasks accepted for {len(accepted)} fingerprints; accepted ≤ billable "
-          f"attempts everywhere; accepted == attempts for the {exact} requests whose attempts all ended 'submitted'")
+    check(
+        "no hidden duplicate payment",
+        problems,
+        f"{sum(accepted.values())} tasks accepted for {len(accepted)} fingerprints; accepted ≤ billable "
+        f"attempts everywhere; accepted == attempts for the {exact} requests whose attempts all ended 'submitted'",
+    )
 
     # 3b. per request at the service: nothing paid beyond need, nothing finished left behind
     paid_checks, paid_counts = paid_once_checks(rows, attempts, stats["tasks"]["list"], retry_budget=retry_budget)
@@ -698,8 +844,11 @@ def check_invariants(data_dir: Path, sim: SimulatorProcess, env: dict[str, str],
             problems.append(f"{rid}: stored video differs from the simulator's rendering (truncated?)")
             continue
         verified += 1
-    check("one verified video per success", problems,
-          f"{verified} videos decode end to end and equal the service's bytes; {len(files)} files, no strays")
+    check(
+        "one verified video per success",
+        problems,
+        f"{verified} videos decode end to end and equal the service's bytes; {len(files)} files, no strays",
+    )
 
     # 5. the lineage table: one current row per ended request, matching the ledger
     problems = []
@@ -722,14 +871,21 @@ def check_invariants(data_dir: Path, sim: SimulatorProcess, env: dict[str, str],
             problems.append(f"{rid}: lineage history holds {group['video_sha256'].nunique()} different videos")
     if set(current) - set(rows):
         problems.append(f"lineage rows for requests not in the ledger: {sorted(set(current) - set(rows))[:3]}")
-    check("exactly one lineage row per ended request", problems,
-          f"{len(table)} current rows ({len(history)} appended in all), one per request, sha256 = ledger")
+    check(
+        "exactly one lineage row per ended request",
+        problems,
+        f"{len(table)} current rows ({len(history)} appended in all), one per request, sha256 = ledger",
+    )
 
     # 6. truncated downloads were injected and none was recorded
     truncated = stats["downloads"].get("truncated", 0)
-    checks.append(Check("no truncated file recorded as success", not any("truncated" in c.detail for c in checks
-                                                                            if not c.ok),
-                        f"{truncated} truncated download(s) injected; every stored file is complete"))
+    checks.append(
+        Check(
+            "no truncated file recorded as success",
+            not any("truncated" in c.detail for c in checks if not c.ok),
+            f"{truncated} truncated download(s) injected; every stored file is complete",
+        )
+    )
 
     faults = {k: v for k, v in stats["faults"].items()}
     counts = {
@@ -742,8 +898,9 @@ def check_invariants(data_dir: Path, sim: SimulatorProcess, env: dict[str, str],
         "downloads": stats["downloads"],
         "duplicates": duplicates,
         **paid_counts,
-        "lost": sum(1 for r in rows.values() if r.state not in TERMINAL
-                    or (r.state == "succeeded" and not r.video_sha256)),
+        "lost": sum(
+            1 for r in rows.values() if r.state not in TERMINAL or (r.state == "succeeded" and not r.video_sha256)
+        ),
     }
     return Report(checks, counts)
 
@@ -766,12 +923,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=60, help="at least this many requests (default 60)")
     parser.add_argument("--kills", type=int, default=20, help="random kills of generate (default 20)")
-    parser.add_argument("--sigterm-every", type=int, default=3,
-                        help="every Nth random kill is a SIGTERM instead of a SIGKILL (default 3; 0: none)")
-    parser.add_argument("--race-requests", type=int, default=20,
-                        help="requests of each two-poller race round (default 20; 0: no race)")
-    parser.add_argument("--races", type=int, default=2,
-                        help="race rounds, alternating two generates / generate beside a sensor (default 2)")
+    parser.add_argument(
+        "--sigterm-every",
+        type=int,
+        default=3,
+        help="every Nth random kill is a SIGTERM instead of a SIGKILL (default 3; 0: none)",
+    )
+    parser.add_argument(
+        "--race-requests", type=int, default=20, help="requests of each two-poller race round (default 20; 0: no race)"
+    )
+    parser.add_argument(
+        "--races",
+        type=int,
+        default=2,
+        help="race rounds, alternating two generates / generate beside a sensor (default 2)",
+    )
     parser.add_argument("--seed", type=int, default=7, help="seeds the kill times and the faults")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
     args = parser.parse_args(argv)
@@ -785,15 +951,21 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.races if args.race_requests else 0):
         shape = shape_for(args.race_requests)
         race_catalog = work / f"race-catalog-{i}"
-        n += make_catalog(race_catalog, subjects=shape[0], prompts=shape[1], seeds=shape[2],
-                          rng_seed=1000 + 17 * i + args.seed)
+        n += make_catalog(
+            race_catalog, subjects=shape[0], prompts=shape[1], seeds=shape[2], rng_seed=1000 + 17 * i + args.seed
+        )
         race_catalogs.append(race_catalog)
     rng = random.Random(args.seed)
-    print(f"drill in {work}: {n} requests ({subjects} subjects × {prompts} prompts × {seeds} seeds, and "
-          f"{len(race_catalogs)} race round(s) of {args.race_requests}), {args.kills} kills "
-          f"(every {args.sigterm_every or 'no'} Nth a SIGTERM), seed {args.seed}")
-    print("faults: " + " ".join(f"{k} {v}" for k, v in FAULT_FLAGS.items())
-          + " --url-ttl 3 --latency 0.7 --render-scale 0.1 --concurrency 5")
+    print(
+        f"drill in {work}: {n} requests ({subjects} subjects × {prompts} prompts × {seeds} seeds, and "
+        f"{len(race_catalogs)} race round(s) of {args.race_requests}), {args.kills} kills "
+        f"(every {args.sigterm_every or 'no'} Nth a SIGTERM), seed {args.seed}"
+    )
+    print(
+        "faults: "
+        + " ".join(f"{k} {v}" for k, v in FAULT_FLAGS.items())
+        + " --url-ttl 3 --latency 0.7 --render-scale 0.1 --concurrency 5"
+    )
     started = time.monotonic()
     sim = SimulatorProcess(work / "sim", fault_seed=args.seed, faults=FAULT_FLAGS)
     readable_problems: list[str] = []
@@ -809,12 +981,21 @@ def main(argv: list[str] | None = None) -> int:
 
         # Two pollers on one ledger, with 40 % of tasks failing and slow polls.
         for i, race_catalog in enumerate(race_catalogs):
-            result = race_pollers(race_catalog, data_dir, env, sim, work, with_sensor=bool(i % 2),
-                                  sigterm_after=rng.uniform(10.0, 25.0) if i % 2 else None)
+            result = race_pollers(
+                race_catalog,
+                data_dir,
+                env,
+                sim,
+                work,
+                with_sensor=bool(i % 2),
+                sigterm_after=rng.uniform(10.0, 25.0) if i % 2 else None,
+            )
             races.append(result)
             kills["SIGTERM"] += result.sigterms
-            print(f"race {i + 1} ({result.pollers}): {result.stale_answers} stale poll answer(s) ignored; "
-                  f"exits {result.exits}; {check_readable(data_dir)}")
+            print(
+                f"race {i + 1} ({result.pollers}): {result.stale_answers} stale poll answer(s) ignored; "
+                f"exits {result.exits}; {check_readable(data_dir)}"
+            )
 
         tries = landed = 0
         while landed < args.kills and tries < 3 * args.kills:
@@ -830,8 +1011,10 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # reported as a failed invariant
                 state = f"UNREADABLE: {exc}"
                 readable_problems.append(f"after kill {tries + 1}: {exc}")
-            print(f"kill {tries + 1}: {sig.name} after {delay:.1f} s "
-                  f"({'landed' if killed else 'had already finished'}); {state}")
+            print(
+                f"kill {tries + 1}: {sig.name} after {delay:.1f} s "
+                f"({'landed' if killed else 'had already finished'}); {state}"
+            )
         runs = [run for c in [catalog, *race_catalogs] for run in finish(c, data_dir, env)]
         print(f"final run(s): exit {[r.returncode for r in runs]}")
         # Killed runs held pool slots; every restarted generate reaps them. None may remain.
@@ -843,23 +1026,47 @@ def main(argv: list[str] | None = None) -> int:
         accepted_after = sim.stats()["submits"]["accepted"]
         report = check_invariants(data_dir, sim, env, expected_requests=n)
         resubmitted = [rid for rid, a in before.items() if after.get(rid) != a]
-        report.checks.append(Check("a re-run submits nothing for ended requests",
-                                   not resubmitted and accepted_after == accepted_before,
-                                   f"re-run exit {again.returncode}; {len(before)} succeeded/unknown requests "
-                                   f"untouched; tasks accepted {accepted_before} → {accepted_after}"))
-        stale_unknown = [rid for rid in inflight if ledger_states(data_dir).get(rid) not in ("unknown", "succeeded",
-                                                                                            "failed")]
-        report.checks.append(Check("killed mid-submit → unknown, not resubmitted",
-                                   bool(inflight) and not stale_unknown
-                                   and all(len(attempts_by_request(data_dir).get(r, [])) == 1 for r in inflight
-                                           if ledger_states(data_dir).get(r) == "unknown"),
-                                   f"{len(inflight)} in-flight request(s) ended unknown with one attempt each "
-                                   "(recovered by `submitting` → `unknown`)"))
-        report.checks.append(Check("no Dagster pool slot left held by a killed run", not leaks,
-                                   f"{len(leaks)} still held after the final run: {'; '.join(leaks[:3])}"
-                                   if leaks else "none held: restarted runs reaped every killed run's slots"))
-        report.checks.append(Check("ledger and lineage readable after every kill", not readable_problems,
-                                   "; ".join(readable_problems) or f"checked after each of {tries} restarts"))
+        report.checks.append(
+            Check(
+                "a re-run submits nothing for ended requests",
+                not resubmitted and accepted_after == accepted_before,
+                f"re-run exit {again.returncode}; {len(before)} succeeded/unknown requests "
+                f"untouched; tasks accepted {accepted_before} → {accepted_after}",
+            )
+        )
+        stale_unknown = [
+            rid for rid in inflight if ledger_states(data_dir).get(rid) not in ("unknown", "succeeded", "failed")
+        ]
+        report.checks.append(
+            Check(
+                "killed mid-submit → unknown, not resubmitted",
+                bool(inflight)
+                and not stale_unknown
+                and all(
+                    len(attempts_by_request(data_dir).get(r, [])) == 1
+                    for r in inflight
+                    if ledger_states(data_dir).get(r) == "unknown"
+                ),
+                f"{len(inflight)} in-flight request(s) ended unknown with one attempt each "
+                "(recovered by `submitting` → `unknown`)",
+            )
+        )
+        report.checks.append(
+            Check(
+                "no Dagster pool slot left held by a killed run",
+                not leaks,
+                f"{len(leaks)} still held after the final run: {'; '.join(leaks[:3])}"
+                if leaks
+                else "none held: restarted runs reaped every killed run's slots",
+            )
+        )
+        report.checks.append(
+            Check(
+                "ledger and lineage readable after every kill",
+                not readable_problems,
+                "; ".join(readable_problems) or f"checked after each of {tries} restarts",
+            )
+        )
     finally:
         sim.stop()
     report.counts["kills"] = kills  # kills that landed on a running generate (1 SIGKILL mid-submit)

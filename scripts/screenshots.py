@@ -28,9 +28,16 @@ import requests
 from websockets.sync.client import connect
 
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-    "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--hide-scrollbars",
+    "--remote-debugging-address=127.0.0.1",
+    "--remote-debugging-port=0",
 ]
 # Clicks the "[Show Markdown]" of the metadata row labelled ``thumbnail``, to show the frame.
 OPEN_THUMBNAIL = """(() => {
@@ -56,8 +63,11 @@ def location_name(url: str) -> str:
 
 
 def a_video_partition(url: str) -> str:
-    data = graphql(url, """{ assetOrError(assetKey: {path: ["videos"]}) { ... on Asset {
-        assetMaterializations(limit: 1) { partition } } } }""")
+    data = graphql(
+        url,
+        """{ assetOrError(assetKey: {path: ["videos"]}) { ... on Asset {
+        assetMaterializations(limit: 1) { partition } } } }""",
+    )
     found = data["assetOrError"]["assetMaterializations"]
     if not found:
         sys.exit("no videos partition is materialized yet: generate something first")
@@ -88,15 +98,18 @@ class Browser:
         self._profile = tempfile.TemporaryDirectory(prefix="vidu-shot-")
         self._proc = subprocess.Popen(
             [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={self._profile.name}", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         port = self._devtools_port()
-        page = next(t for t in requests.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
-                    if t["type"] == "page")
-        self._ws = connect(page["webSocketDebuggerUrl"], max_size=None)  # noqa: SIM115 (closed in close())
+        page = next(
+            t for t in requests.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json() if t["type"] == "page"
+        )
+        self._ws = connect(page["webSocketDebuggerUrl"], max_size=None)
         self._ids = itertools.count(1)
-        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
-                  deviceScaleFactor=1, mobile=False)
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
 
     def _devtools_port(self) -> int:
         assert self._proc.stderr is not None

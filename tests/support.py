@@ -3,6 +3,7 @@
 import base64
 import io
 
+import numpy as np
 from PIL import Image
 
 
@@ -26,3 +27,20 @@ IMG_B = data_uri(image_bytes(200, 300, "JPEG", (30, 90, 200)), "jpeg")
 
 def body(**overrides) -> dict:
     return {"images": [IMG_A, IMG_B], "prompt": "a red kite over blue hills", **overrides}
+
+
+def encode(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    out = io.BytesIO()
+    im.save(out, fmt, **kw)
+    return out.getvalue()
+
+
+def photo(w: int = 200, h: int = 150, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """A small image with some structure, distinct per seed."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (max(1, h // 8), max(1, w // 8), 3), dtype=np.uint8)
+    return Image.fromarray(base, "RGB").resize((w, h), Image.Resampling.BILINEAR).convert(mode)
+
+
+def png(w=200, h=150, seed=0) -> bytes:
+    return encode(photo(w, h, seed))

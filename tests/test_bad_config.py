@@ -27,8 +27,7 @@ def cli(tmp_path: Path, *args: str, env: dict | None = None, python: bool = Fals
     base = {k: v for k, v in os.environ.items() if not k.startswith(("VIDU_", "DAGSTER_"))}
     base["DAGSTER_HOME"] = str(tmp_path / "dagster_home")
     cmd = [sys.executable, *args] if python else [sys.executable, "-m", "vidu_pipeline.cli", *args]
-    return subprocess.run(cmd, env={**base, **(env or {})},
-                          capture_output=True, text=True, timeout=90, cwd=tmp_path)
+    return subprocess.run(cmd, env={**base, **(env or {})}, capture_output=True, text=True, timeout=90, cwd=tmp_path)
 
 
 def assert_refused(result: subprocess.CompletedProcess, *needles: str, code: int = 2) -> None:
@@ -79,8 +78,17 @@ def test_bad_flags_are_refused_by_name(tmp_path, flags, needles):
 
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_retry_budget_below_one_is_refused_by_name(tmp_path, value):
-    result = cli(tmp_path, "generate", "--catalog", str(SAMPLE), "--data-dir", str(tmp_path / "d"),
-                 "--dry-run", "--retry-budget", value)
+    result = cli(
+        tmp_path,
+        "generate",
+        "--catalog",
+        str(SAMPLE),
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--dry-run",
+        "--retry-budget",
+        value,
+    )
     assert_refused(result, "--retry-budget")
 
 
@@ -129,10 +137,12 @@ CATALOG_CASES = {
     "sweep that is not YAML": ({"sweep": "seeds: [1, 2\n"}, ["sweep.yaml", "not valid YAML"]),
     "sweep with an unknown field": ({"sweep": "seeds: [1]\nseed: 3\n"}, ["sweep.yaml", "unknown field(s) seed"]),
     "images.csv without the image column": (
-        {"images": "subject_id,view\ncat,face\n"}, ["images.csv", "required column(s) image missing"],
+        {"images": "subject_id,view\ncat,face\n"},
+        ["images.csv", "required column(s) image missing"],
     ),
     "prompts.csv without the prompt column": (
-        {"prompts": "subject_id,text\ncat,hello\n"}, ["prompts.csv", "required column(s) prompt missing"],
+        {"prompts": "subject_id,text\ncat,hello\n"},
+        ["prompts.csv", "required column(s) prompt missing"],
     ),
     "empty catalog": (
         {"images": "subject_id,image,view\n", "prompts": "subject_id,prompt\n"},
@@ -178,8 +188,10 @@ def catalog_results(tmp_path_factory):
     proc = cli(work, "-c", BATCH, json.dumps(argvs), python=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {case: (d, subprocess.CompletedProcess([], r["code"], r["out"], r["err"]))
-            for case, d, r in zip(CATALOG_CASES, dirs, results)}
+    return {
+        case: (d, subprocess.CompletedProcess([], r["code"], r["out"], r["err"]))
+        for case, d, r in zip(CATALOG_CASES, dirs, results)
+    }
 
 
 @pytest.mark.parametrize("case", list(CATALOG_CASES))
@@ -198,8 +210,15 @@ def test_empty_catalog_folder(tmp_path):
 
 
 def test_api_base_url_that_is_not_http(tmp_path):
-    result = cli(tmp_path, "generate", "--catalog", str(SAMPLE), "--data-dir", str(tmp_path / "d"),
-                 env={"VIDU_API_KEY": "sk-test", "VIDU_API_BASE_URL": "ftp://example.com"})
+    result = cli(
+        tmp_path,
+        "generate",
+        "--catalog",
+        str(SAMPLE),
+        "--data-dir",
+        str(tmp_path / "d"),
+        env={"VIDU_API_KEY": "sk-test", "VIDU_API_BASE_URL": "ftp://example.com"},
+    )
     assert_refused(result, "VIDU_API_BASE_URL", "http")
 
 

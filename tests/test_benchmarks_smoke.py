@@ -28,11 +28,14 @@ def test_quick_benchmark_prints_every_figure(tmp_path):
     out_json = tmp_path / "figures.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--json", str(out_json)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "FAILED" not in proc.stdout, proc.stdout[-4000:]
-    table = proc.stdout[proc.stdout.rindex("figure"):]  # the final table
+    table = proc.stdout[proc.stdout.rindex("figure") :]  # the final table
     for name in FIGURES:
         assert name in table, f"{name!r} missing from the final table:\n{table}"
     figures = json.loads(out_json.read_text())

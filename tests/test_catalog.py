@@ -9,18 +9,26 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from PIL import Image, ImageOps
-
-from test_images import (  # noqa: F401 - http_images is a fixture
-    OTHER_FORMATS, animated, bad_crc_png, bomb_png, encode, http_images, jpeg, photo, png,
+from test_images import (
+    OTHER_FORMATS,
+    animated,
+    bad_crc_png,
+    bomb_png,
+    encode,
+    jpeg,
+    photo,
+    png,
 )
+
 from vidu_pipeline import catalog as cat
 from vidu_pipeline import images as img
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "catalog"
 
 
-def write_catalog(root: Path, images: list[tuple[str, str, str]], prompts: list[dict],
-                  sweep: str = "seeds: [1, 2]\n") -> None:
+def write_catalog(
+    root: Path, images: list[tuple[str, str, str]], prompts: list[dict], sweep: str = "seeds: [1, 2]\n"
+) -> None:
     root.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(images, columns=["subject_id", "image", "view"]).to_csv(root / "images.csv", index=False)
     pd.DataFrame(prompts).to_csv(root / "prompts.csv", index=False)
@@ -82,9 +90,18 @@ PROMPTS = [
     {"subject_id": "mixed", "prompt": "a good one", "aspect_ratio": "9:16", "bgm": "true"},
     {"subject_id": "allbad", "prompt": "its images are all bad"},
 ]
-PROMPT_RULES = {3: "unknown_subject", 4: "prompt_empty", 5: "prompt_too_long", 6: "bad_option",
-                7: "bad_option", 8: "bad_option", 9: "bad_option", 10: "bad_option",
-                11: "duplicate_row", 12: "no_valid_images"}
+PROMPT_RULES = {
+    3: "unknown_subject",
+    4: "prompt_empty",
+    5: "prompt_too_long",
+    6: "bad_option",
+    7: "bad_option",
+    8: "bad_option",
+    9: "bad_option",
+    10: "bad_option",
+    11: "duplicate_row",
+    12: "no_valid_images",
+}
 PROMPT_FIELDS = {6: "aspect_ratio", 7: "movement_amplitude", 8: "bgm", 9: "duration", 10: "resolution"}
 
 
@@ -168,8 +185,7 @@ def test_valid_rows_beside_bad_ones_go_through(corpus):
     _, rows, _, validated, prompts, _ = corpus
     accepted = validated.accepted
     mixed = accepted[accepted.subject_id == "mixed"]
-    assert sorted(mixed["row"]) == [i + 1 for i, (s, _, rule) in enumerate(IMAGE_ROWS)
-                                    if s == "mixed" and rule is None]
+    assert sorted(mixed["row"]) == [i + 1 for i, (s, _, rule) in enumerate(IMAGE_ROWS) if s == "mixed" and rule is None]
     assert list(prompts["prompt"]) == ["a good one", "another good one"]
     first = prompts.iloc[0]
     assert (first.aspect_ratio, first.bgm, first.duration, first.movement_amplitude) == ("9:16", True, 5, "auto")
@@ -238,7 +254,9 @@ def test_outside_paths_allowed_when_asked(corpus):
     assert (loaded.images["image"] == "../outside.png").any()
     # the absolute path and the symlink name the same file: duplicates of the first row
     assert {r.item.split(":")[0] for r in loaded.rejections if r.rule == "duplicate_row"} >= {
-        "images.csv row 28", "images.csv row 29"}
+        "images.csv row 28",
+        "images.csv row 29",
+    }
 
 
 def test_unknown_columns_are_reported_and_ignored(tmp_path):
@@ -255,34 +273,41 @@ GOOD_IMAGES = [("a", "x.png", "")]
 GOOD_PROMPTS = [{"subject_id": "a", "prompt": "p"}]
 
 
-@pytest.mark.parametrize("sweep,words", [
-    ("", "must be a mapping"),
-    ("seeds: [1, 2\n", "not valid YAML"),
-    ("seeds: []\n", "non-empty list"),
-    ("seeds: [1, two]\n", "seeds[1] must be an integer, got 'two'"),
-    ("seeds: [true]\n", "seeds[0] must be an integer, got True"),
-    ("seeds: [1]\nseed_start: 1\nseed_count: 2\n", "not both"),
-    ("seed_start: 1\n", "seed_count"),
-    ("seed_start: 1\nseed_count: 0\n", "seed_count: 0 seeds, it must be between 1 and 10000"),
-    # the seed policy (contract.SEED_MIN..SEED_MAX, MAX_SWEEP_SEEDS): issue 10, case 11
-    ("seeds: [1, 2, 3, 9223372036854775808]\n",
-     "sweep.yaml: seeds[3]: seed 9223372036854775808 is outside 0..2147483647"),
-    ("seeds: [2147483648]\n", "seeds[0]: seed 2147483648 is outside 0..2147483647"),
-    ("seeds: [5, -1]\n", "seeds[1]: seed -1 is outside 0..2147483647"),
-    ("seeds: [1.5]\n", "seeds[0] must be an integer, got 1.5"),
-    ("seed_start: -3\nseed_count: 5\n", "seed_start: seed -3 is outside 0..2147483647"),
-    ("seed_start: 2147483647\nseed_count: 2\n",
-     "seed_start + seed_count - 1: seed 2147483648 is outside 0..2147483647"),
-    ("seed_start: 9223372036854775807\nseed_count: 1\n", "seed_start: seed 9223372036854775807 is outside"),
-    ("seed_start: 1\nseed_count: 200000\n", "seed_count: 200000 seeds, it must be between 1 and 10000"),
-    ("seeds: [%s]\n" % ", ".join(map(str, range(10_001))), "sweep.yaml: seeds: 10001 seeds, at most 10000"),
-    ("seeds: [1]\nseed: 3\n", "unknown field(s) seed"),
-    ("seeds: [1]\ndefaults:\n  aspect_ratio: '4:3'\n", "defaults.aspect_ratio"),
-    ("seeds: [1]\ndefaults:\n  aspect: 9:16\n", "defaults.aspect is not an option"),
-    ("seeds: [1]\ndefaults:\n  bgm: sometimes\n", "defaults.bgm"),
-    ("seeds: [1]\ndefaults: [1]\n", "defaults must be a mapping"),
-    ("seeds: [1]\nmax_images_per_subject: 9\n", "max_images_per_subject"),
-])
+@pytest.mark.parametrize(
+    "sweep,words",
+    [
+        ("", "must be a mapping"),
+        ("seeds: [1, 2\n", "not valid YAML"),
+        ("seeds: []\n", "non-empty list"),
+        ("seeds: [1, two]\n", "seeds[1] must be an integer, got 'two'"),
+        ("seeds: [true]\n", "seeds[0] must be an integer, got True"),
+        ("seeds: [1]\nseed_start: 1\nseed_count: 2\n", "not both"),
+        ("seed_start: 1\n", "seed_count"),
+        ("seed_start: 1\nseed_count: 0\n", "seed_count: 0 seeds, it must be between 1 and 10000"),
+        # the seed policy (contract.SEED_MIN..SEED_MAX, MAX_SWEEP_SEEDS): issue 10, case 11
+        (
+            "seeds: [1, 2, 3, 9223372036854775808]\n",
+            "sweep.yaml: seeds[3]: seed 9223372036854775808 is outside 0..2147483647",
+        ),
+        ("seeds: [2147483648]\n", "seeds[0]: seed 2147483648 is outside 0..2147483647"),
+        ("seeds: [5, -1]\n", "seeds[1]: seed -1 is outside 0..2147483647"),
+        ("seeds: [1.5]\n", "seeds[0] must be an integer, got 1.5"),
+        ("seed_start: -3\nseed_count: 5\n", "seed_start: seed -3 is outside 0..2147483647"),
+        (
+            "seed_start: 2147483647\nseed_count: 2\n",
+            "seed_start + seed_count - 1: seed 2147483648 is outside 0..2147483647",
+        ),
+        ("seed_start: 9223372036854775807\nseed_count: 1\n", "seed_start: seed 9223372036854775807 is outside"),
+        ("seed_start: 1\nseed_count: 200000\n", "seed_count: 200000 seeds, it must be between 1 and 10000"),
+        ("seeds: [%s]\n" % ", ".join(map(str, range(10_001))), "sweep.yaml: seeds: 10001 seeds, at most 10000"),
+        ("seeds: [1]\nseed: 3\n", "unknown field(s) seed"),
+        ("seeds: [1]\ndefaults:\n  aspect_ratio: '4:3'\n", "defaults.aspect_ratio"),
+        ("seeds: [1]\ndefaults:\n  aspect: 9:16\n", "defaults.aspect is not an option"),
+        ("seeds: [1]\ndefaults:\n  bgm: sometimes\n", "defaults.bgm"),
+        ("seeds: [1]\ndefaults: [1]\n", "defaults must be a mapping"),
+        ("seeds: [1]\nmax_images_per_subject: 9\n", "max_images_per_subject"),
+    ],
+)
 def test_bad_sweep_files_are_catalog_errors(tmp_path, sweep, words):
     write_catalog(tmp_path, GOOD_IMAGES, GOOD_PROMPTS, sweep)
     with pytest.raises(cat.CatalogError) as err:
@@ -291,24 +316,35 @@ def test_bad_sweep_files_are_catalog_errors(tmp_path, sweep, words):
 
 
 def test_sweep_range_and_unquoted_aspect_ratio(tmp_path):
-    write_catalog(tmp_path, GOOD_IMAGES, GOOD_PROMPTS,
-                  "seed_start: 10\nseed_count: 3\ndefaults:\n  aspect_ratio: 9:16\n  bgm: yes\n"
-                  "max_images_per_subject: 3\n")
+    write_catalog(
+        tmp_path,
+        GOOD_IMAGES,
+        GOOD_PROMPTS,
+        "seed_start: 10\nseed_count: 3\ndefaults:\n  aspect_ratio: 9:16\n  bgm: yes\nmax_images_per_subject: 3\n",
+    )
     sweep = cat.load_catalog(tmp_path).sweep
     assert sweep.seeds == (10, 11, 12) and sweep.max_images_per_subject == 3
-    assert sweep.defaults == {"duration": 5, "aspect_ratio": "9:16", "resolution": "1080p",
-                              "movement_amplitude": "auto", "bgm": True}
+    assert sweep.defaults == {
+        "duration": 5,
+        "aspect_ratio": "9:16",
+        "resolution": "1080p",
+        "movement_amplitude": "auto",
+        "bgm": True,
+    }
 
 
-@pytest.mark.parametrize("breakage,words", [
-    (lambda r: shutil.rmtree(r), "catalog folder does not exist"),
-    (lambda r: (r / "images.csv").unlink(), "neither images.csv nor images.parquet"),
-    (lambda r: (r / "prompts.csv").unlink(), "neither prompts.csv nor prompts.parquet"),
-    (lambda r: (r / "sweep.yaml").unlink(), "sweep.yaml: missing"),
-    (lambda r: (r / "images.csv").write_text("subject_id,picture\na,x.png\n"), "required column(s) image"),
-    (lambda r: (r / "prompts.csv").write_text(""), "prompts.csv: cannot be parsed"),
-    (lambda r: (r / "images.parquet").write_bytes(b"PAR1 not really"), "both images.csv and images.parquet"),
-])
+@pytest.mark.parametrize(
+    "breakage,words",
+    [
+        (lambda r: shutil.rmtree(r), "catalog folder does not exist"),
+        (lambda r: (r / "images.csv").unlink(), "neither images.csv nor images.parquet"),
+        (lambda r: (r / "prompts.csv").unlink(), "neither prompts.csv nor prompts.parquet"),
+        (lambda r: (r / "sweep.yaml").unlink(), "sweep.yaml: missing"),
+        (lambda r: (r / "images.csv").write_text("subject_id,picture\na,x.png\n"), "required column(s) image"),
+        (lambda r: (r / "prompts.csv").write_text(""), "prompts.csv: cannot be parsed"),
+        (lambda r: (r / "images.parquet").write_bytes(b"PAR1 not really"), "both images.csv and images.parquet"),
+    ],
+)
 def test_whole_catalog_problems_are_catalog_errors(tmp_path, breakage, words):
     root = tmp_path / "c"
     write_catalog(root, GOOD_IMAGES, GOOD_PROMPTS)
@@ -454,8 +490,7 @@ def test_seed_range_ends_are_accepted(tmp_path):
 @pytest.mark.timeout(60)
 def test_a_200000_seed_sweep_is_refused_at_once(tmp_path):
     # Before: no cap, and a quadratic duplicate check (`seeds.count` per seed) ran for hours.
-    write_catalog(tmp_path, GOOD_IMAGES, GOOD_PROMPTS,
-                  "seeds: [%s]\n" % ", ".join(map(str, range(200_000))))
+    write_catalog(tmp_path, GOOD_IMAGES, GOOD_PROMPTS, "seeds: [%s]\n" % ", ".join(map(str, range(200_000))))
     size = (tmp_path / "sweep.yaml").stat().st_size
     with pytest.raises(cat.CatalogError) as err:
         cat.load_catalog(tmp_path)
@@ -476,9 +511,11 @@ def test_many_duplicate_seeds_are_reported_once_each(tmp_path):
 def test_a_fifo_named_png_is_rejected_and_the_run_goes_on(tmp_path):
     # Before: open() on the FIFO waited for a writer forever and the run hung.
     root = tmp_path / "c"
-    write_catalog(root, [("a", "x.png", ""), ("a", "good.png", ""), ("b", "link.png", ""),
-                         ("b", "other.jpg", "")],
-                  [{"subject_id": "a", "prompt": "p"}, {"subject_id": "b", "prompt": "q"}])
+    write_catalog(
+        root,
+        [("a", "x.png", ""), ("a", "good.png", ""), ("b", "link.png", ""), ("b", "other.jpg", "")],
+        [{"subject_id": "a", "prompt": "p"}, {"subject_id": "b", "prompt": "q"}],
+    )
     os.mkfifo(root / "x.png")
     os.symlink("x.png", root / "link.png")
     (root / "good.png").write_bytes(png())
@@ -486,10 +523,18 @@ def test_a_fifo_named_png_is_rejected_and_the_run_goes_on(tmp_path):
     validated = cat.validate_images(cat.load_catalog(root), img.ImageCache(tmp_path / "cache"))
     assert sorted(validated.accepted["image"]) == ["good.png", "other.jpg"]
     assert [(r.subject_id, r.item, r.rule, r.detail) for r in validated.rejections] == [
-        ("a", "images.csv row 1: x.png", "unreadable",
-         "images.csv row 1: x.png: it is a FIFO (named pipe), not a regular file"),
-        ("b", "images.csv row 3: link.png", "unreadable",
-         "images.csv row 3: link.png: it is a FIFO (named pipe), not a regular file"),
+        (
+            "a",
+            "images.csv row 1: x.png",
+            "unreadable",
+            "images.csv row 1: x.png: it is a FIFO (named pipe), not a regular file",
+        ),
+        (
+            "b",
+            "images.csv row 3: link.png",
+            "unreadable",
+            "images.csv row 3: link.png: it is a FIFO (named pipe), not a regular file",
+        ),
     ]
 
 
@@ -534,19 +579,37 @@ def test_bom_in_every_file_is_accepted(tmp_path):
 def test_nul_characters_and_overlong_cells_are_row_rejections(tmp_path):
     # Before: a NUL in an image path made os.path.realpath raise ValueError: the whole load crashed.
     long_subject = "s" * 201
-    write_catalog(tmp_path, [("a", "x.png", ""), ("a", "bad\x00name.png", ""), ("b\x00", "x.png", ""),
-                             (long_subject, "x.png", ""), ("a", "y" * 5000 + ".png", "")],
-                  [{"subject_id": "a", "prompt": "p"}, {"subject_id": "a", "prompt": "nul\x00here"},
-                   {"subject_id": "a", "prompt": "z" * 10_000_000}])
+    write_catalog(
+        tmp_path,
+        [
+            ("a", "x.png", ""),
+            ("a", "bad\x00name.png", ""),
+            ("b\x00", "x.png", ""),
+            (long_subject, "x.png", ""),
+            ("a", "y" * 5000 + ".png", ""),
+        ],
+        [
+            {"subject_id": "a", "prompt": "p"},
+            {"subject_id": "a", "prompt": "nul\x00here"},
+            {"subject_id": "a", "prompt": "z" * 10_000_000},
+        ],
+    )
     (tmp_path / "x.png").write_bytes(png())
     loaded = cat.load_catalog(tmp_path)
     assert list(loaded.images["row"]) == [1] and list(loaded.prompts["prompt"]) == ["p"]
     long_item = "images.csv row 5: " + "y" * 200 + "…"  # cells in messages stop at 200 characters
     found = sorted((r.item, r.rule, r.detail) for r in loaded.rejections)
     assert found == [
-        ("images.csv row 2: bad\\x00name.png", "control_character",
-         "images.csv row 2: bad\\x00name.png: image contains a NUL character"),
-        ("images.csv row 3: x.png", "control_character", "images.csv row 3: x.png: subject_id contains a NUL character"),
+        (
+            "images.csv row 2: bad\\x00name.png",
+            "control_character",
+            "images.csv row 2: bad\\x00name.png: image contains a NUL character",
+        ),
+        (
+            "images.csv row 3: x.png",
+            "control_character",
+            "images.csv row 3: x.png: subject_id contains a NUL character",
+        ),
         ("images.csv row 4: x.png", "too_long", "images.csv row 4: x.png: subject_id is 201 characters, at most 200"),
         (long_item, "too_long", long_item + ": image is 5,004 characters, at most 4,096"),
         ("prompts.csv row 2", "control_character", "prompts.csv row 2: prompt contains a NUL character"),
@@ -569,13 +632,19 @@ def test_rejections_csv_escapes_formulas_through_dagster(tmp_path):
     from vidu_pipeline.defs.resources import PipelineResource, ViduResource
 
     root = tmp_path / "catalog"
-    write_catalog(root, [(FORMULA, FORMULA, ""), ("a", "good.png", ""), ("@SUM(1+1)", "+1.png", "")],
-                  [{"subject_id": "a", "prompt": FORMULA}, {"subject_id": "-2+3", "prompt": "p"}])
+    write_catalog(
+        root,
+        [(FORMULA, FORMULA, ""), ("a", "good.png", ""), ("@SUM(1+1)", "+1.png", "")],
+        [{"subject_id": "a", "prompt": FORMULA}, {"subject_id": "-2+3", "prompt": "p"}],
+    )
     (root / "good.png").write_bytes(png())
     pipeline = PipelineResource(data_dir=str(tmp_path / "data"), catalog_dir=str(root))
     unused = ViduResource(api_key="test-key", base_url="http://127.0.0.1:9")  # nothing is sent
-    result = materialize([*ALL_ASSETS, *ALL_CHECKS], resources={"pipeline": pipeline, "vidu": unused},
-                         selection=[AssetKey(k) for k in ("catalog", "reference_images", "rejections")])
+    result = materialize(
+        [*ALL_ASSETS, *ALL_CHECKS],
+        resources={"pipeline": pipeline, "vidu": unused},
+        selection=[AssetKey(k) for k in ("catalog", "reference_images", "rejections")],
+    )
     assert result.success
     frame = result.output_for_node("rejections")
     assert FORMULA in set(frame["subject_id"])  # the asset's own output keeps the text
@@ -591,4 +660,14 @@ def test_rejections_csv_escapes_formulas_through_dagster(tmp_path):
 
 def test_spreadsheet_safe_follows_the_owasp_rule():
     assert [cat.spreadsheet_safe(v) for v in ("=1", "+1", "-1", "@x", "\tx", "\rx", "a=1", "", None, 5)] == [
-        "'=1", "'+1", "'-1", "'@x", "'\tx", "'\rx", "a=1", "", None, 5]
+        "'=1",
+        "'+1",
+        "'-1",
+        "'@x",
+        "'\tx",
+        "'\rx",
+        "a=1",
+        "",
+        None,
+        5,
+    ]

@@ -41,9 +41,23 @@ class SimProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "VIDU_SIMULATOR_API_KEY": KEY}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vidu_pipeline.simulator", "--port", str(self.port), "--latency", str(latency),
-             "--render-scale", SCALE, "--state-dir", str(state_dir), *extra],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "vidu_pipeline.simulator",
+                "--port",
+                str(self.port),
+                "--latency",
+                str(latency),
+                "--render-scale",
+                SCALE,
+                "--state-dir",
+                str(state_dir),
+                *extra,
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -55,8 +69,9 @@ class SimProcess:
         raise RuntimeError("simulator did not start")
 
     def stats(self) -> dict:
-        return requests.get(self.base_url + "/_simulator/stats", headers={"Authorization": f"Bearer {KEY}"},
-                            timeout=5).json()
+        return requests.get(
+            self.base_url + "/_simulator/stats", headers={"Authorization": f"Bearer {KEY}"}, timeout=5
+        ).json()
 
     def stop(self):
         self.proc.terminate()
@@ -87,7 +102,11 @@ def cli_env(work: Path, sim: SimProcess | None) -> dict:
 def cli(work: Path, sim, *args, env=None, timeout=180) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "vidu_pipeline.cli", *args],
-        cwd=work, env=env or cli_env(work, sim), capture_output=True, text=True, timeout=timeout,
+        cwd=work,
+        env=env or cli_env(work, sim),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -144,10 +163,16 @@ def test_daily_cap_holds_across_two_concurrent_processes(work, sim):
     for i in range(2):
         env = cli_env(work, sim)
         env["DAGSTER_HOME"] = str(work / f"dagster_home_{i}")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "vidu_pipeline.cli", *generate_args(work, "--max-tasks-per-day", "4")],
-            cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "vidu_pipeline.cli", *generate_args(work, "--max-tasks-per-day", "4")],
+                cwd=work,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=180) for p in procs]
     assert all(p.returncode in (0, 3) for p in procs), outs
     assert sim.stats()["submits"]["accepted"] == 4
@@ -169,8 +194,14 @@ def test_interrupted_generate_resumes_without_paying_twice(work, tmp_path, sig):
     sim = SimProcess(tmp_path / "slow-sim", latency=3.0)
     try:
         env = cli_env(work, sim)
-        proc = subprocess.Popen([sys.executable, "-m", "vidu_pipeline.cli", *generate_args(work)],
-                                cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vidu_pipeline.cli", *generate_args(work)],
+            cwd=work,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         # Killed once every task id is in the ledger (a SIGKILL between the service accepting a
         # submit and the ledger recording it leaves it unknown, by design: not this test's case).
         deadline = time.monotonic() + 60

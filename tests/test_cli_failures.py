@@ -51,8 +51,15 @@ class FakeVidu:
     """A loopback Vidu answering ``submit_status``/``poll_status`` (401 …) or, with 200, a task
     id (``task_id`` or a fresh uuid) and a task that has SUCCEEDED with ``video`` as its clip."""
 
-    def __init__(self, *, submit_status=200, poll_status=200, task_id: str | None = None, video: bytes = b"",
-                 status: str = "TASK_STATUS_SUCCEED"):
+    def __init__(
+        self,
+        *,
+        submit_status=200,
+        poll_status=200,
+        task_id: str | None = None,
+        video: bytes = b"",
+        status: str = "TASK_STATUS_SUCCEED",
+    ):
         self.submit_status, self.poll_status, self.task_id, self.video = submit_status, poll_status, task_id, video
         self.status = status  # what every task reports; a test may change it
         self.accepted = 0
@@ -94,14 +101,27 @@ class FakeVidu:
                     return self.refuse(fake.poll_status)
                 task_id = parse_qs(url.query)["task_id"][0]
                 done = fake.status == "TASK_STATUS_SUCCEED"
-                self.send_json(200, {
-                    "task": {"task_id": task_id, "task_type": contract.TASK_TYPE, "status": fake.status,
-                             "reason": "", "eta": 0 if done else 2, "progress_percent": 100 if done else 50},
-                    "extra": {"seed": "7", "debug_info": {}},
-                    "videos": [{"video_url": f"{fake.base_url}/video.mp4", "video_url_ttl": "3600",
-                                "video_type": "mp4"}] if done else [],
-                    "images": [], "audios": [],
-                })
+                self.send_json(
+                    200,
+                    {
+                        "task": {
+                            "task_id": task_id,
+                            "task_type": contract.TASK_TYPE,
+                            "status": fake.status,
+                            "reason": "",
+                            "eta": 0 if done else 2,
+                            "progress_percent": 100 if done else 50,
+                        },
+                        "extra": {"seed": "7", "debug_info": {}},
+                        "videos": [
+                            {"video_url": f"{fake.base_url}/video.mp4", "video_url_ttl": "3600", "video_type": "mp4"}
+                        ]
+                        if done
+                        else [],
+                        "images": [],
+                        "audios": [],
+                    },
+                )
 
             def refuse(self, status):
                 self.send_json(status, {"code": status, "reason": "UNAUTHORIZED", "message": "invalid api key"})
@@ -131,8 +151,15 @@ def fake_env(work: Path, fake: FakeVidu, key: str = FAKE_KEY) -> dict:
 
 def run(work: Path, env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """The CLI with stdin not a terminal, bounded by ``timeout`` (a hang fails the test)."""
-    return subprocess.run([sys.executable, "-m", "vidu_pipeline.cli", *args], cwd=work, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "vidu_pipeline.cli", *args],
+        cwd=work,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def ledger_of(data: Path) -> Ledger:
@@ -219,8 +246,9 @@ def test_full_disk_in_a_step_is_one_line_and_exit_1(work):
     reports.mkdir(parents=True)
     (reports / "rejections.csv").symlink_to("/dev/full")  # every write: ENOSPC
     result = run(work, cli_env(work, None), *generate_args(work))
-    assert_one_clean_error(result, 1, "disk is full", "step rejections", "No space left on device",
-                           "run the same command again")
+    assert_one_clean_error(
+        result, 1, "disk is full", "step rejections", "No space left on device", "run the same command again"
+    )
     assert len(result.stderr.strip().splitlines()) <= 3, result.stderr
 
 
@@ -342,7 +370,13 @@ def test_an_interrupted_reproduction_is_resumed_not_paid_again(data, tmp_path):
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "vidu_pipeline.cli", "reproduce", rid, "--yes", "--data-dir", str(data)],
-            cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             row = ledger_of(data).get(f"{rid}-r1")
@@ -373,9 +407,15 @@ def test_reproduce_asks_on_a_terminal(data, tmp_path, answer, submitted):
     master, slave = os.openpty()
     try:
         os.write(master, f"{answer}\n".encode())
-        result = subprocess.run([sys.executable, "-m", "vidu_pipeline.cli", "reproduce", rid, "--data-dir", str(data)],
-                                cwd=tmp_path, env=fake_env(tmp_path, fake), stdin=slave, capture_output=True,
-                                text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", "vidu_pipeline.cli", "reproduce", rid, "--data-dir", str(data)],
+            cwd=tmp_path,
+            env=fake_env(tmp_path, fake),
+            stdin=slave,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         os.close(slave)
         os.close(master)
@@ -392,14 +432,21 @@ def test_reproduce_asks_on_a_terminal(data, tmp_path, answer, submitted):
 # --- which run failures stop generate (Dagster's serialized errors, via materialize) ------------
 
 
-@pytest.mark.parametrize("raised,expected,words", [
-    (lambda: errors_mod.AuthError("invalid api key", status=401), "AuthError", "HTTP 401: invalid api key"),
-    (lambda: errors_mod.StorageError("task t-1 kept in recovery.jsonl"), "StorageError", "kept in recovery.jsonl"),
-    (lambda: errors_mod.ConfigurationError("VIDU_API_KEY has a bad character"), "ConfigurationError", "VIDU_API_KEY"),
-    (lambda: OSError(28, "No space left on device"), "StorageError", "step boom: [Errno 28] No space left"),
-    (lambda: sqlite_full(), "StorageError", "step boom could not write the ledger (database or disk is full)"),
-    (lambda: ValueError("an ordinary step failure"), None, None),
-])
+@pytest.mark.parametrize(
+    "raised,expected,words",
+    [
+        (lambda: errors_mod.AuthError("invalid api key", status=401), "AuthError", "HTTP 401: invalid api key"),
+        (lambda: errors_mod.StorageError("task t-1 kept in recovery.jsonl"), "StorageError", "kept in recovery.jsonl"),
+        (
+            lambda: errors_mod.ConfigurationError("VIDU_API_KEY has a bad character"),
+            "ConfigurationError",
+            "VIDU_API_KEY",
+        ),
+        (lambda: OSError(28, "No space left on device"), "StorageError", "step boom: [Errno 28] No space left"),
+        (lambda: sqlite_full(), "StorageError", "step boom could not write the ledger (database or disk is full)"),
+        (lambda: ValueError("an ordinary step failure"), None, None),
+    ],
+)
 def test_run_failures_that_stop_generate(tmp_path, raised, expected, words):
     from dagster import DagsterInstance, asset, materialize
 

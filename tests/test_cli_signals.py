@@ -65,8 +65,13 @@ def test_sigterm_stops_like_ctrl_c_and_nothing_is_lost(work, tmp_path, sigint_ig
     try:
         env = cli_env(work, sim)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vidu_pipeline.cli", *generate_args(work)], cwd=work, env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "vidu_pipeline.cli", *generate_args(work)],
+            cwd=work,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             preexec_fn=ignore_sigint if sigint_ignored else None,
         )
         deadline = time.monotonic() + 90
@@ -87,8 +92,11 @@ def test_sigterm_stops_like_ctrl_c_and_nothing_is_lost(work, tmp_path, sigint_ig
 
         # No helper process of it survives (Dagster's compute-log ``tail -F`` among them).
         time.sleep(1.5)
-        assert not [p for p in helpers if Path(f"/proc/{p}").exists()
-                    and "simulator" not in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+        assert not [
+            p
+            for p in helpers
+            if Path(f"/proc/{p}").exists() and "simulator" not in Path(f"/proc/{p}/cmdline").read_text(errors="replace")
+        ]
         assert not [c for c in processes_mentioning(str(work)) if "tail" in c]
 
         again = cli(work, sim, *generate_args(work), env=env)
@@ -106,8 +114,13 @@ def test_sigterm_during_the_wait_for_tasks(work, tmp_path):  # noqa: F811
     try:
         env = cli_env(work, sim)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vidu_pipeline.cli", *generate_args(work)], cwd=work, env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "vidu_pipeline.cli", *generate_args(work)],
+            cwd=work,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             preexec_fn=ignore_sigint,
         )
         deadline = time.monotonic() + 90

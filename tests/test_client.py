@@ -92,8 +92,9 @@ def make_client():
 
 
 def stats(sim: Simulator) -> dict:
-    r = requests.get(sim.base_url + "/_simulator/stats", headers={"Authorization": f"Bearer {sim.config.api_key}"},
-                     timeout=10)
+    r = requests.get(
+        sim.base_url + "/_simulator/stats", headers={"Authorization": f"Bearer {sim.config.api_key}"}, timeout=10
+    )
     assert r.status_code == 200
     return r.json()
 
@@ -104,8 +105,7 @@ def fault_seed(endpoint: str, key: str, kind: str, pattern: list[bool], p: float
     for seed in range(1, 100_000):
         config = FaultConfig(seed=seed)
         if all(
-            (Roll(config, endpoint, key, first_n + i, None).uniform(kind) < p) == want
-            for i, want in enumerate(pattern)
+            (Roll(config, endpoint, key, first_n + i, None).uniform(kind) < p) == want for i, want in enumerate(pattern)
         ):
             return seed
     raise AssertionError("no seed found")
@@ -115,9 +115,7 @@ def fault_seed(endpoint: str, key: str, kind: str, pattern: list[bool], p: float
 def sleeps(monkeypatch):
     """Record urllib3's retry sleeps (Retry-After and backoff) instead of waiting them out."""
     recorded: list[float] = []
-    monkeypatch.setattr(
-        urllib3.util.retry, "time", types.SimpleNamespace(sleep=recorded.append, time=time.time)
-    )
+    monkeypatch.setattr(urllib3.util.retry, "time", types.SimpleNamespace(sleep=recorded.append, time=time.time))
     return recorded
 
 
@@ -139,8 +137,9 @@ class FakeServer:
                 path, _, query = self.path.partition("?")
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
-                fake.seen.append({"method": self.command, "path": path, "query": query,
-                                  "headers": dict(self.headers), "body": raw})
+                fake.seen.append(
+                    {"method": self.command, "path": path, "query": query, "headers": dict(self.headers), "body": raw}
+                )
                 route = fake.routes.get((self.command, path))
                 if route is None:
                     return fake.json(self, 404, {"code": 404, "reason": "NOT_FOUND", "message": path})
@@ -189,8 +188,15 @@ def fake():
 
 def task_body(task_id: str, status: str = "TASK_STATUS_PROCESSING", videos=None, **task) -> dict:
     return {
-        "task": {"task_id": task_id, "task_type": contract.TASK_TYPE, "status": status, "reason": "",
-                 "eta": 3, "progress_percent": 40, **task},
+        "task": {
+            "task_id": task_id,
+            "task_type": contract.TASK_TYPE,
+            "status": status,
+            "reason": "",
+            "eta": 3,
+            "progress_percent": 40,
+            **task,
+        },
         "extra": {"seed": "158881667"},
         "videos": videos or [],
         "images": [],
@@ -199,8 +205,9 @@ def task_body(task_id: str, status: str = "TASK_STATUS_PROCESSING", videos=None,
 
 
 def succeeded(url: str, task_id: str = "t-1") -> TaskResult:
-    return TaskResult(task_id=task_id, status=TaskStatus.SUCCEED.value,
-                      videos=(Video(url=url, ttl_seconds=3600, type="mp4"),))
+    return TaskResult(
+        task_id=task_id, status=TaskStatus.SUCCEED.value, videos=(Video(url=url, ttl_seconds=3600, type="mp4"),)
+    )
 
 
 def file_sha256(path: Path) -> str:
@@ -233,28 +240,44 @@ BROKEN = {
     "no images": (body(images=[]), "images: 0 items, between 1 and 7 needed"),
     "eight images": (body(images=[IMG_A] * 8), "images: 8 items, between 1 and 7 needed"),
     "non-string image": (body(images=[IMG_A, 42]), "images[1]: must be a string, got int"),
-    "ftp URL": (body(images=["ftp://example.com/a.png"]),
-                "images[0]: must be an http(s):// URL or a data:image/<type>;base64, URI"),
+    "ftp URL": (
+        body(images=["ftp://example.com/a.png"]),
+        "images[0]: must be an http(s):// URL or a data:image/<type>;base64, URI",
+    ),
     "URL without host": (body(images=["https://"]), "images[0]: URL has no host"),
-    "data URI without content type": (body(images=["data:;base64,AAAA"]),
-                                      "images[0]: data URI must start with data:image/<png|jpeg|jpg|webp>;base64,"),
+    "data URI without content type": (
+        body(images=["data:;base64,AAAA"]),
+        "images[0]: data URI must start with data:image/<png|jpeg|jpg|webp>;base64,",
+    ),
     "data URI without base64": (body(images=["data:image/png,AAAA"]), "images[0]: data URI must start with"),
-    "gif content type": (body(images=[data_uri(GIF, "gif")]),
-                         "images[0]: content type image/gif is not one of png, jpeg, jpg, webp"),
+    "gif content type": (
+        body(images=[data_uri(GIF, "gif")]),
+        "images[0]: content type image/gif is not one of png, jpeg, jpg, webp",
+    ),
     "bad base64": (body(images=["data:image/png;base64,@@@@"]), "images[0]: invalid base64 payload"),
-    "decoded payload of 10 MB": (body(images=[TOO_BIG]),
-                                 "images[0]: decoded base64 payload is 10,000,000 bytes, must be under 10,000,000"),
-    "96x96 as the fourth image": (body(images=[IMG_A, IMG_B, IMG_A, SMALL]),
-                                  "images[3]: 96×96 px, at least 128×128 needed"),
+    "decoded payload of 10 MB": (
+        body(images=[TOO_BIG]),
+        "images[0]: decoded base64 payload is 10,000,000 bytes, must be under 10,000,000",
+    ),
+    "96x96 as the fourth image": (
+        body(images=[IMG_A, IMG_B, IMG_A, SMALL]),
+        "images[3]: 96×96 px, at least 128×128 needed",
+    ),
     "127 px wide": (body(images=[data_uri(image_bytes(127, 300))]), "images[0]: 127×300 px, at least 128×128 needed"),
-    "600x100 too wide": (body(images=[data_uri(image_bytes(600, 100))]),
-                         "images[0]: aspect ratio 600:100 (6.000) is outside 1:4 … 4:1"),
-    "130x600 too tall": (body(images=[data_uri(image_bytes(130, 600))]),
-                         "images[0]: aspect ratio 130:600 (0.217) is outside 1:4 … 4:1"),
+    "600x100 too wide": (
+        body(images=[data_uri(image_bytes(600, 100))]),
+        "images[0]: aspect ratio 600:100 (6.000) is outside 1:4 … 4:1",
+    ),
+    "130x600 too tall": (
+        body(images=[data_uri(image_bytes(130, 600))]),
+        "images[0]: aspect ratio 130:600 (0.217) is outside 1:4 … 4:1",
+    ),
     "513x128 just past 4:1": (body(images=[data_uri(image_bytes(513, 128))]), "images[0]: aspect ratio 513:128"),
     "gif declared as png": (body(images=[data_uri(GIF, "png")]), "images[0]: not a PNG, JPEG or WebP image"),
-    "jpeg declared as png": (body(images=[data_uri(image_bytes(200, 200, "JPEG"), "png")]),
-                             "images[0]: declared image/png but the bytes are JPEG"),
+    "jpeg declared as png": (
+        body(images=[data_uri(image_bytes(200, 200, "JPEG"), "png")]),
+        "images[0]: declared image/png but the bytes are JPEG",
+    ),
     "truncated png": (body(images=[data_uri(CORRUPT_PNG)]), "images[0]: truncated or corrupt image data"),
     "prompt missing": ({"images": [IMG_A]}, "prompt: required"),
     "prompt not a string": (body(prompt=7), "prompt: must be a string, got int"),
@@ -345,8 +368,9 @@ def test_same_bodies_sent_raw_get_the_simulators_400(shared_sim, make_client, ca
     payload, expected = BROKEN[case]
     with pytest.raises(errors.InvalidRequest) as client_side:
         make_client(shared_sim.base_url).validate(payload)
-    r = requests.post(shared_sim.base_url + contract.SUBMIT_PATH, json=payload,
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    r = requests.post(
+        shared_sim.base_url + contract.SUBMIT_PATH, json=payload, headers={"Authorization": f"Bearer {KEY}"}, timeout=30
+    )
     assert r.status_code == 400
     err = r.json()
     assert err["reason"] == "INVALID_REQUEST_BODY" and expected in err["message"]
@@ -355,9 +379,16 @@ def test_same_bodies_sent_raw_get_the_simulators_400(shared_sim, make_client, ca
 
 def test_a_server_400_becomes_invalid_request_with_its_problems(fake, make_client):
     problems = ["images[0]: 96×96 px, at least 128×128 needed", "prompt: required"]
-    fake.routes["POST", contract.SUBMIT_PATH] = lambda h: fake.json(h, 400, {
-        "code": 400, "reason": "INVALID_REQUEST_BODY", "message": "; ".join(problems),
-        "metadata": {"problems": problems}})
+    fake.routes["POST", contract.SUBMIT_PATH] = lambda h: fake.json(
+        h,
+        400,
+        {
+            "code": 400,
+            "reason": "INVALID_REQUEST_BODY",
+            "message": "; ".join(problems),
+            "metadata": {"problems": problems},
+        },
+    )
     with pytest.raises(errors.InvalidRequest) as exc:
         make_client(fake.url).submit(body())
     assert exc.value.problems == problems and exc.value.status == 400
@@ -476,7 +507,7 @@ def test_file_appears_only_when_complete(fake, make_client, tmp_path):
         h.wfile.flush()
         half_sent.set()
         release.wait(20)
-        h.wfile.write(payload[len(payload) // 2:])
+        h.wfile.write(payload[len(payload) // 2 :])
 
     fake.routes["GET", "/v.mp4"] = slow
     client = make_client(fake.url)
@@ -544,13 +575,16 @@ def test_non_json_poll_is_malformed(fake, make_client):
         make_client(fake.url).get_task_result("t-1")
 
 
-@pytest.mark.parametrize("broken", [
-    {"task": {"task_id": "t-1"}},  # no status
-    {"task": {"task_id": "t-1", "status": 3}},
-    {"videos": []},  # no task at all
-    ["not", "an", "object"],
-    {"task": {"task_id": "t-1", "status": "TASK_STATUS_SUCCEED"}, "videos": [{"video_type": "mp4"}]},
-])
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"task": {"task_id": "t-1"}},  # no status
+        {"task": {"task_id": "t-1", "status": 3}},
+        {"videos": []},  # no task at all
+        ["not", "an", "object"],
+        {"task": {"task_id": "t-1", "status": "TASK_STATUS_SUCCEED"}, "videos": [{"video_type": "mp4"}]},
+    ],
+)
 def test_wrong_shapes_are_malformed(fake, make_client, broken):
     poll_route(fake, lambda h: fake.json(h, 200, broken))
     with pytest.raises(errors.MalformedResponse):
@@ -632,8 +666,9 @@ def test_redirect_loop_on_download(fake, make_client, tmp_path):
     assert not (tmp_path / "v.mp4").exists() and leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("target", ["ftp://files.example.invalid/v.mp4?sig=TOPSECRETSIG",
-                                    "file:///etc/passwd?sig=TOPSECRETSIG"])
+@pytest.mark.parametrize(
+    "target", ["ftp://files.example.invalid/v.mp4?sig=TOPSECRETSIG", "file:///etc/passwd?sig=TOPSECRETSIG"]
+)
 def test_redirect_to_a_non_http_scheme(fake, make_client, tmp_path, target):
     fake.routes["GET", "/v.mp4"] = lambda h: fake.send(h, 302, b"", headers={"Location": target})
     with pytest.raises(errors.DownloadError) as exc:
@@ -655,7 +690,8 @@ def test_submit_answered_200_without_task_id_is_outcome_unknown(fake, make_clien
 def test_submit_503_with_retry_after_is_not_resent(fake, make_client, sleeps):
     """urllib3 retries any 503 with Retry-After unless told otherwise: a duplicate paid task."""
     fake.routes["POST", contract.SUBMIT_PATH] = lambda h: fake.json(
-        h, 503, {"code": 503, "reason": "SERVER_ERROR", "message": "busy"}, headers={"Retry-After": "1"})
+        h, 503, {"code": 503, "reason": "SERVER_ERROR", "message": "busy"}, headers={"Retry-After": "1"}
+    )
     with pytest.raises(errors.SubmitOutcomeUnknown):
         make_client(fake.url).submit(body())
     assert fake.count("POST", contract.SUBMIT_PATH) == 1
@@ -905,19 +941,31 @@ def test_no_secret_in_messages_reprs_or_logs(make_sim, make_client, fake, tmp_pa
         def answer(h):
             text = f"{h.headers.get('Authorization')} sent {IMG_A[:200]}"
             if content_type == "application/json":
-                fake.json(h, status, {"code": status, "reason": f"BAD {SECRET}", "message": text,
-                                      "metadata": {"problems": [text]} if status == 400 else {}})
+                fake.json(
+                    h,
+                    status,
+                    {
+                        "code": status,
+                        "reason": f"BAD {SECRET}",
+                        "message": text,
+                        "metadata": {"problems": [text]} if status == 400 else {},
+                    },
+                )
             else:
                 fake.send(h, status, text.encode(), content_type)
+
         return answer
 
     echoing = make_client(fake.url, key=SECRET)
     for status, kind in ((400, errors.InvalidRequest), (401, errors.AuthError), (500, errors.SubmitOutcomeUnknown)):
         fake.routes["POST", contract.SUBMIT_PATH] = echo(status)
         expect(kind, lambda: echoing.submit(body()))
-    for status, kind, ctype in ((401, errors.AuthError, "text/plain"), (503, errors.TransientError, "text/html"),
-                                (200, errors.MalformedResponse, "text/plain"),
-                                (404, errors.TaskNotFound, "application/json")):
+    for status, kind, ctype in (
+        (401, errors.AuthError, "text/plain"),
+        (503, errors.TransientError, "text/html"),
+        (200, errors.MalformedResponse, "text/plain"),
+        (404, errors.TaskNotFound, "application/json"),
+    ):
         fake.routes["GET", contract.TASK_RESULT_PATH] = echo(status, ctype)
         expect(kind, lambda: echoing.get_task_result("t"))
 
@@ -963,22 +1011,44 @@ def test_only_a_4xx_proves_no_task_was_created():
         assert (kind is errors.SubmitOutcomeUnknown) == (status != 200 and not 400 <= status < 500), status
 
 
-@pytest.mark.parametrize("status, kind", [
-    (200, None), (202, errors.TransientError), (301, errors.TransientError), (400, errors.InvalidRequest),
-    (401, errors.AuthError), (403, errors.AuthError), (404, errors.TaskNotFound), (418, errors.ViduError),
-    (429, errors.RateLimited), (500, errors.TransientError), (503, errors.TransientError),
-])
+@pytest.mark.parametrize(
+    "status, kind",
+    [
+        (200, None),
+        (202, errors.TransientError),
+        (301, errors.TransientError),
+        (400, errors.InvalidRequest),
+        (401, errors.AuthError),
+        (403, errors.AuthError),
+        (404, errors.TaskNotFound),
+        (418, errors.ViduError),
+        (429, errors.RateLimited),
+        (500, errors.TransientError),
+        (503, errors.TransientError),
+    ],
+)
 def test_poll_status_classification(status, kind):
     from vidu_pipeline.answers import poll_error_kind
 
     assert poll_error_kind(status) is kind
 
 
-@pytest.mark.parametrize("body, task_id", [
-    ({"task_id": "t-1"}, "t-1"), ({"task_id": "a" * 256}, "a" * 256), ({"task_id": ""}, None),
-    ({"task_id": "a" * 257}, None), ({"task_id": 42}, None), ({"task_id": None}, None), ({"id": "x"}, None),
-    ({"task_id": "has space"}, None), ({"task_id": "t\u20131"}, None), (["t-1"], None), ("t-1", None),
-])
+@pytest.mark.parametrize(
+    "body, task_id",
+    [
+        ({"task_id": "t-1"}, "t-1"),
+        ({"task_id": "a" * 256}, "a" * 256),
+        ({"task_id": ""}, None),
+        ({"task_id": "a" * 257}, None),
+        ({"task_id": 42}, None),
+        ({"task_id": None}, None),
+        ({"id": "x"}, None),
+        ({"task_id": "has space"}, None),
+        ({"task_id": "t\u20131"}, None),
+        (["t-1"], None),
+        ("t-1", None),
+    ],
+)
 def test_usable_task_id(body, task_id):
     from vidu_pipeline.answers import task_id_in
 
@@ -994,19 +1064,31 @@ def hostile():
 
 def echo_words(status: int):
     """An error answer whose words echo the request's Authorization header back."""
+
     def script(h):
         auth = h.headers.get("Authorization", "")
         reply(status, {"code": status, "reason": "NOPE", "message": f"refused {auth} ({urllib.parse.quote(auth)})"})(h)
+
     return script
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("status, kind", [
-    (202, errors.SubmitOutcomeUnknown), (201, errors.SubmitOutcomeUnknown), (204, errors.SubmitOutcomeUnknown),
-    (301, errors.SubmitOutcomeUnknown), (401, errors.AuthError), (403, errors.AuthError),
-    (404, errors.SubmitRejected), (409, errors.SubmitRejected), (418, errors.SubmitRejected),
-    (422, errors.SubmitRejected), (500, errors.SubmitOutcomeUnknown),
-])
+@pytest.mark.parametrize(
+    "status, kind",
+    [
+        (202, errors.SubmitOutcomeUnknown),
+        (201, errors.SubmitOutcomeUnknown),
+        (204, errors.SubmitOutcomeUnknown),
+        (301, errors.SubmitOutcomeUnknown),
+        (401, errors.AuthError),
+        (403, errors.AuthError),
+        (404, errors.SubmitRejected),
+        (409, errors.SubmitRejected),
+        (418, errors.SubmitRejected),
+        (422, errors.SubmitRejected),
+        (500, errors.SubmitOutcomeUnknown),
+    ],
+)
 def test_submit_answers_end_to_end(hostile, make_client, status, kind):
     """Each answer raises its kind once, is never resent, and says the status and the
     service's words without our key."""
@@ -1031,14 +1113,17 @@ def test_submit_answers_end_to_end(hostile, make_client, status, kind):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("answer", [
-    truncated(200, {"task_id": "t-0123456789"}, keep=12),
-    raw(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"),  # headers never finished
-    raw(b"HTTP/1.1 2OO OK\r\n\r\n"),  # not a status line
-    raw(b""),  # closed without a word
-    reply(200, b'{"task_id": "t-1"'),  # whole but not JSON
-    reply(200, {"task_id": "t 1"}),
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        truncated(200, {"task_id": "t-0123456789"}, keep=12),
+        raw(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"),  # headers never finished
+        raw(b"HTTP/1.1 2OO OK\r\n\r\n"),  # not a status line
+        raw(b""),  # closed without a word
+        reply(200, b'{"task_id": "t-1"'),  # whole but not JSON
+        reply(200, {"task_id": "t 1"}),
+    ],
+)
 def test_a_broken_200_on_submit_is_outcome_unknown(hostile, make_client, answer):
     hostile.on("POST", contract.SUBMIT_PATH, answer)
     with pytest.raises(errors.SubmitOutcomeUnknown):
@@ -1047,12 +1132,15 @@ def test_a_broken_200_on_submit_is_outcome_unknown(hostile, make_client, answer)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("answer", [
-    truncated(200, task_body("t-1"), keep=30),
-    raw(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"),
-    raw(b"HTTP/1.1 2OO OK\r\n\r\n"),
-    raw(b"HTTP/1.1 200 OK\r\n" + b"X-Long: " + b"a" * 70_000 + b"\r\n\r\n"),
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        truncated(200, task_body("t-1"), keep=30),
+        raw(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"),
+        raw(b"HTTP/1.1 2OO OK\r\n\r\n"),
+        raw(b"HTTP/1.1 200 OK\r\n" + b"X-Long: " + b"a" * 70_000 + b"\r\n\r\n"),
+    ],
+)
 def test_a_broken_poll_answer_is_transient(hostile, make_client, answer):
     """Cut off, unparsable or oversized: a retryable typed error, never urllib3's own."""
     hostile.on("GET", contract.TASK_RESULT_PATH, answer)
@@ -1085,8 +1173,11 @@ ENDLESS = b"x" * 100_000
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("answer", [drip_headers(200, {"task_id": "t-1"}), drip_body(200, ENDLESS),
-                                    drip_body(200, ENDLESS, length=False)], ids=["headers", "body", "close-delimited"])
+@pytest.mark.parametrize(
+    "answer",
+    [drip_headers(200, {"task_id": "t-1"}), drip_body(200, ENDLESS), drip_body(200, ENDLESS, length=False)],
+    ids=["headers", "body", "close-delimited"],
+)
 def test_a_dripping_submit_is_outcome_unknown(hostile, make_client, answer):
     hostile.on("POST", contract.SUBMIT_PATH, answer)
     with pytest.raises(errors.SubmitOutcomeUnknown) as info:
@@ -1096,8 +1187,11 @@ def test_a_dripping_submit_is_outcome_unknown(hostile, make_client, answer):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("answer", [drip_headers(200, task_body("t-1")), drip_body(200, ENDLESS),
-                                    drip_body(200, ENDLESS, length=False)], ids=["headers", "body", "close-delimited"])
+@pytest.mark.parametrize(
+    "answer",
+    [drip_headers(200, task_body("t-1")), drip_body(200, ENDLESS), drip_body(200, ENDLESS, length=False)],
+    ids=["headers", "body", "close-delimited"],
+)
 def test_a_dripping_poll_is_transient(hostile, make_client, answer):
     hostile.on("GET", contract.TASK_RESULT_PATH, answer)
     with pytest.raises(errors.TransientError) as info:
@@ -1106,8 +1200,11 @@ def test_a_dripping_poll_is_transient(hostile, make_client, answer):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("answer", [drip_headers(200, ENDLESS), drip_body(200, ENDLESS),
-                                    drip_body(200, ENDLESS, length=False)], ids=["headers", "body", "close-delimited"])
+@pytest.mark.parametrize(
+    "answer",
+    [drip_headers(200, ENDLESS), drip_body(200, ENDLESS), drip_body(200, ENDLESS, length=False)],
+    ids=["headers", "body", "close-delimited"],
+)
 def test_a_dripping_download_is_a_download_error(hostile, make_client, tmp_path, answer):
     hostile.on("GET", "/v.mp4", answer)
     with pytest.raises(errors.DownloadError) as info:
@@ -1147,8 +1244,11 @@ def echoed_failure(h):
     """A FAILED task whose reason and status echo the request's Authorization header."""
     auth = h.headers.get("Authorization", "")
     key = auth.removeprefix("Bearer ")
-    fake_reply = task_body("t-1", status="TASK_STATUS_FAILED",
-                           reason=f"auth {auth} / {urllib.parse.quote(auth)} / {key.upper()} / {json.dumps(key)}")
+    fake_reply = task_body(
+        "t-1",
+        status="TASK_STATUS_FAILED",
+        reason=f"auth {auth} / {urllib.parse.quote(auth)} / {key.upper()} / {json.dumps(key)}",
+    )
     reply(200, fake_reply)(h)
 
 
@@ -1170,8 +1270,11 @@ def test_a_failure_reason_that_echoes_the_key_is_scrubbed(hostile, make_client, 
 
 
 def test_an_unknown_status_that_echoes_the_key_is_scrubbed(hostile, make_client):
-    hostile.on("GET", contract.TASK_RESULT_PATH,
-               lambda h: reply(200, task_body("t-1", status=f"STUCK {h.headers['Authorization']}"))(h))
+    hostile.on(
+        "GET",
+        contract.TASK_RESULT_PATH,
+        lambda h: reply(200, task_body("t-1", status=f"STUCK {h.headers['Authorization']}"))(h),
+    )
     result = make_client(hostile.url, key=SECRET).get_task_result("t-1")
     assert result.status == "STUCK Bearer ***"
 
@@ -1196,8 +1299,13 @@ def test_scrubber_forms():
     from vidu_pipeline.answers import Scrubber
 
     scrub = Scrubber(SLASHY)
-    for form in (SLASHY, "sk%2FSECRET%2Bkey%3D1234", "sk%2fsecret%2bkey%3d1234", "sk%2FSECRET%2Bkey%3D1234",
-                 "sk\\/SECRET+key=1234".replace("\\/", "/")):
+    for form in (
+        SLASHY,
+        "sk%2FSECRET%2Bkey%3D1234",
+        "sk%2fsecret%2bkey%3d1234",
+        "sk%2FSECRET%2Bkey%3D1234",
+        "sk\\/SECRET+key=1234".replace("\\/", "/"),
+    ):
         assert scrub(f"a {form} b") == "a *** b", form
     assert scrub(f"Authorization: Bearer {SLASHY}") == "Authorization: Bearer ***"
     assert scrub(IMG_A) == "data:image/png;base64,…"

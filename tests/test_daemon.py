@@ -83,55 +83,71 @@ class UI:
             """mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
                 __typename ... on LaunchRunSuccess { run { runId } }
                 ... on PythonError { message } ... on RunConfigValidationInvalid { errors { message } } } }""",
-            params={"selector": {"repositoryLocationName": location, "repositoryName": "__repository__",
-                                 "jobName": job},
-                    "runConfigData": {},
-                    "executionMetadata": {"tags": [{"key": "launched_by", "value": "test_daemon"}]}},
+            params={
+                "selector": {"repositoryLocationName": location, "repositoryName": "__repository__", "jobName": job},
+                "runConfigData": {},
+                "executionMetadata": {"tags": [{"key": "launched_by", "value": "test_daemon"}]},
+            },
         )["launchRun"]
         assert data["__typename"] == "LaunchRunSuccess", data
         return data["run"]["runId"]
 
     def run_status(self, run_id: str) -> str:
-        return self.query("""query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }""",
-                          id=run_id)["runOrError"]["status"]
+        return self.query("""query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }""", id=run_id)[
+            "runOrError"
+        ]["status"]
 
     def partitions(self, asset: str) -> dict:
-        data = self.query("""query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { ... on AssetNode {
+        data = self.query(
+            """query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { ... on AssetNode {
             assetPartitionStatuses { ... on DefaultPartitionStatuses {
                 materializedPartitions failedPartitions unmaterializedPartitions materializingPartitions } } } } }""",
-                          key={"path": [asset]})
+            key={"path": [asset]},
+        )
         return data["assetNodeOrError"]["assetPartitionStatuses"]
 
     def latest_checks(self, asset: str) -> dict[str, bool | None]:
         """Each check's result for the asset's latest materialization, as the asset page shows it."""
-        data = self.query("""query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { ... on AssetNode {
+        data = self.query(
+            """query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { ... on AssetNode {
             assetChecksOrError { ... on AssetChecks { checks { name
                 executionForLatestMaterialization { status evaluation { success } } } } } } } }""",
-                          key={"path": [asset]})
+            key={"path": [asset]},
+        )
         checks = data["assetNodeOrError"]["assetChecksOrError"]["checks"]
         return {c["name"]: _passed(c["executionForLatestMaterialization"]) for c in checks}
 
     def latest_check_execution(self, asset: str, check: str) -> bool | None:
-        data = self.query("""query($key: AssetKeyInput!, $check: String!) {
+        data = self.query(
+            """query($key: AssetKeyInput!, $check: String!) {
             assetCheckExecutions(assetKey: $key, checkName: $check, limit: 1) {
-                status evaluation { success } } }""", key={"path": [asset]}, check=check)
+                status evaluation { success } } }""",
+            key={"path": [asset]},
+            check=check,
+        )
         executions = data["assetCheckExecutions"]
         return _passed(executions[0]) if executions else None
 
     def materializations(self, asset: str, partitions: list[str] | None = None, limit: int = 50) -> list[dict]:
-        data = self.query("""query($key: AssetKeyInput!, $partitions: [String!], $limit: Int) {
+        data = self.query(
+            """query($key: AssetKeyInput!, $partitions: [String!], $limit: Int) {
             assetOrError(assetKey: $key) { ... on Asset {
                 assetMaterializations(partitions: $partitions, limit: $limit) { partition runId timestamp
                     metadataEntries { label __typename
                         ... on MarkdownMetadataEntry { mdStr } ... on IntMetadataEntry { intValue }
                         ... on PathMetadataEntry { path } ... on TextMetadataEntry { text } } } } } }""",
-                          key={"path": [asset]}, partitions=partitions, limit=limit)
+            key={"path": [asset]},
+            partitions=partitions,
+            limit=limit,
+        )
         return data["assetOrError"]["assetMaterializations"]
 
     def runs_tagged(self, key: str, value: str) -> list[dict]:
-        data = self.query("""query($filter: RunsFilter) { runsOrError(filter: $filter) { ... on Runs {
+        data = self.query(
+            """query($filter: RunsFilter) { runsOrError(filter: $filter) { ... on Runs {
             results { runId jobName status tags { key value } } } } }""",
-                          filter={"tags": [{"key": key, "value": value}]})
+            filter={"tags": [{"key": key, "value": value}]},
+        )
         return data["runsOrError"]["results"]
 
 
@@ -152,18 +168,32 @@ def dagster_dev(tmp_path):
     home.mkdir()
     small_catalog(data / "catalog")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIDU_", "DAGSTER_"))}
-    env.update(DAGSTER_HOME=str(home), VIDU_DATA_DIR=str(data), VIDU_SIMULATOR_RENDER_SCALE="0.1",
-               VIDU_SIMULATOR_LATENCY="1", PYTHONUNBUFFERED="1")
+    env.update(
+        DAGSTER_HOME=str(home),
+        VIDU_DATA_DIR=str(data),
+        VIDU_SIMULATOR_RENDER_SCALE="0.1",
+        VIDU_SIMULATOR_LATENCY="1",
+        PYTHONUNBUFFERED="1",
+    )
     bin_dir = Path(sys.executable).parent
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     # One process migrates the fresh instance's storage before webserver and daemon race to.
-    subprocess.run([sys.executable, "-c", "import dagster; dagster.DagsterInstance.get().dispose()"],
-                   env=env, check=True, timeout=120, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, "-c", "import dagster; dagster.DagsterInstance.get().dispose()"],
+        env=env,
+        check=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     port = free_port()
     with open(tmp_path / "dagster_dev.log", "wb") as log:
         proc = subprocess.Popen(
             [str(bin_dir / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
         try:
@@ -232,8 +262,13 @@ def test_the_daemon_generates_and_checks_a_sweep_launched_from_the_ui(dagster_de
     location = wait_for("the code location to load", ui.location_name, deadline, proc, log)
 
     plan_run = ui.launch(location, "vidu_plan_job")
-    status = wait_for("the plan run", lambda: ui.run_status(plan_run) in ("SUCCESS", "FAILURE", "CANCELED")
-                      and ui.run_status(plan_run), deadline, proc, log)
+    status = wait_for(
+        "the plan run",
+        lambda: ui.run_status(plan_run) in ("SUCCESS", "FAILURE", "CANCELED") and ui.run_status(plan_run),
+        deadline,
+        proc,
+        log,
+    )
     assert status == "SUCCESS"
     keys = ui.partitions("videos")["unmaterializedPartitions"]
     assert len(keys) == len(SUBJECTS), keys
@@ -256,8 +291,9 @@ def test_the_daemon_generates_and_checks_a_sweep_launched_from_the_ui(dagster_de
 
     checks = wait_for("lineage with a row per video, and its checks", lineage_current, deadline, proc, log, every=5)
     assert checks == {"lineage_complete": True, "videos_match_requests": True, "no_unknown_tasks": True}
-    verified = wait_for("the videos check", lambda: ui.latest_check_execution("videos", "videos_verified"),
-                        deadline, proc, log, every=5)
+    verified = wait_for(
+        "the videos check", lambda: ui.latest_check_execution("videos", "videos_verified"), deadline, proc, log, every=5
+    )
     assert verified is True
 
     lineage_runs = ui.runs_tagged("dagster/sensor_name", "vidu_automation_sensor")

@@ -16,11 +16,33 @@ RULES = TickRules()
 
 def row(rid: str, state: str = SUCCEEDED, *, age_s: float = 1.0, **kw) -> TaskRow:
     base = dict(
-        request_id=rid, subject_id="cat", seed=1, fingerprint="f" * 64, spec_json="{}", state=state,
-        task_id=f"task-{rid}", attempts=1, last_error=None, effective_seed=None, created_at=NOW - 1000,
-        updated_at=NOW - age_s, submitting_at=None, submitted_at=None, finished_at=None, next_poll_at=None,
-        last_status=None, eta_s=None, progress=None, polls=0, owner=None, video_path=None,
-        video_sha256=None, video_bytes=None, probe_json=None, video_attempts=0, lineage_state=None,
+        request_id=rid,
+        subject_id="cat",
+        seed=1,
+        fingerprint="f" * 64,
+        spec_json="{}",
+        state=state,
+        task_id=f"task-{rid}",
+        attempts=1,
+        last_error=None,
+        effective_seed=None,
+        created_at=NOW - 1000,
+        updated_at=NOW - age_s,
+        submitting_at=None,
+        submitted_at=None,
+        finished_at=None,
+        next_poll_at=None,
+        last_status=None,
+        eta_s=None,
+        progress=None,
+        polls=0,
+        owner=None,
+        video_path=None,
+        video_sha256=None,
+        video_bytes=None,
+        probe_json=None,
+        video_attempts=0,
+        lineage_state=None,
     )
     return TaskRow(**{**base, **kw})
 
@@ -112,8 +134,9 @@ def test_plan_tick_combines_the_rules():
     )
     assert plan == decisions.TickPlan(collect=["ok"], submit=["again"], lineage=["spent", "lost"])
     assert not plan.empty
-    assert decisions.plan_tick(now=NOW, succeeded_now=set(), failed_now=set(), needing_video=[], failed=[],
-                               planned=[], needing_lineage=[]).empty
+    assert decisions.plan_tick(
+        now=NOW, succeeded_now=set(), failed_now=set(), needing_video=[], failed=[], planned=[], needing_lineage=[]
+    ).empty
 
 
 # --- batches ---------------------------------------------------------------------------------------

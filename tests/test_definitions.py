@@ -14,12 +14,24 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_definitions_hold_the_data_flow():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {"catalog", "reference_images", "rejections", "generation_requests",
-                    "video_tasks", "videos", "lineage"}
+    assert keys == {
+        "catalog",
+        "reference_images",
+        "rejections",
+        "generation_requests",
+        "video_tasks",
+        "videos",
+        "lineage",
+    }
     assert graph.get(AssetKey("videos")).parent_keys == {AssetKey("video_tasks")}
     assert graph.get(AssetKey("lineage")).parent_keys == {AssetKey("videos")}
     assert {c.name for c in graph.asset_check_keys} == {
-        "images_accepted", "lineage_complete", "videos_match_requests", "no_unknown_tasks", "videos_verified"}
+        "images_accepted",
+        "lineage_complete",
+        "videos_match_requests",
+        "no_unknown_tasks",
+        "videos_verified",
+    }
     sensor = defs.resolve_sensor_def("vidu_task_sensor")
     assert sensor.default_status == DefaultSensorStatus.RUNNING
     schedule = defs.resolve_schedule_def("vidu_generation_schedule")
@@ -40,7 +52,10 @@ def test_the_key_is_an_env_var_reference_not_a_value(monkeypatch):
 def test_workspace_validates_like_dagster_dev(tmp_path):
     result = subprocess.run(
         [str(Path(sys.executable).with_name("dagster")), "definitions", "validate", "-w", "workspace.yaml"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={"PATH": str(Path(sys.executable).parent), "DAGSTER_HOME": str(tmp_path), "HOME": str(tmp_path)},
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -48,12 +63,19 @@ def test_workspace_validates_like_dagster_dev(tmp_path):
 
 
 def test_every_stage_has_a_named_job_with_its_checks():
-    nodes = {name: set(defs.resolve_job_def(name).graph.node_dict)
-             for name in ("vidu_plan_job", "vidu_submit_job", "vidu_collect_job", "vidu_lineage_job")}
+    nodes = {
+        name: set(defs.resolve_job_def(name).graph.node_dict)
+        for name in ("vidu_plan_job", "vidu_submit_job", "vidu_collect_job", "vidu_lineage_job")
+    }
     assert nodes["vidu_submit_job"] == {"video_tasks"}
     assert nodes["vidu_collect_job"] == {"videos"}  # its check would always be skipped there
-    assert nodes["vidu_lineage_job"] == {"lineage", "lineage_lineage_complete", "lineage_videos_match_requests",
-                                         "lineage_no_unknown_tasks", "videos_videos_verified"}
+    assert nodes["vidu_lineage_job"] == {
+        "lineage",
+        "lineage_lineage_complete",
+        "lineage_videos_match_requests",
+        "lineage_no_unknown_tasks",
+        "videos_videos_verified",
+    }
     assert "generation_requests" in nodes["vidu_plan_job"]
     for name in nodes:
         assert defs.resolve_job_def(name).tags["vidu/stage"]
@@ -125,8 +147,10 @@ def test_the_automation_sensor_refreshes_lineage_and_the_videos_check_after_a_ba
     from vidu_pipeline.defs.partitions import REQUESTS_PARTITIONS_NAME
 
     videos_check = AssetCheckKey(AssetKey("videos"), "videos_verified")
-    lineage_checks = {AssetCheckKey(AssetKey("lineage"), name)
-                      for name in ("lineage_complete", "videos_match_requests", "no_unknown_tasks")}
+    lineage_checks = {
+        AssetCheckKey(AssetKey("lineage"), name)
+        for name in ("lineage_complete", "videos_match_requests", "no_unknown_tasks")
+    }
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(REQUESTS_PARTITIONS_NAME, ["a-s1-1", "b-s1-2"])
         _materialize(instance, "lineage")
@@ -146,8 +170,7 @@ def test_scheduled_plan_runs_say_which_catalog_and_seeds(tmp_path):
     from vidu_pipeline.defs.schedules import generation_schedule
 
     pipeline = PipelineResource(data_dir=str(tmp_path), seeds=[3, 4])
-    [request] = generation_schedule.evaluate_tick(
-        build_schedule_context(resources={"pipeline": pipeline})).run_requests
+    [request] = generation_schedule.evaluate_tick(build_schedule_context(resources={"pipeline": pipeline})).run_requests
     assert request.tags["vidu/catalog"] == str(tmp_path.resolve() / "catalog")
     assert request.tags["vidu/seeds"] == "3,4"
     assert generation_schedule.job_name == "vidu_plan_job"

@@ -146,8 +146,9 @@ def test_race_drill_two_pollers_and_sigterm(tmp_path, faulty_sim):
     assert all(code in (0, 1) for code in races[0].exits), races[0]
     # generate + the sensor elsewhere, on requests the first race left failed or unfinished
     races.append(race_pollers(catalog, data, env, faulty_sim, tmp_path, with_sensor=True, timeout=150))
-    landed, _ = kill_at_random(catalog, data, env, random.Random(3), tmp_path / "generate.log",
-                               low=2.0, high=6.0, sig=signal.SIGTERM)
+    landed, _ = kill_at_random(
+        catalog, data, env, random.Random(3), tmp_path / "generate.log", low=2.0, high=6.0, sig=signal.SIGTERM
+    )
     check_readable(data)
     runs = finish(catalog, data, env, timeout=200)
     assert runs[-1].returncode in (0, 1), runs[-1].stdout[-2000:] + runs[-1].stderr[-2000:]
@@ -191,8 +192,9 @@ class MalformingProxy:
 
             def _forward(self, body: bytes | None):
                 headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
-                resp = requests.request(self.command, proxy.upstream + self.path, data=body, headers=headers,
-                                        timeout=60)
+                resp = requests.request(
+                    self.command, proxy.upstream + self.path, data=body, headers=headers, timeout=60
+                )
                 return resp.status_code, resp.content, resp.headers.get("Content-Type", "application/json")
 
             def _send(self, status, body, ctype):
@@ -267,8 +269,12 @@ def test_malformed_answers_keep_tasks_recoverable(tmp_path, monkeypatch, caplog)
             assert info.value.retryable and info.value.status == 200
             assert "response is not JSON: '<html><body>upstream hiccup" in str(info.value)
 
-        pipeline = PipelineResource(data_dir=str(tmp_path / "data"), catalog_dir=str(tmp_path / "catalog"),
-                                    poll_time_budget_s=10, submit_workers=1)
+        pipeline = PipelineResource(
+            data_dir=str(tmp_path / "data"),
+            catalog_dir=str(tmp_path / "catalog"),
+            poll_time_budget_s=10,
+            submit_workers=1,
+        )
         resources = {"pipeline": pipeline, "vidu": ViduResource(api_key="malformed-key", base_url=proxy.base_url)}
         run(instance, resources, ["catalog", "reference_images", "rejections", "generation_requests"])
         keys = instance.get_dynamic_partitions(REQUESTS_PARTITIONS_NAME)
@@ -329,19 +335,30 @@ def test_paid_once_invariants_fail_on_a_stale_poll_answer(tmp_path, monkeypatch)
     make_catalog(tmp_path / "catalog", subjects=1, prompts=1, seeds=1)
     pipeline = PipelineResource(data_dir=str(tmp_path / "data"), catalog_dir=str(tmp_path / "catalog"))
     with instance_for_test() as instance:
-        result = materialize(ALL_ASSETS, selection=[AssetKey(k) for k in
-                                                    ("catalog", "reference_images", "generation_requests")],
-                             instance=instance, resources={"pipeline": pipeline, "vidu": ViduResource()})
+        result = materialize(
+            ALL_ASSETS,
+            selection=[AssetKey(k) for k in ("catalog", "reference_images", "generation_requests")],
+            instance=instance,
+            resources={"pipeline": pipeline, "vidu": ViduResource()},
+        )
     [rid] = list(result.output_for_node("generation_requests")["request_id"])
     path = pipeline.root / "ledger.sqlite"
     ledger = Ledger(f"sqlite:///{path}")
     key = "stale-answer-key"
-    config = SimulatorConfig(api_key=key, latency_s=0.2, render_scale=0.1, state_dir=tmp_path / "sim",
-                             faults=FaultConfig(fail_tasks=1.0))
+    config = SimulatorConfig(
+        api_key=key, latency_s=0.2, render_scale=0.1, state_dir=tmp_path / "sim", faults=FaultConfig(fail_tasks=1.0)
+    )
 
     def submit(client):
-        [out] = tasks.submit_requests(ledger, client, [rid], data_uri_for=pipeline.image_cache().data_uri,
-                                      caps=SpendCaps(None, None, "bug"), owner="o:1:bug", retry_budget=3)
+        [out] = tasks.submit_requests(
+            ledger,
+            client,
+            [rid],
+            data_uri_for=pipeline.image_cache().data_uri,
+            caps=SpendCaps(None, None, "bug"),
+            owner="o:1:bug",
+            retry_budget=3,
+        )
         assert out.submitted, out
         return out.task_id
 
@@ -361,8 +378,11 @@ def test_paid_once_invariants_fail_on_a_stale_poll_answer(tmp_path, monkeypatch)
         sim.set_faults(FaultConfig())
         task2 = submit(client)
         con = sqlite3.connect(path)  # the slow poller's stale write, as the old code made it
-        con.execute("UPDATE requests SET state='failed', last_error='stale: task 1 failed', next_poll_at=NULL "
-                    "WHERE request_id=?", (rid,))
+        con.execute(
+            "UPDATE requests SET state='failed', last_error='stale: task 1 failed', next_poll_at=NULL "
+            "WHERE request_id=?",
+            (rid,),
+        )
         con.commit()
         con.close()
         task3 = submit(client)

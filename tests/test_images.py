@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.server
 import io
 import os
 import socket
@@ -16,29 +15,12 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
+from support import encode, photo, png
 
 from vidu_pipeline import images as img
 from vidu_pipeline.contract import MAX_BASE64_DECODED_BYTES, parse_data_uri
 
-
 # --- builders (also used by test_catalog) ------------------------------------------------------
-
-
-def encode(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
-    out = io.BytesIO()
-    im.save(out, fmt, **kw)
-    return out.getvalue()
-
-
-def photo(w: int = 200, h: int = 150, seed: int = 0, mode: str = "RGB") -> Image.Image:
-    """A small image with some structure, distinct per seed."""
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, (max(1, h // 8), max(1, w // 8), 3), dtype=np.uint8)
-    return Image.fromarray(base, "RGB").resize((w, h), Image.Resampling.BILINEAR).convert(mode)
-
-
-def png(w=200, h=150, seed=0) -> bytes:
-    return encode(photo(w, h, seed))
 
 
 def jpeg(w=200, h=150, seed=0) -> bytes:
@@ -47,11 +29,17 @@ def jpeg(w=200, h=150, seed=0) -> bytes:
 
 def bomb_png(w=20_000, h=20_000) -> bytes:
     """A tiny PNG whose header claims w×h pixels."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 1000))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 1000))
+        + chunk(b"IEND", b"")
+    )
 
 
 def bad_crc_png() -> bytes:
@@ -78,8 +66,9 @@ def rotated_jpeg(w=300, h=200) -> bytes:
 
 def noisy_png(w=2000, h=2000) -> bytes:
     """Incompressible: over the 10 MB payload limit as PNG."""
-    return encode(Image.fromarray(np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)),
-                  "PNG", compress_level=1)
+    return encode(
+        Image.fromarray(np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)), "PNG", compress_level=1
+    )
 
 
 OTHER_FORMATS = {
@@ -122,17 +111,20 @@ def test_plain_images_are_sent_unchanged(fmt, data):
     assert verdict.mime_subtype == img.MIME_SUBTYPES[fmt]
 
 
-@pytest.mark.parametrize("data,rule,words", [
-    (b"", "empty_file", "empty"),
-    (lambda: png()[:len(png()) // 2], "corrupt", "truncated or corrupt PNG"),
-    (lambda: jpeg()[:len(jpeg()) // 2], "corrupt", "truncated or corrupt JPEG"),
-    (bad_crc_png, "corrupt", "PNG"),
-    (lambda: png()[:30], "corrupt", "PNG"),
-    (lambda: png(100, 100), "min_size", "100×100 px, at least 128×128"),
-    (lambda: png(600, 128), "aspect_ratio", "600:128"),
-    (lambda: png(128, 520), "aspect_ratio", "outside 1:4 … 4:1"),
-    (bomb_png, "decompression_bomb", "20000×20000"),
-])
+@pytest.mark.parametrize(
+    "data,rule,words",
+    [
+        (b"", "empty_file", "empty"),
+        (lambda: png()[: len(png()) // 2], "corrupt", "truncated or corrupt PNG"),
+        (lambda: jpeg()[: len(jpeg()) // 2], "corrupt", "truncated or corrupt JPEG"),
+        (bad_crc_png, "corrupt", "PNG"),
+        (lambda: png()[:30], "corrupt", "PNG"),
+        (lambda: png(100, 100), "min_size", "100×100 px, at least 128×128"),
+        (lambda: png(600, 128), "aspect_ratio", "600:128"),
+        (lambda: png(128, 520), "aspect_ratio", "outside 1:4 … 4:1"),
+        (bomb_png, "decompression_bomb", "20000×20000"),
+    ],
+)
 def test_bad_bytes_are_refused_with_their_rule(data, rule, words):
     verdict, sent = img.check_image_bytes(data() if callable(data) else data)
     assert sent is None and verdict.problems[0][0] == rule
@@ -218,16 +210,20 @@ def test_large_payload_is_reencoded_under_the_limit_or_refused_in_strict_mode():
 
 def test_shrink_downscales_but_never_below_the_minimum_side(monkeypatch):
     monkeypatch.setattr(img, "MAX_BASE64_DECODED_BYTES", 40_000)
-    data, fmt, im = img._shrink(Image.fromarray(
-        np.random.default_rng(2).integers(0, 256, (400, 800, 3), dtype=np.uint8)))
+    data, fmt, im = img._shrink(
+        Image.fromarray(np.random.default_rng(2).integers(0, 256, (400, 800, 3), dtype=np.uint8))
+    )
     assert len(data) < 40_000 and fmt == "JPEG" and im.size[1] >= 128 and im.size[0] < 800
 
 
 def test_inspect_image_bytes_keeps_its_contract():
     facts = img.inspect_image_bytes(rotated_jpeg(300, 200))
     assert (facts.format, facts.width, facts.height) == ("JPEG", 200, 300)
-    for data, words in [(b"GIF89a....", "not a PNG"), (jpeg()[:500], "truncated or corrupt"),
-                        (bomb_png(), "decompression bomb")]:
+    for data, words in [
+        (b"GIF89a....", "not a PNG"),
+        (jpeg()[:500], "truncated or corrupt"),
+        (bomb_png(), "decompression bomb"),
+    ]:
         with pytest.raises(ValueError, match=words):
             img.inspect_image_bytes(data)
 
@@ -256,50 +252,15 @@ def test_cache_round_trip(tmp_path):
 # --- URLs -------------------------------------------------------------------------------------
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    routes: dict = {}
-
-    def do_GET(self):  # noqa: N802 - http.server's naming
-        status, headers, body = self.routes.get(self.path, (404, {}, b"not found"))
-        self.send_response(status)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.end_headers()
-        try:
-            for part in body if isinstance(body, list) else [body]:
-                self.wfile.write(part)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture(scope="session")
-def http_images():
-    """A loopback server: /ok.png, /huge (declares 60 MB), /endless (51 MB, no length), /text,
-    /to-file (redirect to file://), /to-ok (redirect to /ok.png); anything else is 404."""
-    chunk = bytes(1 << 20)
-    _Handler.routes = {
-        "/ok.png": (200, {"Content-Type": "image/png"}, png(seed=7)),
-        "/ok.jpg": (200, {"Content-Type": "image/jpeg"}, png(seed=8)),
-        "/huge": (200, {"Content-Length": "60000000"}, b""),
-        "/endless": (200, {}, [b"\x89PNG\r\n\x1a\n"] + [chunk] * 51),
-        "/text": (200, {"Content-Type": "text/plain"}, b"hello, not an image"),
-        "/to-file": (302, {"Location": "file:///etc/passwd"}, b""),
-        "/to-ok": (302, {"Location": "/ok.png"}, b""),
-    }
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.mark.parametrize("path,rule", [
-    ("/missing.png", "url_fetch"), ("/huge", "file_size"), ("/endless", "file_size"),
-    ("/to-file", "url_scheme"),
-])
+@pytest.mark.parametrize(
+    "path,rule",
+    [
+        ("/missing.png", "url_fetch"),
+        ("/huge", "file_size"),
+        ("/endless", "file_size"),
+        ("/to-file", "url_scheme"),
+    ],
+)
 def test_failed_fetches_name_their_rule(http_images, path, rule):
     with requests.Session() as s, pytest.raises(img.SourceError) as err:
         img.fetch_url(http_images + path, s)
@@ -386,10 +347,12 @@ def test_read_local_refuses_what_is_not_a_regular_file_without_blocking(tmp_path
             reasons[name] = err.value.reason
     finally:
         sock.close()
-    assert reasons == {"x.png": "it is a FIFO (named pipe), not a regular file",
-                       "link.png": "it is a FIFO (named pipe), not a regular file",
-                       "dir.png": "it is a directory, not a regular file",
-                       "s.png": "it is a socket, not a regular file"}
+    assert reasons == {
+        "x.png": "it is a FIFO (named pipe), not a regular file",
+        "link.png": "it is a FIFO (named pipe), not a regular file",
+        "dir.png": "it is a directory, not a regular file",
+        "s.png": "it is a socket, not a regular file",
+    }
 
 
 @pytest.mark.timeout(30)

@@ -73,7 +73,9 @@ def test_sqlite_is_wal_and_tables_exist(ledger, tmp_path):
 
 def test_schema_compiles_for_postgres():
     ddl = []
-    engine = create_mock_engine("postgresql+psycopg2://", lambda sql, *a, **k: ddl.append(str(sql.compile(dialect=engine.dialect))))
+    engine = create_mock_engine(
+        "postgresql+psycopg2://", lambda sql, *a, **k: ddl.append(str(sql.compile(dialect=engine.dialect)))
+    )
     L.metadata.create_all(engine, checkfirst=False)
     text = "\n".join(ddl)
     assert "CREATE TABLE requests" in text and "CREATE TABLE attempts" in text
@@ -240,7 +242,12 @@ def test_record_submitted(ledger, clock):
     clock.t += 2
     assert ledger.record_submitted(c.request_id, c.attempt, "task-1", first_poll_at=clock.t + 10)
     row = ledger.get(c.request_id)
-    assert (row.state, row.task_id, row.submitted_at, row.next_poll_at) == ("submitted", "task-1", clock.t, clock.t + 10)
+    assert (row.state, row.task_id, row.submitted_at, row.next_poll_at) == (
+        "submitted",
+        "task-1",
+        clock.t,
+        clock.t + 10,
+    )
     [a] = ledger.attempts_for(c.request_id)
     assert (a.task_id, a.outcome, a.ended_at) == ("task-1", "submitted", clock.t)
 
@@ -269,15 +276,34 @@ def test_due_for_poll_orders_by_next_poll_at(ledger, clock):
 
 def test_record_poll(ledger, clock):
     submit(ledger, clock=clock)
-    ledger.record_poll("req-00000", task_id="task-1", status="TASK_STATUS_PROCESSING", eta_s=12.0, progress=40.0, next_poll_at=clock.t + 12)
-    ledger.record_poll("req-00000", task_id="task-1", status="TASK_STATUS_PROCESSING", eta_s=3.0, progress=90.0, next_poll_at=clock.t + 15)
+    ledger.record_poll(
+        "req-00000",
+        task_id="task-1",
+        status="TASK_STATUS_PROCESSING",
+        eta_s=12.0,
+        progress=40.0,
+        next_poll_at=clock.t + 12,
+    )
+    ledger.record_poll(
+        "req-00000",
+        task_id="task-1",
+        status="TASK_STATUS_PROCESSING",
+        eta_s=3.0,
+        progress=90.0,
+        next_poll_at=clock.t + 15,
+    )
     row = ledger.get("req-00000")
     assert (row.last_status, row.eta_s, row.progress, row.polls, row.next_poll_at) == (
-        "TASK_STATUS_PROCESSING", 3.0, 90.0, 2, clock.t + 15,
+        "TASK_STATUS_PROCESSING",
+        3.0,
+        90.0,
+        2,
+        clock.t + 15,
     )
     # A row that holds no such task is left alone, and the caller is told so.
-    assert not ledger.record_poll("req-00001", task_id="task-1", status="x", eta_s=None, progress=None,
-                                  next_poll_at=None)
+    assert not ledger.record_poll(
+        "req-00001", task_id="task-1", status="x", eta_s=None, progress=None, next_poll_at=None
+    )
     assert ledger.get("req-00001").polls == 0
     with pytest.raises(LedgerStateError, match="not in the ledger"):
         ledger.record_poll("nope", task_id="task-1", status="x", eta_s=None, progress=None, next_poll_at=None)
@@ -287,7 +313,12 @@ def test_succeeded(ledger, clock):
     submit(ledger, clock=clock)
     ledger.record_succeeded("req-00000", task_id="task-1", effective_seed=158881667, finished_at=clock.t + 60)
     row = ledger.get("req-00000")
-    assert (row.state, row.effective_seed, row.finished_at, row.next_poll_at) == ("succeeded", 158881667, clock.t + 60, None)
+    assert (row.state, row.effective_seed, row.finished_at, row.next_poll_at) == (
+        "succeeded",
+        158881667,
+        clock.t + 60,
+        None,
+    )
     assert ledger.due_for_poll(clock.t + 1e6, 10) == []
 
 
@@ -363,7 +394,12 @@ def test_reading(ledger, clock):
     assert len(ledger.rows(["planned"], updated_before=clock.t)) == 0
     assert len(ledger.rows(["planned"], updated_before=clock.t + 1)) == 4
     assert ledger.counts_by_state() == {
-        "planned": 4, "submitting": 0, "submitted": 0, "succeeded": 1, "failed": 0, "unknown": 0,
+        "planned": 4,
+        "submitting": 0,
+        "submitted": 0,
+        "succeeded": 1,
+        "failed": 0,
+        "unknown": 0,
     }
 
 
@@ -455,8 +491,12 @@ def test_a_late_answer_about_an_old_task_is_a_reported_no_op(ledger, clock):
 
     assert ledger.record_failed("req-00000", "TASK_STATUS_FAILED", task_id="task-1") is False
     assert ledger.record_succeeded("req-00000", task_id="task-1", effective_seed=1, finished_at=clock.t) is False
-    assert ledger.record_poll("req-00000", task_id="task-1", status="TASK_STATUS_PROCESSING", eta_s=1.0,
-                              progress=5.0, next_poll_at=0) is False
+    assert (
+        ledger.record_poll(
+            "req-00000", task_id="task-1", status="TASK_STATUS_PROCESSING", eta_s=1.0, progress=5.0, next_poll_at=0
+        )
+        is False
+    )
     assert ledger.record_unknown("req-00000", "deadline", task_id="task-1") is False
     assert ledger.get("req-00000") == before
 

@@ -106,8 +106,8 @@ def test_rejects_rows_outside_the_schema(store):
 
 
 def test_timestamps_accept_epoch_iso_and_datetimes():
-    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-    expected = dt.datetime.fromtimestamp(T0, dt.timezone.utc)
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    expected = dt.datetime.fromtimestamp(T0, dt.UTC)
     for value in (T0, expected.isoformat(), expected, expected.replace(tzinfo=None), pd.Timestamp(expected)):
         assert lineage.normalize_row({"request_id": "r", "submitted_at": value}, now)["submitted_at"] == expected
     assert lineage.normalize_row({"request_id": "r"}, now)["recorded_at"] == now
@@ -230,7 +230,7 @@ def test_schema_is_stable_and_evolves_by_nullable_columns(store):
     # A part written by an older version that lacked two columns still reads, as nulls.
     old_schema = pa.schema([f for f in SCHEMA if f.name not in ("has_audio", "pipeline_version")])
     pq.write_table(
-        pa.Table.from_pylist([lineage.normalize_row(row(2), dt.datetime.now(dt.timezone.utc))], schema=old_schema),
+        pa.Table.from_pylist([lineage.normalize_row(row(2), dt.datetime.now(dt.UTC))], schema=old_schema),
         store.root / "part-00000000T000000000000Z-old.parquet",
     )
     df = store.read().set_index("request_id")

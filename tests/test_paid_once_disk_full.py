@@ -78,16 +78,27 @@ def planned(tmp_path, monkeypatch):
     make_catalog(tmp_path / "catalog", subjects=1, prompts=1, seeds=1)
     pipeline = PipelineResource(data_dir=str(tmp_path / "data"), catalog_dir=str(tmp_path / "catalog"))
     with instance_for_test() as instance:
-        result = materialize(ALL_ASSETS, selection=[AssetKey(k) for k in
-                                                    ("catalog", "reference_images", "generation_requests")],
-                             instance=instance, resources={"pipeline": pipeline, "vidu": ViduResource()})
+        result = materialize(
+            ALL_ASSETS,
+            selection=[AssetKey(k) for k in ("catalog", "reference_images", "generation_requests")],
+            instance=instance,
+            resources={"pipeline": pipeline, "vidu": ViduResource()},
+        )
     [rid] = list(result.output_for_node("generation_requests")["request_id"])
     return pipeline, rid
 
 
 def submit(ledger, client, pipeline, rid, journal):
-    return tasks.submit_requests(ledger, client, [rid], data_uri_for=pipeline.image_cache().data_uri,
-                                 caps=CAPS, owner=tasks.owner_id("disk-full"), retry_budget=3, journal=journal)
+    return tasks.submit_requests(
+        ledger,
+        client,
+        [rid],
+        data_uri_for=pipeline.image_cache().data_uri,
+        caps=CAPS,
+        owner=tasks.owner_id("disk-full"),
+        retry_budget=3,
+        journal=journal,
+    )
 
 
 @pytest.mark.timeout(120)
@@ -104,17 +115,21 @@ def test_a_task_id_the_full_ledger_cannot_take_is_journaled_and_restored(planned
         server.task_id_padding = "-" + "7" * 240
         ledger = Ledger(url)
         ledger.plan(PlannedRequest(f"filler-{i:04d}", "f", i, f"{i:064x}", "{}") for i in range(300))
-        with (FillsTheDiskOnSubmit(KEY, server.base_url, ledger=ledger) as client,
-              caplog.at_level(logging.ERROR, logger="vidu_pipeline.tasks"),
-              pytest.raises(errors.StorageError) as info):
+        with (
+            FillsTheDiskOnSubmit(KEY, server.base_url, ledger=ledger) as client,
+            caplog.at_level(logging.ERROR, logger="vidu_pipeline.tasks"),
+            pytest.raises(errors.StorageError) as info,
+        ):
             submit(ledger, client, pipeline, rid, journal)
         [task_id] = client.task_ids
         assert server.posts == 1
     ledger.close()
     message = str(info.value)
     assert "\n" not in message
-    assert message == (f"could not record task {task_id} of request {rid} in the ledger (database or disk "
-                       f"is full); the task id is kept in {journal}; the next run restores it")
+    assert message == (
+        f"could not record task {task_id} of request {rid} in the ledger (database or disk "
+        f"is full); the task id is kept in {journal}; the next run restores it"
+    )
     assert task_id in caplog.text and "database or disk is full" in caplog.text
     [line] = journal.read_text().splitlines()
     entry = json.loads(line)
@@ -139,8 +154,9 @@ def tiny_disk(tmp_path):
     """A small tmpfs that really fills up (ENOSPC), where mounting is allowed (root)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode:
         pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
     try:
@@ -183,32 +199,42 @@ def test_a_really_full_disk_end_to_end(tmp_path, tiny_disk, monkeypatch, caplog,
     monkeypatch.setenv("VIDU_SIMULATOR_RENDER_SCALE", "0.1")
     make_catalog(tmp_path / "catalog", subjects=1, prompts=1, seeds=1)
     journal = tmp_path / "elsewhere" / "journal.jsonl" if journal_on == "another disk" else None
-    pipeline = PipelineResource(data_dir=str(tiny_disk / "data"), catalog_dir=str(tmp_path / "catalog"),
-                                task_id_journal_path=str(journal or ""))
+    pipeline = PipelineResource(
+        data_dir=str(tiny_disk / "data"), catalog_dir=str(tmp_path / "catalog"), task_id_journal_path=str(journal or "")
+    )
     with instance_for_test() as instance:
-        result = materialize(ALL_ASSETS, selection=[AssetKey(k) for k in
-                                                    ("catalog", "reference_images", "generation_requests")],
-                             instance=instance, resources={"pipeline": pipeline, "vidu": ViduResource()})
+        result = materialize(
+            ALL_ASSETS,
+            selection=[AssetKey(k) for k in ("catalog", "reference_images", "generation_requests")],
+            instance=instance,
+            resources={"pipeline": pipeline, "vidu": ViduResource()},
+        )
     [rid] = list(result.output_for_node("generation_requests")["request_id"])
     url = f"sqlite:///{pipeline.root / 'ledger.sqlite'}"
     config = SimulatorConfig(api_key=KEY, latency_s=0.2, render_scale=0.1, state_dir=tmp_path / "sim")
     with Simulator(config) as sim:
         ledger = Ledger(url)
-        with (FillsTheRealDisk(KEY, sim.base_url, disk=tiny_disk) as client,
-              caplog.at_level(logging.ERROR, logger="vidu_pipeline.tasks"),
-              pytest.raises(errors.StorageError) as info):
+        with (
+            FillsTheRealDisk(KEY, sim.base_url, disk=tiny_disk) as client,
+            caplog.at_level(logging.ERROR, logger="vidu_pipeline.tasks"),
+            pytest.raises(errors.StorageError) as info,
+        ):
             submit(ledger, client, pipeline, rid, pipeline.task_id_journal)
         [task_id] = client.task_ids
         message = str(info.value)
-        assert f"could not record task {task_id} of request {rid} in the ledger (database or disk is full)" \
-            in message and "\n" not in message
+        assert (
+            f"could not record task {task_id} of request {rid} in the ledger (database or disk is full)" in message
+            and "\n" not in message
+        )
         assert f"task {task_id} (request {rid}, attempt 1) was accepted and paid for" in caplog.text
         with contextlib.suppress(Exception):  # the full disk may refuse the final checkpoint
             ledger.close()
         client.filler.unlink()
         if journal is None:
-            assert message.endswith(f"the task id is only in this log: the recovery journal "
-                                    f"{pipeline.task_id_journal} failed too (No space left on device)")
+            assert message.endswith(
+                f"the task id is only in this log: the recovery journal "
+                f"{pipeline.task_id_journal} failed too (No space left on device)"
+            )
             return
         assert message.endswith(f"kept in {journal}; the next run restores it")
 

@@ -53,21 +53,32 @@ def planned(tmp_path, monkeypatch):
     """One request planned through Dagster; the simulator fails every task until told not to."""
     monkeypatch.setenv("VIDU_SIMULATOR_RENDER_SCALE", "0.1")
     make_catalog(tmp_path / "catalog", subjects=1, prompts=1, seeds=1)
-    config = SimulatorConfig(api_key=KEY, latency_s=0.2, render_scale=0.1, state_dir=tmp_path / "sim",
-                             faults=FaultConfig(fail_tasks=1.0))
+    config = SimulatorConfig(
+        api_key=KEY, latency_s=0.2, render_scale=0.1, state_dir=tmp_path / "sim", faults=FaultConfig(fail_tasks=1.0)
+    )
     pipeline = PipelineResource(data_dir=str(tmp_path / "data"), catalog_dir=str(tmp_path / "catalog"))
     with Simulator(config) as sim, instance_for_test() as instance:
         resources = {"pipeline": pipeline, "vidu": ViduResource(api_key=KEY, base_url=sim.base_url)}
-        result = materialize(ALL_ASSETS, selection=[AssetKey(k) for k in
-                                                    ("catalog", "reference_images", "generation_requests")],
-                             instance=instance, resources=resources)
+        result = materialize(
+            ALL_ASSETS,
+            selection=[AssetKey(k) for k in ("catalog", "reference_images", "generation_requests")],
+            instance=instance,
+            resources=resources,
+        )
         [request_id] = list(result.output_for_node("generation_requests")["request_id"])
         yield sim, pipeline, request_id
 
 
 def submit(ledger, client, pipeline, request_id):
-    return tasks.submit_requests(ledger, client, [request_id], data_uri_for=pipeline.image_cache().data_uri,
-                                 caps=CAPS, owner=tasks.owner_id("race"), retry_budget=3)
+    return tasks.submit_requests(
+        ledger,
+        client,
+        [request_id],
+        data_uri_for=pipeline.image_cache().data_uri,
+        caps=CAPS,
+        owner=tasks.owner_id("race"),
+        retry_budget=3,
+    )
 
 
 def wait_for_status(client, task_id, status, timeout=30):
@@ -92,7 +103,8 @@ def test_slow_pollers_answer_about_task_1_leaves_task_2_alone(planned):
         # The slow poller reads FAILED for task 1 and stalls before writing it down.
         slow_report: dict = {}
         slow_thread = threading.Thread(
-            target=lambda: slow_report.update(r=tasks.poll_due(slow_ledger, slow, now=FAR, workers=1)))
+            target=lambda: slow_report.update(r=tasks.poll_due(slow_ledger, slow, now=FAR, workers=1))
+        )
         slow_thread.start()
         assert slow.read.wait(30)
 

@@ -50,8 +50,12 @@ def immutable(tmp_path):
 
 
 def status(data, *extra):
-    return subprocess.run([sys.executable, "-m", "vidu_pipeline.cli", "status", "--data-dir", str(data), *extra],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "vidu_pipeline.cli", "status", "--data-dir", str(data), *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.timeout(180)

@@ -61,11 +61,21 @@ def _plan(home: str, data: str, catalog: str, barrier, out) -> None:
         instance = open_instance(Path(home))
         pipeline = PipelineResource(data_dir=data, catalog_dir=catalog)
         barrier.wait(60)
-        result = materialize(ALL_ASSETS, selection=PLAN, instance=instance, raise_on_error=False,
-                             resources={"pipeline": pipeline, "vidu": ViduResource()})
+        result = materialize(
+            ALL_ASSETS,
+            selection=PLAN,
+            instance=instance,
+            raise_on_error=False,
+            resources={"pipeline": pipeline, "vidu": ViduResource()},
+        )
         errors = [str(e.step_failure_data.error.message).strip() for e in result.all_events if e.is_step_failure]
-        out.put(("ok" if result.success else "failed", errors, len(result.output_for_node("generation_requests"))
-                 if result.success else 0))
+        out.put(
+            (
+                "ok" if result.success else "failed",
+                errors,
+                len(result.output_for_node("generation_requests")) if result.success else 0,
+            )
+        )
     except Exception as exc:  # reported to the parent
         out.put(("error", [f"{type(exc).__name__}: {exc}"], 0))
 
@@ -82,8 +92,7 @@ def test_two_processes_plan_one_fresh_catalog_at_once(tmp_path):
         home, data = tmp_path / f"home{round_}", tmp_path / f"data{round_}"
         open_instance(home).dispose()  # the instance folder exists; its storage is still empty
         barrier, out = ctx.Barrier(2), ctx.Queue()
-        procs = [ctx.Process(target=_plan, args=(str(home), str(data), str(catalog), barrier, out))
-                 for _ in range(2)]
+        procs = [ctx.Process(target=_plan, args=(str(home), str(data), str(catalog), barrier, out)) for _ in range(2)]
         for p in procs:
             p.start()
         results = [out.get(timeout=240) for _ in procs]

@@ -63,13 +63,19 @@ class AnsweringServer:
                 server.posts += 1
                 status = server.status
                 if status == 200:
-                    return self._answer(200, json.dumps({"task_id": f"task-{server.posts}{server.task_id_padding}"}).encode())
+                    return self._answer(
+                        200, json.dumps({"task_id": f"task-{server.posts}{server.task_id_padding}"}).encode()
+                    )
                 if status == 301:
                     return self._answer(301, b"", [("Location", "/moved/reference2video")])
                 if status == 202:
                     return self._answer(202, b'{"state": "accepted"}')
-                reason = {401: "FAILED_TO_AUTH", 404: "NOT_FOUND", 429: "RATE_LIMIT_EXCEEDED",
-                          400: "INVALID_REQUEST_BODY"}.get(status, "OTHER")
+                reason = {
+                    401: "FAILED_TO_AUTH",
+                    404: "NOT_FOUND",
+                    429: "RATE_LIMIT_EXCEEDED",
+                    400: "INVALID_REQUEST_BODY",
+                }.get(status, "OTHER")
                 body = {"code": status, "reason": reason, "message": f"service says {reason.lower()}"}
                 self._answer(status, json.dumps(body).encode())
 
@@ -94,9 +100,12 @@ def planned_catalog(tmp_path_factory):
     make_catalog(root / "catalog", subjects=1, prompts=6, seeds=1)
     pipeline = PipelineResource(data_dir=str(root / "data"), catalog_dir=str(root / "catalog"))
     with instance_for_test() as instance:
-        result = materialize(ALL_ASSETS, selection=[AssetKey(k) for k in
-                                                    ("catalog", "reference_images", "generation_requests")],
-                             instance=instance, resources={"pipeline": pipeline, "vidu": ViduResource()})
+        result = materialize(
+            ALL_ASSETS,
+            selection=[AssetKey(k) for k in ("catalog", "reference_images", "generation_requests")],
+            instance=instance,
+            resources={"pipeline": pipeline, "vidu": ViduResource()},
+        )
     ids = list(result.output_for_node("generation_requests")["request_id"])
     return pipeline, ids
 
@@ -110,14 +119,22 @@ def world(planned_catalog, tmp_path):
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
     from vidu_pipeline.ledger import PlannedRequest
 
-    ledger.plan(PlannedRequest(r.request_id, r.subject_id, r.seed, r.fingerprint, r.spec_json)
-                for r in source.rows())
+    ledger.plan(PlannedRequest(r.request_id, r.subject_id, r.seed, r.fingerprint, r.spec_json) for r in source.rows())
     source.close()
     with AnsweringServer() as server, ViduClient(KEY, server.base_url, retry=RetryPolicy(retries=0)) as client:
+
         def submit(request_ids, *, budget=3, workers=1, client_=client):
-            return tasks.submit_requests(ledger, client_, request_ids, data_uri_for=pipeline.image_cache().data_uri,
-                                         caps=CAPS, owner=tasks.owner_id("answers"), retry_budget=budget,
-                                         workers=workers)
+            return tasks.submit_requests(
+                ledger,
+                client_,
+                request_ids,
+                data_uri_for=pipeline.image_cache().data_uri,
+                caps=CAPS,
+                owner=tasks.owner_id("answers"),
+                retry_budget=budget,
+                workers=workers,
+            )
+
         yield ledger, server, submit, ids
     ledger.close()
 
@@ -238,20 +255,28 @@ def test_a_refused_key_fails_the_dagster_step_with_auth_error(tmp_path):
     """Through ``materialize``: the ``video_tasks`` step fails with AuthError (what the CLI
     maps to exit 2), after recording the one refused attempt; nothing else was sent."""
     make_catalog(tmp_path / "catalog", subjects=1, prompts=3, seeds=1)
-    pipeline = PipelineResource(data_dir=str(tmp_path / "data"), catalog_dir=str(tmp_path / "catalog"),
-                                submit_workers=1)
+    pipeline = PipelineResource(
+        data_dir=str(tmp_path / "data"), catalog_dir=str(tmp_path / "catalog"), submit_workers=1
+    )
     with AnsweringServer() as server, instance_for_test() as instance:
         server.status = 403
         resources = {"pipeline": pipeline, "vidu": ViduResource(api_key=KEY, base_url=server.base_url)}
-        planned = materialize(ALL_ASSETS, selection=[AssetKey(k) for k in
-                                                     ("catalog", "reference_images", "generation_requests")],
-                              instance=instance, resources=resources)
+        planned = materialize(
+            ALL_ASSETS,
+            selection=[AssetKey(k) for k in ("catalog", "reference_images", "generation_requests")],
+            instance=instance,
+            resources=resources,
+        )
         ids = sorted(planned.output_for_node("generation_requests")["request_id"])
         keys = instance.get_dynamic_partitions("vidu_requests")
-        result = materialize(ALL_ASSETS, selection=[AssetKey("video_tasks")], instance=instance,
-                             resources=resources, raise_on_error=False,
-                             tags={"dagster/asset_partition_range_start": keys[0],
-                                   "dagster/asset_partition_range_end": keys[-1]})
+        result = materialize(
+            ALL_ASSETS,
+            selection=[AssetKey("video_tasks")],
+            instance=instance,
+            resources=resources,
+            raise_on_error=False,
+            tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]},
+        )
         assert not result.success
         [failure] = [e for e in result.all_events if e.is_step_failure]
         error = failure.step_failure_data.error

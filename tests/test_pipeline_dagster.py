@@ -23,8 +23,9 @@ SCALE = 0.1
 
 @pytest.fixture
 def sim(tmp_path):
-    config = SimulatorConfig(api_key="test-key", latency_s=0.5, concurrency=5, render_scale=SCALE,
-                             state_dir=tmp_path / "sim")
+    config = SimulatorConfig(
+        api_key="test-key", latency_s=0.5, concurrency=5, render_scale=SCALE, state_dir=tmp_path / "sim"
+    )
     with Simulator(config) as s:
         yield s
 
@@ -45,8 +46,13 @@ def stats(sim):
 
 
 def run(instance, resources, selection, **kw):
-    return materialize([*ALL_ASSETS, *ALL_CHECKS], selection=[AssetKey(s) for s in selection],
-                       instance=instance, resources=resources, **kw)
+    return materialize(
+        [*ALL_ASSETS, *ALL_CHECKS],
+        selection=[AssetKey(s) for s in selection],
+        instance=instance,
+        resources=resources,
+        **kw,
+    )
 
 
 def range_tags(keys):
@@ -63,8 +69,13 @@ def drive_sensor(instance, resources, pipeline, *, timeout=90):
         for req in result.run_requests or []:
             assert req.run_key not in seen, "the sensor asked for the same batch twice"
             seen.add(req.run_key)
-            run(instance, resources, [k.to_user_string() for k in req.asset_selection],
-                tags=dict(req.tags), run_config=req.run_config)
+            run(
+                instance,
+                resources,
+                [k.to_user_string() for k in req.asset_selection],
+                tags=dict(req.tags),
+                run_config=req.run_config,
+            )
         rows = ledger.rows()
         if all(r.state in ("succeeded", "failed", "unknown") for r in rows) and all(
             r.video_sha256 for r in rows if r.state == "succeeded"

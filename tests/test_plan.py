@@ -43,7 +43,9 @@ def test_any_change_that_shapes_the_video_gives_a_new_id(change):
     assert rid(**change) != rid()
 
 
-@pytest.mark.parametrize("subject", ["Cat", "Ünïcødé subject", "../../etc/passwd", "a b\tc\n", "", "🐈" * 50, "UPPER_lower-1"])
+@pytest.mark.parametrize(
+    "subject", ["Cat", "Ünïcødé subject", "../../etc/passwd", "a b\tc\n", "", "🐈" * 50, "UPPER_lower-1"]
+)
 def test_ids_use_only_partition_safe_characters(subject):
     key = rid(subject_id=subject)
     assert KEY_RE.match(key), key

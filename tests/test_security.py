@@ -43,8 +43,10 @@ def decoded_texts(path: Path):
             tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
             for table in tables:
                 for row in con.execute(f'SELECT * FROM "{table}"'):
-                    yield f"{table}", " ".join(
-                        v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in row)
+                    yield (
+                        f"{table}",
+                        " ".join(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in row),
+                    )
         finally:
             con.close()
     elif path.suffix == ".parquet":
@@ -69,8 +71,13 @@ def scan(roots: list[Path], needles: list[bytes]) -> list[str]:
 
 @pytest.fixture
 def leak_sim(tmp_path):
-    sim = SimulatorProcess(tmp_path / "sim", api_key=KEY, latency=0.5, fault_seed=5,
-                           faults={"--server-errors": 0.3, "--rate-limit": 0.1, "--truncate": 0.2})
+    sim = SimulatorProcess(
+        tmp_path / "sim",
+        api_key=KEY,
+        latency=0.5,
+        fault_seed=5,
+        faults={"--server-errors": 0.3, "--rate-limit": 0.1, "--truncate": 0.2},
+    )
     try:
         yield sim.start()
     finally:
@@ -95,10 +102,18 @@ def test_key_and_payloads_never_stored_or_printed(tmp_path, leak_sim, monkeypatc
     kept = [data / "ledger.sqlite", *(data / "lineage").glob("*.parquet")]
     assert any("Authorization: Bearer ***" in text for path in kept for _, text in decoded_texts(path))
 
-    status = subprocess.run([sys.executable, "-m", "vidu_pipeline.cli", "status", "--data-dir", str(data)],
-                            env=env, capture_output=True, text=True, timeout=60)
-    for name, text in (("generate stdout", result.stdout), ("generate stderr", result.stderr),
-                       ("status output", status.stdout + status.stderr)):
+    status = subprocess.run(
+        [sys.executable, "-m", "vidu_pipeline.cli", "status", "--data-dir", str(data)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    for name, text in (
+        ("generate stdout", result.stdout),
+        ("generate stderr", result.stderr),
+        ("status output", status.stdout + status.stderr),
+    ):
         assert not [f for f in KEY_FORMS if f in text], f"the key is in the {name}"
         assert "data:image/" not in text, f"an image payload is in the {name}"
 
@@ -181,12 +196,22 @@ def test_simulator_refuses_wrong_or_missing_key_and_binds_loopback(tmp_path):
         submit = sim.base_url + "/v3/async/vidu-q1-reference2video"
         poll = sim.base_url + "/v3/async/task-result?task_id=x"
         body = {"images": ["https://example.com/a.png"], "prompt": "p"}
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
-                        {"Authorization": f"Bearer {KEY}x"}, {"Authorization": f"Basic {KEY}"}):
-            for method, url in (("POST", submit), ("GET", poll), ("GET", sim.base_url + "/_simulator/stats"),
-                                ("POST", sim.base_url + "/_simulator/faults")):
-                resp = requests.request(method, url, json=body if method == "POST" else None, headers=headers,
-                                        timeout=10)
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": KEY},
+            {"Authorization": f"Bearer {KEY}x"},
+            {"Authorization": f"Basic {KEY}"},
+        ):
+            for method, url in (
+                ("POST", submit),
+                ("GET", poll),
+                ("GET", sim.base_url + "/_simulator/stats"),
+                ("POST", sim.base_url + "/_simulator/faults"),
+            ):
+                resp = requests.request(
+                    method, url, json=body if method == "POST" else None, headers=headers, timeout=10
+                )
                 assert resp.status_code == 401, (method, url, headers, resp.status_code)
                 assert resp.json()["reason"] == "FAILED_TO_AUTH"
                 assert KEY not in resp.text

@@ -19,11 +19,10 @@ from pathlib import Path
 import av
 import pytest
 import requests
+from support import IMG_A, body, data_uri, image_bytes
 
 from vidu_pipeline import contract
-from vidu_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig
-from vidu_pipeline.simulator import cli
-from support import IMG_A, body, data_uri, image_bytes
+from vidu_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig, cli
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -218,8 +217,10 @@ def test_concurrency_limit_queues_fifo(make_sim):
             break
         time.sleep(0.05)
     results = [poll(sim, i).json() for i in ids]
-    spans = [(int(r["extra"]["debug_info"]["execute_time_ms"]),
-              int(r["extra"]["debug_info"]["complete_time_ms"])) for r in results]
+    spans = [
+        (int(r["extra"]["debug_info"]["execute_time_ms"]), int(r["extra"]["debug_info"]["complete_time_ms"]))
+        for r in results
+    ]
     starts = [s for s, _ in spans]
     assert starts == sorted(starts)  # FIFO
     for s, _ in spans:
@@ -296,7 +297,9 @@ def test_download_urls_expire_and_a_new_poll_gives_a_working_one(make_sim):
     assert requests.get(tampered, timeout=10).status_code == 403
     download(poll(sim, result["task"]["task_id"]).json())
     assert {k: stats(sim)["downloads"][k] for k in ("ok", "expired", "bad_signature")} == {
-        "ok": 1, "expired": 1, "bad_signature": 1,
+        "ok": 1,
+        "expired": 1,
+        "bad_signature": 1,
     }
 
 
@@ -338,9 +341,24 @@ def test_loopback_image_urls_are_fetched_others_fail_the_task(make_sim, image_se
 def test_tasks_survive_a_killed_process(make_sim, tmp_path):
     state = tmp_path / "state"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vidu_pipeline.simulator", "--port", "0", "--latency", "0.5",
-         "--render-scale", str(SCALE), "--api-key", KEY, "--state-dir", str(state)],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+        [
+            sys.executable,
+            "-m",
+            "vidu_pipeline.simulator",
+            "--port",
+            "0",
+            "--latency",
+            "0.5",
+            "--render-scale",
+            str(SCALE),
+            "--api-key",
+            KEY,
+            "--state-dir",
+            str(state),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
     )
     try:
         base_url = proc.stdout.readline().split()[-1]
@@ -362,7 +380,8 @@ def test_tasks_survive_a_killed_process(make_sim, tmp_path):
     s = stats(sim)
     assert s["submits"]["accepted"] == 2
     assert s["submits"]["accepted_by_fingerprint"] == {
-        contract.payload_fingerprint(body(seed=1)): 1, contract.payload_fingerprint(body(seed=2)): 1,
+        contract.payload_fingerprint(body(seed=1)): 1,
+        contract.payload_fingerprint(body(seed=2)): 1,
     }
 
 
@@ -489,8 +508,11 @@ def test_dripped_answers_arrive_byte_by_byte(make_sim):
     payload = json.dumps(body(images=[IMG_A])).encode()
     host, port = sim.base_url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(f"POST {contract.SUBMIT_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
-                     f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        sock.sendall(
+            f"POST {contract.SUBMIT_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
         pieces = read_in_pieces(sock)
     answer = b"".join(pieces)
     assert answer.startswith(b"HTTP/1.1 200 ") and b'"task_id"' in answer
@@ -555,8 +577,11 @@ def test_many_polls_from_several_threads(shared_sim):
         with requests.Session() as s:
             s.headers.update(AUTH)
             for _ in range(75):
-                codes.append(s.get(shared_sim.base_url + contract.TASK_RESULT_PATH,
-                                   params={"task_id": task_id}, timeout=10).status_code)
+                codes.append(
+                    s.get(
+                        shared_sim.base_url + contract.TASK_RESULT_PATH, params={"task_id": task_id}, timeout=10
+                    ).status_code
+                )
 
     threads = [threading.Thread(target=worker) for _ in range(4)]
     for t in threads:

@@ -32,22 +32,33 @@ def generated(tmp_path, monkeypatch):
     monkeypatch.setenv("VIDU_SIMULATOR_RENDER_SCALE", str(SCALE))
     catalog = tmp_path / "catalog"
     shutil.copytree(SAMPLE, catalog)
-    pipeline = PipelineResource(data_dir=str(tmp_path / "data"), catalog_dir=str(catalog),
-                                seeds=[7], poll_time_budget_s=10)
-    config = SimulatorConfig(api_key="test-key", latency_s=0.5, concurrency=5, render_scale=SCALE,
-                             state_dir=tmp_path / "sim")
+    pipeline = PipelineResource(
+        data_dir=str(tmp_path / "data"), catalog_dir=str(catalog), seeds=[7], poll_time_budget_s=10
+    )
+    config = SimulatorConfig(
+        api_key="test-key", latency_s=0.5, concurrency=5, render_scale=SCALE, state_dir=tmp_path / "sim"
+    )
     with Simulator(config) as sim, instance_for_test() as instance:
         resources = {"pipeline": pipeline, "vidu": ViduResource(api_key="test-key", base_url=sim.base_url)}
         run(instance, resources, ["catalog", "reference_images", "rejections", "generation_requests"])
         keys = instance.get_dynamic_partitions(REQUESTS_PARTITIONS_NAME)
-        run(instance, resources, ["video_tasks"], tags={"dagster/asset_partition_range_start": keys[0],
-                                                        "dagster/asset_partition_range_end": keys[-1]})
+        run(
+            instance,
+            resources,
+            ["video_tasks"],
+            tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]},
+        )
         yield instance, resources, pipeline, keys, drive_sensor(instance, resources, pipeline)
 
 
 def run(instance, resources, selection, **kw):
-    return materialize([*ALL_ASSETS, *ALL_CHECKS], selection=selection if isinstance(selection, AssetSelection)
-                       else [AssetKey(s) for s in selection], instance=instance, resources=resources, **kw)
+    return materialize(
+        [*ALL_ASSETS, *ALL_CHECKS],
+        selection=selection if isinstance(selection, AssetSelection) else [AssetKey(s) for s in selection],
+        instance=instance,
+        resources=resources,
+        **kw,
+    )
 
 
 def drive_sensor(instance, resources, pipeline, timeout=120):
@@ -57,8 +68,15 @@ def drive_sensor(instance, resources, pipeline, timeout=120):
     while time.monotonic() < deadline:
         tick = vidu_task_sensor(build_sensor_context(instance=instance, resources=resources))
         for req in tick.run_requests or []:
-            results.append(run(instance, resources, [k.to_user_string() for k in req.asset_selection],
-                               tags=dict(req.tags), run_config=req.run_config))
+            results.append(
+                run(
+                    instance,
+                    resources,
+                    [k.to_user_string() for k in req.asset_selection],
+                    tags=dict(req.tags),
+                    run_config=req.run_config,
+                )
+            )
         rows = pipeline.ledger().rows()
         if rows and all(r.state == "succeeded" and r.video_sha256 for r in rows):
             return results
@@ -67,8 +85,11 @@ def drive_sensor(instance, resources, pipeline, timeout=120):
 
 
 def latest_metadata(instance, asset: str, partition: str | None = None) -> dict:
-    event = instance.get_latest_materialization_event(AssetKey(asset)) if partition is None else \
-        instance.fetch_materializations(AssetKey(asset), limit=1000).records
+    event = (
+        instance.get_latest_materialization_event(AssetKey(asset))
+        if partition is None
+        else instance.fetch_materializations(AssetKey(asset), limit=1000).records
+    )
     if partition is None:
         return event.asset_materialization.metadata
     matching = [r for r in event if r.asset_materialization.partition == partition]
@@ -118,7 +139,8 @@ def test_each_video_partition_shows_its_clip_request_and_timings(generated):
         assert str(pipeline.root) not in json.dumps({k: str(v.value) for k, v in meta.items()})
     # each reference image is shrunk once, not once per video
     assert len(list((pipeline.root / "thumbnails" / "references").glob("*-96.jpg"))) == len(
-        {sha for key in keys for sha in RequestSpec.from_json(ledger.get(key).spec_json).image_sha256s})
+        {sha for key in keys for sha in RequestSpec.from_json(ledger.get(key).spec_json).image_sha256s}
+    )
 
 
 def test_videos_check_lists_what_is_missing_and_passes_when_all_are_verified(generated):

@@ -42,8 +42,19 @@ OPTION_COLUMNS = ("aspect_ratio", "movement_amplitude", "bgm", "duration", "reso
 IMAGE_COLUMNS = ("subject_id", "image", "view")
 PROMPT_COLUMNS = ("subject_id", "prompt", *OPTION_COLUMNS)
 REJECTION_COLUMNS = ("kind", "subject_id", "item", "rule", "detail")
-ACCEPTED_COLUMNS = ("subject_id", "image", "view", "original_sha256", "sent_sha256", "mime_subtype",
-                    "width", "height", "sent_bytes", "notes", "row")
+ACCEPTED_COLUMNS = (
+    "subject_id",
+    "image",
+    "view",
+    "original_sha256",
+    "sent_sha256",
+    "mime_subtype",
+    "width",
+    "height",
+    "sent_bytes",
+    "notes",
+    "row",
+)
 # Whole-file limits, so a wrong or hostile file fails with a clear message instead of filling the
 # memory: 100 MB holds ~65,000 prompts of 1500 characters; 10,000 seeds fit in ~150 KB of YAML.
 MAX_TABLE_BYTES = 100_000_000
@@ -128,8 +139,10 @@ def write_rejections_csv(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
     except OSError as exc:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
-        raise StorageError(f"cannot write {path} ({exc.strerror or exc}); the {len(frame)} "
-                           f"rejection(s) are kept only in the run's output") from None
+        raise StorageError(
+            f"cannot write {path} ({exc.strerror or exc}); the {len(frame)} "
+            f"rejection(s) are kept only in the run's output"
+        ) from None
     return path
 
 
@@ -152,8 +165,9 @@ def _parse_option(name: str, raw: Any) -> tuple[Any, str | None]:
         if number in DURATIONS:
             return int(number), None
         return None, f"{text!r} is not accepted, only {', '.join(map(str, DURATIONS))}"
-    allowed = {"aspect_ratio": ASPECT_RATIOS, "movement_amplitude": MOVEMENT_AMPLITUDES,
-               "resolution": RESOLUTIONS}[name]
+    allowed = {"aspect_ratio": ASPECT_RATIOS, "movement_amplitude": MOVEMENT_AMPLITUDES, "resolution": RESOLUTIONS}[
+        name
+    ]
     value = text if name == "aspect_ratio" else text.lower()
     if value in allowed:
         return value, None
@@ -168,15 +182,17 @@ class _YamlLoader(yaml.SafeLoader):
 
 
 _YamlLoader.yaml_implicit_resolvers = {
-    ch: [(tag, rx) for tag, rx in resolvers
-         if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    ch: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
     for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"), list("-+0123456789"))
+    "tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"), list("-+0123456789")
+)
 _YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)?\.[0-9_]+(?:[eE][-+]?[0-9]+)?$"),
-    list("-+.0123456789"))
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?\.[0-9_]+(?:[eE][-+]?[0-9]+)?$"),
+    list("-+.0123456789"),
+)
 
 
 def _open_regular(path: Path, limit: int, why: str = ""):
@@ -204,8 +220,9 @@ def _open_regular(path: Path, limit: int, why: str = ""):
     return f
 
 
-def _read_table(root: Path, stem: str, required: tuple[str, ...], known: tuple[str, ...],
-                rejections: list[Rejection]) -> tuple[pd.DataFrame, str]:
+def _read_table(
+    root: Path, stem: str, required: tuple[str, ...], known: tuple[str, ...], rejections: list[Rejection]
+) -> tuple[pd.DataFrame, str]:
     """Read ``<stem>.csv`` or ``<stem>.parquet`` as all-string columns, stripped, '' for empty."""
     found = [p for p in (root / f"{stem}.csv", root / f"{stem}.parquet") if os.path.lexists(p)]
     if not found:
@@ -221,22 +238,30 @@ def _read_table(root: Path, stem: str, required: tuple[str, ...], known: tuple[s
                 df = pd.read_parquet(f)
                 df = df.astype(object).where(df.notna(), "").astype(str)
         except UnicodeDecodeError as exc:
-            raise CatalogError(f"{path.name}: is not UTF-8 text (found byte 0x{exc.object[exc.start]:02x}); "
-                               f"save it as UTF-8") from None
+            raise CatalogError(
+                f"{path.name}: is not UTF-8 text (found byte 0x{exc.object[exc.start]:02x}); save it as UTF-8"
+            ) from None
         except Exception as exc:
             raise CatalogError(f"{path.name}: cannot be parsed ({type(exc).__name__}: {exc})") from None
     df.columns = [str(c).strip().lower() for c in df.columns]
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise CatalogError(f"{path.name}: required column(s) {', '.join(missing)} missing "
-                           f"(found: {', '.join(df.columns) or 'none'})")
+        raise CatalogError(
+            f"{path.name}: required column(s) {', '.join(missing)} missing (found: {', '.join(df.columns) or 'none'})"
+        )
     if df.columns.duplicated().any():
         raise CatalogError(f"{path.name}: column(s) repeated: {', '.join(df.columns[df.columns.duplicated()])}")
     for col in df.columns:
         if col not in known:
-            rejections.append(Rejection("catalog", None, f"{path.name} column {col!r}", "unknown_column",
-                                        f"{path.name}: column {col!r} is not known and is ignored "
-                                        f"(known: {', '.join(known)})"))
+            rejections.append(
+                Rejection(
+                    "catalog",
+                    None,
+                    f"{path.name} column {col!r}",
+                    "unknown_column",
+                    f"{path.name}: column {col!r} is not known and is ignored (known: {', '.join(known)})",
+                )
+            )
     df = df[[c for c in known if c in df.columns]].copy()
     for col in known:
         df[col] = df[col].str.strip() if col in df.columns else ""
@@ -303,8 +328,15 @@ def _read_sweep(path: Path, rejections: list[Rejection]) -> Sweep:
     seeds = _sweep_seeds(path.name, doc)
     counts = Counter(seeds)
     for seed in sorted(s for s, n in counts.items() if n > 1):
-        rejections.append(Rejection("sweep", None, f"{path.name} seeds", "duplicate_seed",
-                                    f"{path.name}: seed {seed} is listed {counts[seed]} times; used once"))
+        rejections.append(
+            Rejection(
+                "sweep",
+                None,
+                f"{path.name} seeds",
+                "duplicate_seed",
+                f"{path.name}: seed {seed} is listed {counts[seed]} times; used once",
+            )
+        )
 
     defaults = dict(DEFAULTS)
     given = doc.get("defaults") or {}
@@ -312,8 +344,9 @@ def _read_sweep(path: Path, rejections: list[Rejection]) -> Sweep:
         raise CatalogError(f"{path.name}: defaults must be a mapping of option: value")
     for name, raw in given.items():
         if name not in OPTION_COLUMNS:
-            raise CatalogError(f"{path.name}: defaults.{_short(str(name))} is not an option "
-                               f"({', '.join(OPTION_COLUMNS)})")
+            raise CatalogError(
+                f"{path.name}: defaults.{_short(str(name))} is not an option ({', '.join(OPTION_COLUMNS)})"
+            )
         value, problem = _parse_option(name, raw)
         if problem:
             raise CatalogError(f"{path.name}: defaults.{name}: {_short(problem)}")
@@ -339,10 +372,20 @@ def _cell_checks(df: pd.DataFrame, limits: dict[str, int]) -> list[tuple[str, pd
     SQL text column holds one) or a cell longer than its column's limit."""
     checks = []
     for col, limit in limits.items():
-        checks.append(("control_character", df[col].str.contains("\x00", regex=False),
-                       lambda r, c=col: f"{c} contains a NUL character"))
-        checks.append(("too_long", df[col].str.len() > limit,
-                       lambda r, c=col, n=limit: f"{c} is {len(getattr(r, c)):,} characters, at most {n:,}"))
+        checks.append(
+            (
+                "control_character",
+                df[col].str.contains("\x00", regex=False),
+                lambda r, c=col: f"{c} contains a NUL character",
+            )
+        )
+        checks.append(
+            (
+                "too_long",
+                df[col].str.len() > limit,
+                lambda r, c=col, n=limit: f"{c} is {len(getattr(r, c)):,} characters, at most {n:,}",
+            )
+        )
     return checks
 
 
@@ -366,15 +409,20 @@ def _locate(image: str, root_real: str, allow_outside: bool) -> tuple[str, bool,
     real = os.path.realpath(path)
     if not allow_outside and not (real + os.sep).startswith(root_real + os.sep):
         link = "" if os.path.normpath(path) == real else " through a symlink"
-        return real, False, "path_escape", (f"resolves{link} to {real}, outside the catalog folder "
-                                            f"{root_real} (allow_outside_paths is off)")
+        return (
+            real,
+            False,
+            "path_escape",
+            (f"resolves{link} to {real}, outside the catalog folder {root_real} (allow_outside_paths is off)"),
+        )
     if not os.path.lexists(path) or not os.path.exists(real):
         return real, False, "missing_file", f"no such file ({real})"
     return real, False, None, ""
 
 
-def _check_image_rows(df: pd.DataFrame, name: str, root_real: str, allow_outside: bool,
-                      out: list[Rejection]) -> pd.DataFrame:
+def _check_image_rows(
+    df: pd.DataFrame, name: str, root_real: str, allow_outside: bool, out: list[Rejection]
+) -> pd.DataFrame:
     shown = df["image"].map(lambda cell: _shown(redact_url(cell)))
     df["item"] = name + " row " + df["row"].astype(str) + ": " + shown
     keep = pd.Series(True, index=df.index)
@@ -394,25 +442,41 @@ def _check_image_rows(df: pd.DataFrame, name: str, root_real: str, allow_outside
     valid = df[keep]
     dup = valid.duplicated(["subject_id", "location"]).reindex(df.index, fill_value=False)
     first = valid.groupby(["subject_id", "location"])["row"].transform("first")
-    _reject_rows(df.assign(first_row=first), dup, "image", "duplicate_row",
-                 lambda r: f"same subject and image as row {r.first_row}", out)
+    _reject_rows(
+        df.assign(first_row=first),
+        dup,
+        "image",
+        "duplicate_row",
+        lambda r: f"same subject and image as row {r.first_row}",
+        out,
+    )
     return df[keep & ~dup].reset_index(drop=True)
 
 
-def _check_prompt_rows(df: pd.DataFrame, name: str, subjects: set[str], sweep: Sweep,
-                       out: list[Rejection]) -> pd.DataFrame:
+def _check_prompt_rows(
+    df: pd.DataFrame, name: str, subjects: set[str], sweep: Sweep, out: list[Rejection]
+) -> pd.DataFrame:
     df["item"] = name + " row " + df["row"].astype(str)
     keep = pd.Series(True, index=df.index)
     checks = [
         ("missing_value", df["subject_id"] == "", lambda r: "subject_id is empty"),
         *_cell_checks(df, {"subject_id": MAX_SUBJECT_ID_CHARS}),
-        ("unknown_subject", (df["subject_id"] != "") & ~df["subject_id"].isin(subjects),
-         lambda r: f"subject {_short(r.subject_id)!r} has no row in the images table"),
+        (
+            "unknown_subject",
+            (df["subject_id"] != "") & ~df["subject_id"].isin(subjects),
+            lambda r: f"subject {_short(r.subject_id)!r} has no row in the images table",
+        ),
         ("prompt_empty", df["prompt"] == "", lambda r: "prompt is empty"),
-        ("prompt_too_long", df["prompt"].str.len() > MAX_PROMPT_CHARS,
-         lambda r: f"prompt is {len(r.prompt)} characters, at most {MAX_PROMPT_CHARS}"),
-        ("control_character", df["prompt"].str.contains("\x00", regex=False),
-         lambda r: "prompt contains a NUL character"),
+        (
+            "prompt_too_long",
+            df["prompt"].str.len() > MAX_PROMPT_CHARS,
+            lambda r: f"prompt is {len(r.prompt)} characters, at most {MAX_PROMPT_CHARS}",
+        ),
+        (
+            "control_character",
+            df["prompt"].str.contains("\x00", regex=False),
+            lambda r: "prompt contains a NUL character",
+        ),
     ]
     for rule, bad, detail in checks:
         _reject_rows(df, bad, "prompt", rule, detail, out)
@@ -421,16 +485,19 @@ def _check_prompt_rows(df: pd.DataFrame, name: str, subjects: set[str], sweep: S
         # Parse each distinct cell once: a 10,000-row table has a handful of distinct values.
         parsed = {v: _parse_option(col, v) for v in df[col].unique() if v != ""}
         empty = df[col] == ""
-        problem = df[col].map(lambda v: parsed[v][1] if v else None)
+        problem = df[col].map(lambda v, parsed=parsed: parsed[v][1] if v else None)
         bad = problem.notna()
-        _reject_rows(df.assign(problem=problem), bad, "prompt", "bad_option", lambda r, c=col: f"{c}: {_short(r.problem)}", out)
+        _reject_rows(
+            df.assign(problem=problem), bad, "prompt", "bad_option", lambda r, c=col: f"{c}: {_short(r.problem)}", out
+        )
         keep &= ~bad
-        values = df[col].map(lambda v: parsed[v][0] if v and not parsed[v][1] else None)
+        values = df[col].map(lambda v, parsed=parsed: parsed[v][0] if v and not parsed[v][1] else None)
         df[col] = values.where(~empty, sweep.defaults[col])
     key = ["subject_id", "prompt", *OPTION_COLUMNS]
     dup = keep & df[keep].duplicated(key).reindex(df.index, fill_value=False)
-    _reject_rows(df, dup, "prompt", "duplicate_row", lambda r: "same subject, prompt and options as an "
-                                                           "earlier row", out)
+    _reject_rows(
+        df, dup, "prompt", "duplicate_row", lambda r: "same subject, prompt and options as an earlier row", out
+    )
     good = df[keep & ~dup].reset_index(drop=True)
     good["bgm"] = good["bgm"].astype(bool)
     good["duration"] = good["duration"].astype(int)
@@ -475,8 +542,9 @@ def _examine(source: str, is_url: bool, cache: img.ImageCache, strict: bool, ses
     return sha, verdict, False
 
 
-def validate_images(catalog: Catalog, cache: img.ImageCache, *, strict: bool = False,
-                    http_session=None, workers: int = 2) -> ValidatedImages:
+def validate_images(
+    catalog: Catalog, cache: img.ImageCache, *, strict: bool = False, http_session=None, workers: int = 2
+) -> ValidatedImages:
     """Check every image of the catalog on its bytes and choose at most 7 per subject.
 
     Unchanged local files are recognised by (path, size, mtime, ctime, inode) and known contents
@@ -535,27 +603,55 @@ def validate_images(catalog: Catalog, cache: img.ImageCache, *, strict: bool = F
             claimed = _claimed_format(r.image)
             if claimed and claimed != verdict.format:
                 notes.insert(0, f"extension says {claimed} but the content is {verdict.format}")
-            accepted.append((r.subject_id, r.image, r.view, sha, verdict.sent_sha256,
-                             verdict.mime_subtype, verdict.width, verdict.height,
-                             verdict.sent_bytes, "; ".join(notes), r.row))
+            accepted.append(
+                (
+                    r.subject_id,
+                    r.image,
+                    r.view,
+                    sha,
+                    verdict.sent_sha256,
+                    verdict.mime_subtype,
+                    verdict.width,
+                    verdict.height,
+                    verdict.sent_bytes,
+                    "; ".join(notes),
+                    r.row,
+                )
+            )
     items = dict(zip(rows["row"], rows["item"]))
     accepted = _choose_per_subject(accepted, catalog.sweep.max_images_per_subject, items, rejections)
     frame = pd.DataFrame(accepted, columns=list(ACCEPTED_COLUMNS))
-    subjects = set(rows["subject_id"]) | {r.subject_id for r in catalog.rejections
-                                         if r.kind == "image" and r.subject_id}
+    subjects = set(rows["subject_id"]) | {
+        r.subject_id for r in catalog.rejections if r.kind == "image" and r.subject_id
+    }
     for subject in sorted(subjects - set(frame["subject_id"])):
-        reasons = [r for r in catalog.rejections + rejections
-                   if r.kind == "image" and r.subject_id == subject]
+        reasons = [r for r in catalog.rejections + rejections if r.kind == "image" and r.subject_id == subject]
         summary = "; ".join(f"{r.item.split(':')[0]}: {r.rule}" for r in reasons) or "no image rows"
-        rejections.append(Rejection("subject", subject, f"subject {subject}", "no_valid_images",
-                                    f"subject {subject!r} has no valid reference image ({summary})"))
-    return ValidatedImages(accepted=frame, rejections=rejections, cache_hits=hits,
-                           cache_misses=len(sources) - hits)
+        rejections.append(
+            Rejection(
+                "subject",
+                subject,
+                f"subject {subject}",
+                "no_valid_images",
+                f"subject {subject!r} has no valid reference image ({summary})",
+            )
+        )
+    return ValidatedImages(accepted=frame, rejections=rejections, cache_hits=hits, cache_misses=len(sources) - hits)
 
 
-_EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".webp": "WEBP",
-               ".gif": "GIF", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".heic": "HEIC",
-               ".svg": "SVG"}
+_EXTENSIONS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".jpe": "JPEG",
+    ".webp": "WEBP",
+    ".gif": "GIF",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".heic": "HEIC",
+    ".svg": "SVG",
+}
 
 
 def _claimed_format(image: str) -> str | None:
@@ -563,8 +659,9 @@ def _claimed_format(image: str) -> str | None:
     return _EXTENSIONS.get(os.path.splitext(path)[1].lower())
 
 
-def _choose_per_subject(accepted: list[tuple], limit: int, items: dict[int, str],
-                        rejections: list[Rejection]) -> list[tuple]:
+def _choose_per_subject(
+    accepted: list[tuple], limit: int, items: dict[int, str], rejections: list[Rejection]
+) -> list[tuple]:
     """Drop repeated content within a subject, then keep ``limit`` images per subject.
 
     The choice depends on content, not row order: by ``view`` (named views first, in
@@ -582,13 +679,26 @@ def _choose_per_subject(accepted: list[tuple], limit: int, items: dict[int, str]
         for a in group:
             item = items[a[10]]
             if a[3] in first_row:
-                rejections.append(Rejection("image", subject, item, "duplicate_image",
-                                            f"{item}: same content as row {first_row[a[3]]} of "
-                                            f"subject {subject!r}"))
+                rejections.append(
+                    Rejection(
+                        "image",
+                        subject,
+                        item,
+                        "duplicate_image",
+                        f"{item}: same content as row {first_row[a[3]]} of subject {subject!r}",
+                    )
+                )
             elif len(chosen) >= limit:
-                rejections.append(Rejection("image", subject, item, "too_many_images",
-                                            f"{item}: subject {subject!r} has more than {limit} valid "
-                                            f"images; kept the first {limit} by view, then content hash"))
+                rejections.append(
+                    Rejection(
+                        "image",
+                        subject,
+                        item,
+                        "too_many_images",
+                        f"{item}: subject {subject!r} has more than {limit} valid "
+                        f"images; kept the first {limit} by view, then content hash",
+                    )
+                )
             else:
                 first_row[a[3]] = a[10]
                 chosen.append(a)
@@ -606,8 +716,13 @@ def valid_prompts(catalog: Catalog, validated: ValidatedImages) -> tuple[pd.Data
     prompts = catalog.prompts
     ok = prompts["subject_id"].isin(set(validated.accepted["subject_id"]))
     rejections = [
-        Rejection("prompt", r.subject_id, r.item, "no_valid_images",
-                  f"{r.item}: subject {r.subject_id!r} has no valid reference image")
+        Rejection(
+            "prompt",
+            r.subject_id,
+            r.item,
+            "no_valid_images",
+            f"{r.item}: subject {r.subject_id!r} has no valid reference image",
+        )
         for r in prompts[~ok].itertuples(index=False)
     ]
     return prompts[ok].reset_index(drop=True), rejections

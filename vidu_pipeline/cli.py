@@ -41,7 +41,8 @@ def parse_seeds(text: str) -> list[int]:
         lo, hi = _seed_range(part)
         if len(seeds) + (hi - lo + 1) > MAX_SWEEP_SEEDS:
             raise argparse.ArgumentTypeError(
-                f"--seeds: more than {MAX_SWEEP_SEEDS:,} seeds (at {part!r}); split the sweep into several runs")
+                f"--seeds: more than {MAX_SWEEP_SEEDS:,} seeds (at {part!r}); split the sweep into several runs"
+            )
         seeds += range(lo, hi + 1)
     if not seeds:
         raise argparse.ArgumentTypeError("--seeds: no seed given")
@@ -92,21 +93,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def data_dir_arg(p):
-        p.add_argument("--data-dir", default=os.environ.get("VIDU_DATA_DIR", "data"),
-                       help="folder for the cache, ledger, videos and lineage (default: data)")
+        p.add_argument(
+            "--data-dir",
+            default=os.environ.get("VIDU_DATA_DIR", "data"),
+            help="folder for the cache, ledger, videos and lineage (default: data)",
+        )
 
     g = sub.add_parser("generate", help="run the whole pipeline on a catalog until every request has ended")
     data_dir_arg(g)
     g.add_argument("--catalog", help="catalog folder (default: <data-dir>/catalog)")
     g.add_argument("--seeds", type=parse_seeds, help="override the sweep's seeds, e.g. 1-4 or 1,2,7")
     g.add_argument("--dry-run", action="store_true", help="validate and plan; submit nothing")
-    g.add_argument("--max-tasks", type=non_negative, help="submit at most N tasks in this run (env VIDU_MAX_TASKS_PER_RUN)")
-    g.add_argument("--max-tasks-per-day", type=non_negative, help="cap submits in any 24 h (env VIDU_MAX_TASKS_PER_DAY)")
-    g.add_argument("--price-per-task", type=float, default=_env_float("VIDU_PRICE_PER_TASK"),
-                   help="price of one task, to show the cost of a dry run (env VIDU_PRICE_PER_TASK)")
+    g.add_argument(
+        "--max-tasks", type=non_negative, help="submit at most N tasks in this run (env VIDU_MAX_TASKS_PER_RUN)"
+    )
+    g.add_argument(
+        "--max-tasks-per-day", type=non_negative, help="cap submits in any 24 h (env VIDU_MAX_TASKS_PER_DAY)"
+    )
+    g.add_argument(
+        "--price-per-task",
+        type=float,
+        default=_env_float("VIDU_PRICE_PER_TASK"),
+        help="price of one task, to show the cost of a dry run (env VIDU_PRICE_PER_TASK)",
+    )
     g.add_argument("--retry-budget", type=positive, default=3, help="submit attempts per request (default 3)")
-    g.add_argument("--resubmit-unknown", action="store_true",
-                   help="also resubmit requests whose earlier submit had an unknown outcome (may pay twice)")
+    g.add_argument(
+        "--resubmit-unknown",
+        action="store_true",
+        help="also resubmit requests whose earlier submit had an unknown outcome (may pay twice)",
+    )
     g.add_argument("--strict-images", action="store_true", help="reject images that would need re-encoding")
     g.add_argument("--allow-outside-paths", action="store_true", help="let catalog paths leave the catalog folder")
     g.add_argument("--timeout", type=float, default=6 * 3600, help="give up waiting after this many seconds")
@@ -152,16 +167,24 @@ def main(argv: list[str] | None = None) -> int:
     except (CatalogProblem, errors.ConfigurationError) as exc:
         return fail(str(exc), EXIT_USAGE)
     except errors.AuthError as exc:
-        return fail(f"the Vidu API refused the key ({exc}); check VIDU_API_KEY (and the account's credit); "
-                    "nothing more was submitted", EXIT_USAGE)
+        return fail(
+            f"the Vidu API refused the key ({exc}); check VIDU_API_KEY (and the account's credit); "
+            "nothing more was submitted",
+            EXIT_USAGE,
+        )
     except Exception as exc:
         if not disk_full(exc):
             raise
-        return fail(f"{disk_message(exc)}; free some space and run the same command again "
-                    "(what was recorded is kept)", EXIT_FAILED)
+        return fail(
+            f"{disk_message(exc)}; free some space and run the same command again (what was recorded is kept)",
+            EXIT_FAILED,
+        )
     except KeyboardInterrupt as exc:
-        print("\ninterrupted: the ledger is consistent; run the same command again to resume "
-              "(nothing already submitted is paid for twice)", file=sys.stderr)
+        print(
+            "\ninterrupted: the ledger is consistent; run the same command again to resume "
+            "(nothing already submitted is paid for twice)",
+            file=sys.stderr,
+        )
         return 128 + getattr(exc, "signum", signal.SIGINT)
 
 
@@ -189,8 +212,11 @@ def install_stop_handlers() -> None:
 
     def handler(signum, _frame):
         if _stopping:
-            print(f"\n{signal.Signals(signum).name} again: exiting now; the next run marks a submit "
-                  "cut short as unknown", file=sys.stderr, flush=True)
+            print(
+                f"\n{signal.Signals(signum).name} again: exiting now; the next run marks a submit cut short as unknown",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(128 + signum)
         _stopping.append(signum)
         raise Interrupted(signum)

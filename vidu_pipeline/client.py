@@ -157,8 +157,11 @@ class ViduClient:
         check_api_key(api_key)
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"API base URL must start with http:// or https://, got {base_url[:80]!r}")
-        for name, value in (("submit", submit_deadline_s), ("poll", poll_deadline_s),
-                            ("download", download_deadline_s)):
+        for name, value in (
+            ("submit", submit_deadline_s),
+            ("poll", poll_deadline_s),
+            ("download", download_deadline_s),
+        ):
             if not value > 0:
                 raise ValueError(f"{name}_deadline_s must be positive, got {value!r}")
         self._api_key = api_key
@@ -211,7 +214,11 @@ class ViduClient:
                 # No redirects: requests would resend the body on a 307/308 (a second paid
                 # task, perhaps to another host).
                 resp = self._posts.post(
-                    url, json=body, headers=self._auth(), timeout=self.timeout, stream=True,
+                    url,
+                    json=body,
+                    headers=self._auth(),
+                    timeout=self.timeout,
+                    stream=True,
                     allow_redirects=False,
                 )
             except _TRANSFER_ERRORS as exc:
@@ -224,11 +231,12 @@ class ViduClient:
     def _submit_lost(self, exc: BaseException, call: Call) -> errors.ViduError:
         """The error for a submit that got no answer: not sent, or maybe paid."""
         if _never_sent(exc):
-            return errors.TransientError(
-                f"submit not sent: could not connect to {self.base_url} ({_exc_name(exc)})"
-            )
-        what = (f"no complete answer within the {call.seconds:g} s submit deadline" if call.expired
-                else f"no answer came back ({_exc_name(exc)})")
+            return errors.TransientError(f"submit not sent: could not connect to {self.base_url} ({_exc_name(exc)})")
+        what = (
+            f"no complete answer within the {call.seconds:g} s submit deadline"
+            if call.expired
+            else f"no answer came back ({_exc_name(exc)})"
+        )
         return errors.SubmitOutcomeUnknown(
             f"submit sent to {self.base_url} but {what}; a paid task may exist — not resending"
         )
@@ -243,9 +251,7 @@ class ViduClient:
                 status=status,
             )
         if kind is errors.SubmitRejected:
-            raise errors.SubmitRejected(
-                f"submit refused, no task created: {self._error_text(resp)}", status=status
-            )
+            raise errors.SubmitRejected(f"submit refused, no task created: {self._error_text(resp)}", status=status)
         if kind is not None:
             raise self._error(resp, kind)
         try:
@@ -253,8 +259,9 @@ class ViduClient:
         except (_BodyCut, errors.MalformedResponse) as exc:
             raise self._no_task_id(getattr(exc, "message", str(exc))) from None
         if task_id is None or self._scrub.has_key(task_id):
-            raise self._no_task_id(f"task_id is not a non-empty string of at most {answers.MAX_TASK_ID_CHARS} "
-                                   "visible ASCII characters")
+            raise self._no_task_id(
+                f"task_id is not a non-empty string of at most {answers.MAX_TASK_ID_CHARS} visible ASCII characters"
+            )
         return task_id
 
     @staticmethod
@@ -355,9 +362,7 @@ class ViduClient:
         while True:
             try:
                 if not result.videos:
-                    raise errors.VideoURLExpired(
-                        f"task {result.task_id} ({result.status}) lists no video to download"
-                    )
+                    raise errors.VideoURLExpired(f"task {result.task_id} ({result.status}) lists no video to download")
                 sha, size = self._fetch(result.videos[0].url, dest, result.task_id)
                 return Download(path=dest, sha256=sha, size_bytes=size, task=result)
             except errors.VideoURLExpired:
@@ -379,13 +384,14 @@ class ViduClient:
         with deadline(self.download_deadline_s) as call:
             try:
                 # identity: the size check and the hash are about the bytes of the file as stored.
-                resp = self._gets.get(
-                    url, stream=True, timeout=self.timeout, headers={"Accept-Encoding": "identity"}
-                )
+                resp = self._gets.get(url, stream=True, timeout=self.timeout, headers={"Accept-Encoding": "identity"})
             except requests.TooManyRedirects:
                 raise errors.DownloadError(f"task {task_id}: too many redirects downloading {where}") from None
-            except (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL,
-                    requests.exceptions.MissingSchema) as exc:
+            except (
+                requests.exceptions.InvalidSchema,
+                requests.exceptions.InvalidURL,
+                requests.exceptions.MissingSchema,
+            ) as exc:
                 # Not str(exc): it quotes the whole (redirected) URL, signature included.
                 raise errors.DownloadError(
                     f"task {task_id}: refused download URL {where} or a redirect from it ({_exc_name(exc)})"
@@ -441,9 +447,7 @@ class ViduClient:
                 out.flush()
                 os.fsync(out.fileno())
             if expected is not None and size != expected:
-                raise errors.DownloadError(
-                    f"task {task_id}: got {size:,} of {expected:,} bytes (truncated download)"
-                )
+                raise errors.DownloadError(f"task {task_id}: got {size:,} of {expected:,} bytes (truncated download)")
             if size == 0:
                 raise errors.DownloadError(f"task {task_id}: empty video body")
             os.replace(tmp, dest)

@@ -254,7 +254,7 @@ def parse_data_uri(ref: str) -> tuple[str, bytes]:
     if not m:
         raise ValueError("not a data:image/<type>;base64, URI")
     try:
-        raw = base64.b64decode(ref[m.end():], validate=True)
+        raw = base64.b64decode(ref[m.end() :], validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ValueError(f"invalid base64 payload ({exc})") from None
     return m.group(1).lower(), raw
@@ -264,15 +264,11 @@ def image_dimension_problems(width: int, height: int) -> list[str]:
     """The contract's pixel rules; each problem is a sentence without the field name."""
     problems = []
     if width < MIN_IMAGE_SIDE_PX or height < MIN_IMAGE_SIDE_PX:
-        problems.append(
-            f"{width}×{height} px, at least {MIN_IMAGE_SIDE_PX}×{MIN_IMAGE_SIDE_PX} needed"
-        )
+        problems.append(f"{width}×{height} px, at least {MIN_IMAGE_SIDE_PX}×{MIN_IMAGE_SIDE_PX} needed")
     if height and width:
         ratio = width / height
         if ratio < MIN_ASPECT or ratio > MAX_ASPECT:
-            problems.append(
-                f"aspect ratio {width}:{height} ({ratio:.3f}) is outside 1:4 … 4:1"
-            )
+            problems.append(f"aspect ratio {width}:{height} ({ratio:.3f}) is outside 1:4 … 4:1")
     return problems
 
 
@@ -295,10 +291,7 @@ def validate_image_ref(field: str, ref: Any, inspect: ImageInspector | None) -> 
     except ValueError as exc:
         return [f"{field}: {exc}"]
     if len(raw) >= MAX_BASE64_DECODED_BYTES:
-        return [
-            f"{field}: decoded base64 payload is {len(raw):,} bytes, "
-            f"must be under {MAX_BASE64_DECODED_BYTES:,}"
-        ]
+        return [f"{field}: decoded base64 payload is {len(raw):,} bytes, must be under {MAX_BASE64_DECODED_BYTES:,}"]
     if inspect is None:
         return []
     try:
@@ -338,9 +331,7 @@ def validate_payload(body: Any, inspect: ImageInspector | None = None) -> list[s
     elif not isinstance(images, list):
         problems.append(f"images: must be an array of strings, got {type(images).__name__}")
     elif not MIN_IMAGES <= len(images) <= MAX_IMAGES:
-        problems.append(
-            f"images: {len(images)} items, between {MIN_IMAGES} and {MAX_IMAGES} needed"
-        )
+        problems.append(f"images: {len(images)} items, between {MIN_IMAGES} and {MAX_IMAGES} needed")
     else:
         for i, ref in enumerate(images):
             problems += validate_image_ref(f"images[{i}]", ref, inspect)

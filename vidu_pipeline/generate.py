@@ -168,10 +168,14 @@ class Driver:
         if request.run_key in self.done_run_keys:
             return False
         self.done_run_keys.add(request.run_key)
-        self.pending.append(self._runner.submit(
-            self._materialize, [k.to_user_string() for k in request.asset_selection],
-            dict(request.tags), request.run_config,
-        ))
+        self.pending.append(
+            self._runner.submit(
+                self._materialize,
+                [k.to_user_string() for k in request.asset_selection],
+                dict(request.tags),
+                request.run_config,
+            )
+        )
         return True
 
     def check_finished(self) -> bool:
@@ -201,8 +205,11 @@ class Driver:
         """Stop taking new work: queued runs are dropped, the step (and tick) in flight finish
         and record what they submitted."""
         if interrupted:
-            print("\nstopping: letting the step in flight record its work (a second signal forces the exit)…",
-                  file=sys.stderr, flush=True)
+            print(
+                "\nstopping: letting the step in flight record its work (a second signal forces the exit)…",
+                file=sys.stderr,
+                flush=True,
+            )
         if interrupted or self.pending:
             tasks.STOP.set()
         for future in self.pending:
@@ -235,8 +242,9 @@ def stopping_error(step: str, error) -> Exception | None:
         if err.cls_name == "StorageError":
             return errors.StorageError(text)
         if err.cls_name == "OperationalError" and "disk is full" in text:
-            return errors.StorageError(f"the disk is full: step {step} could not write the ledger "
-                                       "(database or disk is full)")
+            return errors.StorageError(
+                f"the disk is full: step {step} could not write the ledger (database or disk is full)"
+            )
         if f"[Errno {errno.ENOSPC}]" in text or f"[Errno {errno.EDQUOT}]" in text:
             return errors.StorageError(f"the disk is full: step {step}: {text}")
     return None
@@ -286,7 +294,7 @@ def run_to_end(driver: Driver, args) -> int:
     ids, rejected = plan_requests(driver)
     context = build_sensor_context(instance=driver.instance)
     for start in range(0, len(ids), 2000):
-        chunk = ids[start:start + 2000]
+        chunk = ids[start : start + 2000]
         for request in batch_run_requests(context, "video_tasks", chunk, f"session:{driver.session}:{start}"):
             driver.run(["video_tasks"], tags=dict(request.tags), run_config=request.run_config)
 
@@ -294,8 +302,9 @@ def run_to_end(driver: Driver, args) -> int:
     # Tasks that succeeded before an earlier run was killed still lack their video: the sensor
     # only collects fresh successes (or stuck ones after minutes), so collect them now.
     wanted = set(ids)
-    orphans = [r.request_id for r in ledger.needing_video(max_video_attempts=pipeline.video_attempts)
-               if r.request_id in wanted]
+    orphans = [
+        r.request_id for r in ledger.needing_video(max_video_attempts=pipeline.video_attempts) if r.request_id in wanted
+    ]
     for request in batch_run_requests(context, "videos", orphans, f"session:{driver.session}:videos"):
         driver.run(["videos"], tags=dict(request.tags), run_config=request.run_config)
 
@@ -333,8 +342,11 @@ def plan_requests(driver: Driver) -> tuple[list[str], object]:
             f"rejected (see {pipeline.reports_dir / 'rejections.csv'}); every request needs a subject with a "
             "valid image and a prompt"
         )
-    print(f"catalog: {len(ids)} request(s) planned; {len(rejected)} input(s) rejected "
-          f"(see {pipeline.reports_dir / 'rejections.csv'})", file=sys.stderr)
+    print(
+        f"catalog: {len(ids)} request(s) planned; {len(rejected)} input(s) rejected "
+        f"(see {pipeline.reports_dir / 'rejections.csv'})",
+        file=sys.stderr,
+    )
     return ids, rejected
 
 
@@ -352,9 +364,11 @@ def dry_run(driver: Driver, args) -> int:
     ledger = driver.pipeline.ledger()
     known = ledger.get_many([s.request_id for s in specs])
     new = [s for s in specs if s.request_id not in known or known[s.request_id].state == PLANNED]
-    print(f"dry run: {len(specs)} request(s) from {prompts['subject_id'].nunique() if len(prompts) else 0} "
-          f"subject(s) × prompts × {len(seeds)} seed(s); {len(new)} would be submitted, "
-          f"{len(specs) - len(new)} already have a task; {len(rejected)} input(s) rejected")
+    print(
+        f"dry run: {len(specs)} request(s) from {prompts['subject_id'].nunique() if len(prompts) else 0} "
+        f"subject(s) × prompts × {len(seeds)} seed(s); {len(new)} would be submitted, "
+        f"{len(specs) - len(new)} already have a task; {len(rejected)} input(s) rejected"
+    )
     if args.price_per_task is not None:
         print(f"estimated cost: {len(new)} × {args.price_per_task:g} = {len(new) * args.price_per_task:.2f}")
     cap = driver.pipeline.caps("-").per_run
@@ -372,8 +386,16 @@ def _rows(ledger, ids: list[str]) -> list:
 
 def session_state(rows, pipeline: PipelineResource, ledger, session: str) -> dict:
     """Counts for the progress line, and how many requests may still move."""
-    counts = {"planned": 0, "submitted": 0, "running": 0, "done": 0, "mismatched": 0, "failed": 0, "unknown": 0,
-              "open": 0}
+    counts = {
+        "planned": 0,
+        "submitted": 0,
+        "running": 0,
+        "done": 0,
+        "mismatched": 0,
+        "failed": 0,
+        "unknown": 0,
+        "open": 0,
+    }
     caps = pipeline.caps(session)
     capped = (caps.per_run is not None and ledger.submits_since(0, session) >= caps.per_run) or (
         caps.per_day is not None and ledger.submits_since(time.time() - 86_400) >= caps.per_day
@@ -427,9 +449,12 @@ class Progress:
         width = 24
         ended = s["done"] + s["mismatched"] + s["failed"] + s["unknown"]
         filled = int(width * ended / total) if total else width
-        self.text = (f"[{'#' * filled}{'.' * (width - filled)}] submitted {s['submitted']} | running {s['running']} "
-                     f"| done {s['done']} | " + (f"mismatched {s['mismatched']} | " if s["mismatched"] else "")
-                     + f"failed {s['failed']} | unknown {s['unknown']} | planned {s['planned']}")
+        self.text = (
+            f"[{'#' * filled}{'.' * (width - filled)}] submitted {s['submitted']} | running {s['running']} "
+            f"| done {s['done']} | "
+            + (f"mismatched {s['mismatched']} | " if s["mismatched"] else "")
+            + f"failed {s['failed']} | unknown {s['unknown']} | planned {s['planned']}"
+        )
         now = time.monotonic()
         if self.tty:
             print("\r" + self.text, end="", file=sys.stderr, flush=True)
@@ -445,8 +470,10 @@ def write_contact_sheet(pipeline: PipelineResource, rows) -> Path | None:
     from .video import contact_sheet
 
     items = [
-        (f"{r.subject_id} · {json.loads(r.spec_json)['options']['aspect_ratio']} · seed {r.seed}",
-         _thumbnail_or_video(pipeline, r))
+        (
+            f"{r.subject_id} · {json.loads(r.spec_json)['options']['aspect_ratio']} · seed {r.seed}",
+            _thumbnail_or_video(pipeline, r),
+        )
         for r in rows
         if r and r.video_sha256 and r.video_path and Path(r.video_path).exists()
     ]
@@ -488,7 +515,10 @@ def summarize(pipeline: PipelineResource, rows, rejected, sheet: Path | None, *,
             failed.append(f"  {row.request_id}: {row.state}: {row.last_error or 'no video yet'}")
     print("\nsummary")
     print(f"  requests: {len(rows)}  " + "  ".join(f"{k}: {v}" for k, v in sorted(by_state.items())))
-    print(f"  rejected inputs: {len(rejected)}" + (f" (see {pipeline.reports_dir / 'rejections.csv'})" if len(rejected) else ""))
+    print(
+        f"  rejected inputs: {len(rejected)}"
+        + (f" (see {pipeline.reports_dir / 'rejections.csv'})" if len(rejected) else "")
+    )
     print(f"  videos: {pipeline.videos_dir}")
     print(f"  lineage: {pipeline.root / 'lineage'}")
     if sheet:
@@ -519,17 +549,31 @@ def status(args) -> int:
     finally:
         ledger.close()
     if args.json:
-        print(json.dumps({
-            "counts": counts,
-            "oldest_pending": oldest and {"request_id": oldest.request_id, "state": oldest.state,
-                                          "task_id": oldest.task_id, "age_s": round(time.time() - oldest.created_at)},
-            "unknown": [{"request_id": r.request_id, "task_id": r.task_id, "reason": r.last_error} for r in unknown],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "counts": counts,
+                    "oldest_pending": oldest
+                    and {
+                        "request_id": oldest.request_id,
+                        "state": oldest.state,
+                        "task_id": oldest.task_id,
+                        "age_s": round(time.time() - oldest.created_at),
+                    },
+                    "unknown": [
+                        {"request_id": r.request_id, "task_id": r.task_id, "reason": r.last_error} for r in unknown
+                    ],
+                },
+                indent=2,
+            )
+        )
         return EXIT_OK
     print("  ".join(f"{k}: {v}" for k, v in counts.items()))
     if oldest:
-        print(f"oldest pending: {oldest.request_id} ({oldest.state}, task {oldest.task_id or '-'}, "
-              f"{time.time() - oldest.created_at:.0f} s old)")
+        print(
+            f"oldest pending: {oldest.request_id} ({oldest.state}, task {oldest.task_id or '-'}, "
+            f"{time.time() - oldest.created_at:.0f} s old)"
+        )
     for row in unknown:
         print(f"unknown: {row.request_id} (task {row.task_id or '?'}): {row.last_error}")
     return EXIT_OK
@@ -572,11 +616,19 @@ def reproduce(args) -> int:
             return EXIT_FAILED
         if not row.video_sha256:
             try:
-                collect.collect_video(ledger, client, row.request_id, videos_dir=pipeline.root / "reproductions",
-                                      render_scale=endpoint.render_scale)
+                collect.collect_video(
+                    ledger,
+                    client,
+                    row.request_id,
+                    videos_dir=pipeline.root / "reproductions",
+                    render_scale=endpoint.render_scale,
+                )
             except (VideoInvalid, errors.ViduError) as exc:
-                print(f"error: {row.request_id}: no good video ({exc}); run reproduce again to retry the "
-                      "download (nothing new is submitted)", file=sys.stderr)
+                print(
+                    f"error: {row.request_id}: no good video ({exc}); run reproduce again to retry the "
+                    "download (nothing new is submitted)",
+                    file=sys.stderr,
+                )
                 return EXIT_FAILED
         row = ledger.get(row.request_id)
     pipeline.lineage().append([collect.lineage_row(row)])
@@ -584,8 +636,10 @@ def reproduce(args) -> int:
     same = row.video_sha256 == original.video_sha256
     for problem in video_problems(row):
         print(f"{row.request_id}: video does not match its request: {problem}", file=sys.stderr)
-    print(f"original   {original.video_sha256}\nreproduced {row.video_sha256}\n"
-          f"{'MATCH' if same else 'DIFFERENT'}: {row.video_path}")
+    print(
+        f"original   {original.video_sha256}\nreproduced {row.video_sha256}\n"
+        f"{'MATCH' if same else 'DIFFERENT'}: {row.video_path}"
+    )
     return EXIT_OK if same else EXIT_FAILED
 
 
@@ -595,8 +649,9 @@ def open_reproduction(ledger, original):
     n, latest = 1, None
     while (row := ledger.get(f"{original.request_id}-r{n}")) is not None:
         latest, n = row, n + 1
-    if latest is not None and (latest.state in (PLANNED, SUBMITTING, SUBMITTED)
-                               or (latest.state == SUCCEEDED and not latest.video_sha256)):
+    if latest is not None and (
+        latest.state in (PLANNED, SUBMITTING, SUBMITTED) or (latest.state == SUCCEEDED and not latest.video_sha256)
+    ):
         return latest, n
     return None, n
 
@@ -606,8 +661,17 @@ def plan_reproduction(ledger, original, n: int):
     spec = plan.RequestSpec.from_json(original.spec_json)
     seed = original.effective_seed if original.effective_seed is not None else spec.seed
     spec = dataclasses.replace(spec, request_id=f"{original.request_id}-r{n}", seed=seed)
-    ledger.plan([PlannedRequest(request_id=spec.request_id, subject_id=spec.subject_id, seed=seed,
-                                fingerprint=spec.fingerprint(), spec_json=spec.to_json())])
+    ledger.plan(
+        [
+            PlannedRequest(
+                request_id=spec.request_id,
+                subject_id=spec.subject_id,
+                seed=seed,
+                fingerprint=spec.fingerprint(),
+                spec_json=spec.to_json(),
+            )
+        ]
+    )
     return ledger.get(spec.request_id)
 
 
@@ -619,8 +683,10 @@ def confirm_paid_submit(args, endpoint, request_id: str) -> None:
     if args.yes:
         return
     if not sys.stdin.isatty():
-        raise CatalogProblem(f"reproducing {request_id} submits 1 paid task to the {endpoint.describe()}; "
-                             "stdin is not a terminal, so pass --yes to confirm (nothing was submitted)")
+        raise CatalogProblem(
+            f"reproducing {request_id} submits 1 paid task to the {endpoint.describe()}; "
+            "stdin is not a terminal, so pass --yes to confirm (nothing was submitted)"
+        )
     answer = input(f"Submit 1 paid task to reproduce {request_id}? [y/N] ")
     if answer.strip().lower() not in ("y", "yes"):
         raise CatalogProblem("not confirmed: nothing was submitted")
@@ -629,7 +695,9 @@ def confirm_paid_submit(args, endpoint, request_id: str) -> None:
 def submit_reproduction(pipeline: PipelineResource, ledger, client, request_id: str) -> int | None:
     """Claim (caps checked in the claim) and submit; an exit code when nothing was submitted."""
     [outcome] = tasks.submit_requests(
-        ledger, client, [request_id],
+        ledger,
+        client,
+        [request_id],
         data_uri_for=pipeline.image_cache().data_uri,
         caps=pipeline.caps(uuid.uuid4().hex[:12]),
         owner=tasks.owner_id(),

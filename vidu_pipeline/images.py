@@ -25,10 +25,10 @@ import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 from .contract import (
+    MAX_ASPECT,
     MAX_BASE64_DECODED_BYTES,
     MAX_IMAGE_FILE_BYTES,
     MIN_ASPECT,
-    MAX_ASPECT,
     MIN_IMAGE_SIDE_PX,
     ImageFacts,
     image_dimension_problems,
@@ -62,8 +62,16 @@ _EXIF_ORIENTATION = 0x0112
 # --- sniffing --------------------------------------------------------------------------------
 
 _FTYP_BRANDS = {
-    b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"hevx": "HEIC", b"heim": "HEIC",
-    b"heis": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF",
+    b"heic": "HEIC",
+    b"heix": "HEIC",
+    b"hevc": "HEIC",
+    b"hevx": "HEIC",
+    b"heim": "HEIC",
+    b"heis": "HEIC",
+    b"mif1": "HEIF",
+    b"msf1": "HEIF",
+    b"avif": "AVIF",
+    b"avis": "AVIF",
 }
 _SIGNATURES = (  # (offset, magic, name), checked in order
     (0, b"\x89PNG\r\n\x1a\n", "PNG"),
@@ -95,7 +103,7 @@ def sniff_format(head: bytes) -> str:
     if not head:
         return "empty"
     for offset, magic, name in _SIGNATURES:
-        if head[offset:offset + len(magic)] == magic:
+        if head[offset : offset + len(magic)] == magic:
             return name
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WEBP"
@@ -227,8 +235,9 @@ def _shrink(im: Image.Image) -> tuple[bytes, str, Image.Image]:
         current = im.resize(size, Image.Resampling.LANCZOS)
 
 
-def check_image_bytes(data: bytes, *, strict: bool = False,
-                      sha256: str | None = None) -> tuple[ImageVerdict, bytes | None]:
+def check_image_bytes(
+    data: bytes, *, strict: bool = False, sha256: str | None = None
+) -> tuple[ImageVerdict, bytes | None]:
     """Apply every image rule to ``data``; return the verdict and the bytes to send (or None).
 
     ``sha256`` of ``data``, when the caller already has it, saves hashing unchanged bytes again.
@@ -292,8 +301,11 @@ def _normalise(data: bytes, im: Image.Image, fmt: str, strict: bool, sha256: str
 
     frames = getattr(im, "n_frames", 1)
     if frames > 1:
-        if r := fix("animated", f"animated {fmt} with {frames} frames",
-                    f"animated {fmt} ({frames} frames): only the first frame is sent"):
+        if r := fix(
+            "animated",
+            f"animated {fmt} with {frames} frames",
+            f"animated {fmt} ({frames} frames): only the first frame is sent",
+        ):
             return r, None
     if im.mode == "CMYK":
         if r := fix("cmyk", "CMYK colour", "CMYK converted to RGB JPEG (no ICC colour management)"):
@@ -306,8 +318,11 @@ def _normalise(data: bytes, im: Image.Image, fmt: str, strict: bool, sha256: str
             im = _to_8bit(im)  # RGB(A) 16-bit PNGs are already read as 8-bit by Pillow
     orientation = _orientation(im)
     if orientation in _ROTATING_ORIENTATIONS:
-        if r := fix("exif_orientation", f"EXIF orientation {orientation}",
-                    f"EXIF orientation {orientation} applied (pixels rotated, tag removed)"):
+        if r := fix(
+            "exif_orientation",
+            f"EXIF orientation {orientation}",
+            f"EXIF orientation {orientation} applied (pixels rotated, tag removed)",
+        ):
             return r, None
         im = ImageOps.exif_transpose(im)
     if im.mode == "P":
@@ -321,8 +336,9 @@ def _normalise(data: bytes, im: Image.Image, fmt: str, strict: bool, sha256: str
     else:
         sent = data
     if len(sent) >= MAX_BASE64_DECODED_BYTES:
-        reason = (f"payload of {len(sent):,} bytes; the decoded base64 payload must be under "
-                  f"{MAX_BASE64_DECODED_BYTES:,}")
+        reason = (
+            f"payload of {len(sent):,} bytes; the decoded base64 payload must be under {MAX_BASE64_DECODED_BYTES:,}"
+        )
         if strict:
             return refuse("payload_size", f"{reason}; strict mode does not re-encode", fmt), None
         before = im.size
@@ -331,8 +347,7 @@ def _normalise(data: bytes, im: Image.Image, fmt: str, strict: bool, sha256: str
         except ValueError as exc:
             return refuse("payload_size", f"{reason} and cannot be shrunk ({exc})", fmt), None
         scaled = "" if im.size == before else f", downscaled from {before[0]}×{before[1]}"
-        notes.append(f"re-encoded as {out_fmt} to fit the {MAX_BASE64_DECODED_BYTES:,}-byte "
-                     f"payload limit{scaled}")
+        notes.append(f"re-encoded as {out_fmt} to fit the {MAX_BASE64_DECODED_BYTES:,}-byte payload limit{scaled}")
     return ImageVerdict(
         format=fmt,
         mime_subtype=MIME_SUBTYPES[out_fmt],
@@ -357,8 +372,7 @@ def inspect_image_bytes(data: bytes) -> ImageFacts:
     try:
         im = _open(data, fmt)
         if im.width * im.height > MAX_DECODE_PIXELS:
-            raise ValueError(f"decompression bomb: {im.width}×{im.height} px exceeds "
-                             f"{MAX_DECODE_PIXELS:,} px")
+            raise ValueError(f"decompression bomb: {im.width}×{im.height} px exceeds {MAX_DECODE_PIXELS:,} px")
         im.verify()
         im = _open(data, fmt)
         im.load()
@@ -462,10 +476,11 @@ class ImageCache:
         paths = list(keys)
         with self._lock:
             for i in range(0, len(paths), 500):
-                chunk = paths[i:i + 500]
+                chunk = paths[i : i + 500]
                 rows = self._db.execute(
                     f"SELECT path, size, mtime_ns, ctime_ns, inode, sha256 FROM files WHERE path IN"
-                    f" ({','.join('?' * len(chunk))})", chunk
+                    f" ({','.join('?' * len(chunk))})",
+                    chunk,
                 ).fetchall()
                 for path, *key, sha in rows:
                     if tuple(key) == keys[path]:
@@ -485,7 +500,7 @@ class ImageCache:
         found: dict[str, ImageVerdict] = {}
         with self._lock:
             for i in range(0, len(shas), 500):
-                chunk = shas[i:i + 500]
+                chunk = shas[i : i + 500]
                 rows = self._db.execute(
                     f"SELECT sha256, verdict FROM verdicts WHERE version = ? AND strict = ? AND"
                     f" sha256 IN ({','.join('?' * len(chunk))})",

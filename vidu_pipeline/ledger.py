@@ -417,9 +417,7 @@ class Ledger:
             row = conn.execute(self._locked(select(requests_table).where(r.request_id == request_id))).first()
             if row is None:
                 return Skip(request_id, "not in the ledger")
-            counted = conn.scalar(
-                select(func.count()).where(a.request_id == request_id, _counted(a))
-            )
+            counted = conn.scalar(select(func.count()).where(a.request_id == request_id, _counted(a)))
             skip = _state_skip(row, counted, retry_budget, allow_unknown)
             if skip:
                 return Skip(request_id, skip)
@@ -471,14 +469,17 @@ class Ledger:
         with self._write() as conn:
             conn.execute(
                 update(attempts_table)
-                .where(a.request_id == request_id, a.attempt == attempt,
-                       or_(a.task_id.is_(None), a.task_id == task_id))
+                .where(a.request_id == request_id, a.attempt == attempt, or_(a.task_id.is_(None), a.task_id == task_id))
                 .values(task_id=task_id, ended_at=now, outcome=OUTCOME_SUBMITTED, error=None)
             )
             res = conn.execute(
                 update(requests_table)
-                .where(r.request_id == request_id, r.attempts == attempt, r.task_id.is_(None),
-                       r.state.in_((SUBMITTING, UNKNOWN)))
+                .where(
+                    r.request_id == request_id,
+                    r.attempts == attempt,
+                    r.task_id.is_(None),
+                    r.state.in_((SUBMITTING, UNKNOWN)),
+                )
                 .values(
                     state=SUBMITTED,
                     task_id=task_id,
@@ -538,9 +539,7 @@ class Ledger:
         r, a = requests_table.c, attempts_table.c
         with self._write() as conn:
             pending = conn.execute(
-                self._locked(
-                    select(r.request_id, r.attempts, r.owner, r.submitting_at).where(r.state == SUBMITTING)
-                )
+                self._locked(select(r.request_id, r.attempts, r.owner, r.submitting_at).where(r.state == SUBMITTING))
             ).all()
             stale = []
             for rid, attempt, owner, since in pending:
@@ -590,8 +589,14 @@ class Ledger:
         written) if the request has moved on from that task."""
         r = requests_table.c
         return self._answer(
-            request_id, task_id, (SUBMITTED,), "record a poll",
-            last_status=status, eta_s=eta_s, progress=progress, next_poll_at=next_poll_at,
+            request_id,
+            task_id,
+            (SUBMITTED,),
+            "record a poll",
+            last_status=status,
+            eta_s=eta_s,
+            progress=progress,
+            next_poll_at=next_poll_at,
             polls=r.polls + 1,
         )
 
@@ -601,17 +606,29 @@ class Ledger:
         """``task_id`` succeeded: from ``submitted``, or from ``unknown`` with that task id (a
         late poll found it done). False if the request has moved on from that task."""
         return self._answer(
-            request_id, task_id, (SUBMITTED, UNKNOWN), "record success",
-            state=SUCCEEDED, effective_seed=effective_seed, finished_at=finished_at,
-            next_poll_at=None, last_error=None,
+            request_id,
+            task_id,
+            (SUBMITTED, UNKNOWN),
+            "record success",
+            state=SUCCEEDED,
+            effective_seed=effective_seed,
+            finished_at=finished_at,
+            next_poll_at=None,
+            last_error=None,
         )
 
     def record_failed(self, request_id: str, reason: str, *, task_id: str) -> bool:
         """``task_id`` ended FAILED: resubmittable while within the retry budget. False if the
         request has moved on from that task (an old task's failure must not end a new one)."""
         return self._answer(
-            request_id, task_id, (SUBMITTED, UNKNOWN), "record failure",
-            state=FAILED, last_error=reason, finished_at=self.clock(), next_poll_at=None,
+            request_id,
+            task_id,
+            (SUBMITTED, UNKNOWN),
+            "record failure",
+            state=FAILED,
+            last_error=reason,
+            finished_at=self.clock(),
+            next_poll_at=None,
         )
 
     def record_unknown(self, request_id: str, reason: str, *, task_id: str | None) -> bool:
@@ -644,8 +661,7 @@ class Ledger:
             )
             return True
 
-    def _answer(self, request_id: str, task_id: str | None, from_states: tuple[str, ...], what: str,
-                **values) -> bool:
+    def _answer(self, request_id: str, task_id: str | None, from_states: tuple[str, ...], what: str, **values) -> bool:
         """Apply a poll's answer only while the row holds ``task_id`` in one of ``from_states``
         (one conditional UPDATE, so no other writer can slip in between). A miss is a stale
         answer: logged at debug and reported as False."""
@@ -668,8 +684,15 @@ class Ledger:
 
     @staticmethod
     def _stale(request_id: str, task_id: str | None, what: str, row) -> None:
-        log.debug("stale answer ignored: cannot %s for %s about task %s: the row is %s (attempt %s, task %s)",
-                  what, request_id, task_id, row.state, row.attempts, row.task_id)
+        log.debug(
+            "stale answer ignored: cannot %s for %s about task %s: the row is %s (attempt %s, task %s)",
+            what,
+            request_id,
+            task_id,
+            row.state,
+            row.attempts,
+            row.task_id,
+        )
 
     # --- videos and lineage -------------------------------------------------------------------
 
@@ -788,10 +811,7 @@ class Ledger:
         """The longest-waiting request not yet finished (planned, submitting or submitted)."""
         r = requests_table.c
         rows = self._select(
-            select(requests_table)
-            .where(r.state.in_(PENDING_STATES))
-            .order_by(r.created_at, r.request_id)
-            .limit(1)
+            select(requests_table).where(r.state.in_(PENDING_STATES)).order_by(r.created_at, r.request_id).limit(1)
         )
         return rows[0] if rows else None
 

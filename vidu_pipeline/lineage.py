@@ -84,11 +84,11 @@ def to_utc(value: Any) -> dt.datetime | None:
     if isinstance(value, pd.Timestamp):
         value = value.floor("us").to_pydatetime()  # Parquet keeps microseconds
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return dt.datetime.fromtimestamp(value, dt.timezone.utc)
+        return dt.datetime.fromtimestamp(value, dt.UTC)
     if isinstance(value, str):
         value = dt.datetime.fromisoformat(value)
     if isinstance(value, dt.datetime):
-        return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
     raise TypeError(f"not a timestamp: {value!r}")
 
 
@@ -119,7 +119,7 @@ class LineageStore:
 
     def append(self, rows: Iterable[Mapping[str, Any]]) -> Path:
         """Write ``rows`` as one new immutable part file; returns its path."""
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         table = pa.Table.from_pylist([normalize_row(r, now) for r in rows], schema=SCHEMA)
         if table.num_rows == 0:
             raise ValueError("nothing to append")
@@ -157,7 +157,7 @@ class LineageStore:
             parts = self.parts()
             if len(parts) < 2:
                 return None
-            merged = self._write_atomic(_read(parts), dt.datetime.now(dt.timezone.utc))
+            merged = self._write_atomic(_read(parts), dt.datetime.now(dt.UTC))
             for p in parts:
                 p.unlink()
             _fsync_dir(self.root)

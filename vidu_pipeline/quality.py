@@ -224,8 +224,9 @@ def reference_similarity(frames: Sequence[np.ndarray], references: Iterable[byte
     every reference to score high.
     """
     frame_hists = np.stack([_histogram(frame) for frame in frames])
-    scores = [float(np.minimum(frame_hists, _histogram(_reference_pixels(data))).sum(axis=1).max())
-              for data in references]
+    scores = [
+        float(np.minimum(frame_hists, _histogram(_reference_pixels(data))).sum(axis=1).max()) for data in references
+    ]
     return float(np.mean(scores))
 
 
@@ -267,10 +268,14 @@ def problems(figures: VideoQuality, thresholds: Thresholds | None = None) -> lis
     if figures.still_share >= limits.frozen_share:
         found.append(f"frozen: {figures.still_share:.0%} of sampled frames unchanged (limit {limits.frozen_share:.0%})")
     if figures.blank_share >= limits.blank_share:
-        found.append(f"blank: {figures.blank_share:.0%} of sampled frames black or one colour (limit {limits.blank_share:.0%})")
+        found.append(
+            f"blank: {figures.blank_share:.0%} of sampled frames black or one colour (limit {limits.blank_share:.0%})"
+        )
     similarity = figures.reference_similarity
     if similarity is not None and similarity < limits.min_reference_similarity:
-        found.append(f"unlike its references: similarity {similarity:.2f} (at least {limits.min_reference_similarity:.2f})")
+        found.append(
+            f"unlike its references: similarity {similarity:.2f} (at least {limits.min_reference_similarity:.2f})"
+        )
     return found
 
 
@@ -285,7 +290,7 @@ def near_duplicates(
     keys = sorted(hashes)
     pairs = []
     for i, a in enumerate(keys):
-        for b in keys[i + 1:]:
+        for b in keys[i + 1 :]:
             distance = clip_distance(hashes[a], hashes[b])
             if distance < limits.duplicate_bits:
                 pairs.append((a, b, distance))

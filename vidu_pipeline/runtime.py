@@ -81,7 +81,9 @@ def resolve_endpoint(state_dir: Path, env: Mapping[str, str] = os.environ) -> En
         log.warning(
             "No %s set: using the embedded Vidu simulator at %s (nothing is paid; videos are "
             "rendered locally). Set %s to use the real API.",
-            ENV_KEY, endpoint.base_url, ENV_KEY,
+            ENV_KEY,
+            endpoint.base_url,
+            ENV_KEY,
         )
     return endpoint
 
@@ -97,20 +99,36 @@ def ensure_local_simulator(state_dir: Path, settings: SimulatorSettings, timeout
             return endpoint
         announce.unlink(missing_ok=True)
         cmd = [
-            sys.executable, "-m", "vidu_pipeline.simulator",
-            "--host", "127.0.0.1", "--port", "0",
-            "--state-dir", str(state_dir),
-            "--announce", str(announce),
-            "--latency", str(settings.latency_s),
-            "--concurrency", str(settings.concurrency),
-            "--render-scale", str(settings.render_scale),
-            "--idle-exit", str(settings.idle_exit_s),
+            sys.executable,
+            "-m",
+            "vidu_pipeline.simulator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--state-dir",
+            str(state_dir),
+            "--announce",
+            str(announce),
+            "--latency",
+            str(settings.latency_s),
+            "--concurrency",
+            str(settings.concurrency),
+            "--render-scale",
+            str(settings.render_scale),
+            "--idle-exit",
+            str(settings.idle_exit_s),
         ]
         env = {k: v for k, v in os.environ.items() if k != ENV_KEY}
         env["VIDU_SIMULATOR_API_KEY"] = secrets.token_urlsafe(18)  # throwaway, never on argv
         with open(state_dir / "simulator.log", "ab") as out:
             proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, env=env,
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+                env=env,
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -146,8 +164,11 @@ def _live_endpoint(announce: Path, settings: SimulatorSettings) -> Endpoint | No
         info = json.loads(announce.read_text())
     except (OSError, ValueError):
         return None
-    wanted = {"latency_s": settings.latency_s, "render_scale": settings.render_scale,
-              "concurrency": settings.concurrency}
+    wanted = {
+        "latency_s": settings.latency_s,
+        "render_scale": settings.render_scale,
+        "concurrency": settings.concurrency,
+    }
     if any(info.get(k) != v for k, v in wanted.items()):
         # Different settings asked for: retire the old one rather than silently mismatch.
         stop_local_simulator(announce.parent)

@@ -165,8 +165,9 @@ def _read_body(resp) -> bytes:
 
     declared = resp.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > MAX_IMAGE_FILE_BYTES:
-        raise SourceError("file_size", f"Content-Length {int(declared):,} bytes, at most "
-                                       f"{MAX_IMAGE_FILE_BYTES:,} allowed")
+        raise SourceError(
+            "file_size", f"Content-Length {int(declared):,} bytes, at most {MAX_IMAGE_FILE_BYTES:,} allowed"
+        )
     chunks, total = [], 0
     try:
         for chunk in resp.iter_content(1 << 16):

@@ -111,8 +111,12 @@ def journal_task_id(journal: Path, request_id: str, attempt: int, task_id: str) 
     ledger write failed (disk full). Raises OSError when this fails too."""
     journal = Path(journal)
     journal.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"request_id": request_id, "attempt": attempt, "task_id": task_id,
-                       "time": time.time()}, sort_keys=True) + "\n"
+    line = (
+        json.dumps(
+            {"request_id": request_id, "attempt": attempt, "task_id": task_id, "time": time.time()}, sort_keys=True
+        )
+        + "\n"
+    )
     fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())
@@ -194,15 +198,19 @@ def submit_requests(
                 request_id, owner=owner, retry_budget=retry_budget, caps=caps, allow_unknown=allow_unknown
             )
         except SQLAlchemyError as exc:
-            halted.append(errors.StorageError(
-                f"could not record the intent to submit {request_id} in the ledger {ledger.url} "
-                f"({_db_reason(exc)}); nothing was sent"))
+            halted.append(
+                errors.StorageError(
+                    f"could not record the intent to submit {request_id} in the ledger {ledger.url} "
+                    f"({_db_reason(exc)}); nothing was sent"
+                )
+            )
             return SubmitOutcome(request_id, False, None, f"not attempted: {halted[-1]}")
         if not isinstance(claim, Claim):
             row = ledger.get(request_id)
             return SubmitOutcome(request_id, False, row.task_id if row else None, claim.reason)
-        return _submit_claimed(ledger, client, claim, data_uri_for, halted, journal,
-                               first_poll_at=lambda: time.time() + first_poll_s)
+        return _submit_claimed(
+            ledger, client, claim, data_uri_for, halted, journal, first_poll_at=lambda: time.time() + first_poll_s
+        )
 
     ids = list(request_ids)
     if not ids:
@@ -214,8 +222,16 @@ def submit_requests(
     return outcomes
 
 
-def _submit_claimed(ledger: Ledger, client: ViduClient, claim: Claim, data_uri_for, halted: list,
-                    journal: Path | None, *, first_poll_at: Callable[[], float]) -> SubmitOutcome:
+def _submit_claimed(
+    ledger: Ledger,
+    client: ViduClient,
+    claim: Claim,
+    data_uri_for,
+    halted: list,
+    journal: Path | None,
+    *,
+    first_poll_at: Callable[[], float],
+) -> SubmitOutcome:
     """POST one claimed request and record what the answer proves. Only answers that prove
     nothing was accepted put it back to ``planned``; anything that may have been paid for
     ends ``unknown`` (never resent)."""
@@ -227,9 +243,12 @@ def _submit_claimed(ledger: Ledger, client: ViduClient, claim: Claim, data_uri_f
         except LedgerStateError as exc:  # recovered as unknown meanwhile (it stays so)
             log.warning("%s: %s", request_id, exc)
         except SQLAlchemyError as exc:  # e.g. disk full: the row stays `submitting`
-            halted.append(errors.StorageError(
-                f"could not record the outcome of submitting {request_id} (attempt {attempt}) in the ledger "
-                f"({_db_reason(exc)}); it stays 'submitting' and is listed unknown after the next start"))
+            halted.append(
+                errors.StorageError(
+                    f"could not record the outcome of submitting {request_id} (attempt {attempt}) in the ledger "
+                    f"({_db_reason(exc)}); it stays 'submitting' and is listed unknown after the next start"
+                )
+            )
 
     if halted or STOP.is_set():
         end(ledger.record_submit_rejected, "not sent: submitting was stopped", retryable=True)
@@ -278,11 +297,17 @@ def _submit_claimed(ledger: Ledger, client: ViduClient, claim: Claim, data_uri_f
     return SubmitOutcome(request_id, True, task_id, f"submitted as task {task_id}")
 
 
-def _keep_task_id(journal: Path | None, request_id: str, attempt: int, task_id: str,
-                  exc: Exception) -> errors.StorageError:
+def _keep_task_id(
+    journal: Path | None, request_id: str, attempt: int, task_id: str, exc: Exception
+) -> errors.StorageError:
     """The ledger refused a paid task id: log it, journal it, and say so in one line."""
-    log.error("task %s (request %s, attempt %d) was accepted and paid for, but the ledger write failed: %s",
-              task_id, request_id, attempt, _db_reason(exc))
+    log.error(
+        "task %s (request %s, attempt %d) was accepted and paid for, but the ledger write failed: %s",
+        task_id,
+        request_id,
+        attempt,
+        _db_reason(exc),
+    )
     where = "only in this log (no recovery journal configured)"
     if journal is not None:
         try:
@@ -326,7 +351,8 @@ def poll_due(
         except SQLAlchemyError as exc:  # e.g. disk full: nothing is lost, the task is polled again
             raise errors.StorageError(
                 f"could not record the poll of task {row.task_id} (request {row.request_id}) in the ledger "
-                f"({_db_reason(exc)}); it will be polled again") from None
+                f"({_db_reason(exc)}); it will be polled again"
+            ) from None
 
     def noted(applied: bool, bucket: list[str], row) -> None:
         """Another poller (a second generate, the daemon's sensor) may have recorded this task
@@ -345,57 +371,93 @@ def poll_due(
         t = time.time()
         task = row.task_id
         if row.submitted_at and t - row.submitted_at > policy.deadline_s:
-            noted(ledger.record_unknown(
-                row.request_id,
-                f"no terminal status {policy.deadline_s:.0f} s after submit "
-                f"(last status {row.last_status or 'none'}); task {task} may still finish",
-                task_id=task,
-            ), report.unknown, row)
+            noted(
+                ledger.record_unknown(
+                    row.request_id,
+                    f"no terminal status {policy.deadline_s:.0f} s after submit "
+                    f"(last status {row.last_status or 'none'}); task {task} may still finish",
+                    task_id=task,
+                ),
+                report.unknown,
+                row,
+            )
             return
         try:
             result = client.get_task_result(task)
         except errors.RateLimited as exc:
             wait = exc.retry_after or policy.max_interval_s / 2
-            ledger.record_poll(row.request_id, task_id=task, status=row.last_status, eta_s=row.eta_s,
-                               progress=row.progress, next_poll_at=t + wait)
+            ledger.record_poll(
+                row.request_id,
+                task_id=task,
+                status=row.last_status,
+                eta_s=row.eta_s,
+                progress=row.progress,
+                next_poll_at=t + wait,
+            )
             report.errors.append(f"{row.request_id}: rate limited")
             return
         except errors.TaskNotFound as exc:
-            noted(ledger.record_unknown(row.request_id, f"the service no longer knows task {task}: {exc}",
-                                        task_id=task), report.unknown, row)
+            noted(
+                ledger.record_unknown(row.request_id, f"the service no longer knows task {task}: {exc}", task_id=task),
+                report.unknown,
+                row,
+            )
             return
         except errors.AuthError:
             raise
         except errors.ViduError as exc:
             backoff = min(policy.max_interval_s, policy.min_interval_s * 2 ** min(6, row.polls or 0))
-            ledger.record_poll(row.request_id, task_id=task, status=row.last_status, eta_s=row.eta_s,
-                               progress=row.progress, next_poll_at=t + backoff)
+            ledger.record_poll(
+                row.request_id,
+                task_id=task,
+                status=row.last_status,
+                eta_s=row.eta_s,
+                progress=row.progress,
+                next_poll_at=t + backoff,
+            )
             report.errors.append(f"{row.request_id}: {exc}")
             return
         finally:
             report.polled += 1
         if result.succeeded:
             finished = _finished_at(result) or time.time()
-            noted(ledger.record_succeeded(row.request_id, task_id=task, effective_seed=result.seed,
-                                          finished_at=finished), report.succeeded, row)
+            noted(
+                ledger.record_succeeded(row.request_id, task_id=task, effective_seed=result.seed, finished_at=finished),
+                report.succeeded,
+                row,
+            )
         elif result.failed:
-            noted(ledger.record_failed(row.request_id, result.reason or "the service gave no reason", task_id=task),
-                  report.failed, row)
+            noted(
+                ledger.record_failed(row.request_id, result.reason or "the service gave no reason", task_id=task),
+                report.failed,
+                row,
+            )
         else:
             if not result.known_status:
-                log.warning("task %s reports unfamiliar status %r; still polling until its deadline",
-                            task, result.status)
+                log.warning(
+                    "task %s reports unfamiliar status %r; still polling until its deadline", task, result.status
+                )
             delay = poll_delay(result, policy.min_interval_s, policy.max_interval_s)
-            ledger.record_poll(row.request_id, task_id=task, status=result.status, eta_s=result.eta_seconds,
-                               progress=result.progress_percent, next_poll_at=time.time() + delay)
+            ledger.record_poll(
+                row.request_id,
+                task_id=task,
+                status=result.status,
+                eta_s=result.eta_seconds,
+                progress=result.progress_percent,
+                next_poll_at=time.time() + delay,
+            )
 
     if rows:
         with cf.ThreadPoolExecutor(max_workers=max(1, min(workers, len(rows)))) as pool:
             for future in [pool.submit(one, row) for row in rows]:
                 future.result()
     if report.errors:
-        log.warning("%d of %d poll(s) failed and were rescheduled, e.g. %s",
-                    len(report.errors), report.polled, "; ".join(report.errors[:3]))
+        log.warning(
+            "%d of %d poll(s) failed and were rescheduled, e.g. %s",
+            len(report.errors),
+            report.polled,
+            "; ".join(report.errors[:3]),
+        )
     return report
 
 

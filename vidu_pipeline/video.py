@@ -172,9 +172,7 @@ def check_against_request(
     problems = []
     expected = expected_video_size(aspect_ratio, render_scale)
     if (probe.width, probe.height) != expected:
-        problems.append(
-            f"size {probe.width}×{probe.height}, expected {expected[0]}×{expected[1]} for {aspect_ratio}"
-        )
+        problems.append(f"size {probe.width}×{probe.height}, expected {expected[0]}×{expected[1]} for {aspect_ratio}")
     if abs(probe.duration_s - duration_s) > tolerance_s:
         problems.append(f"duration {probe.duration_s:.3f} s, expected {duration_s} ± {tolerance_s} s")
     if bgm and not probe.has_audio:

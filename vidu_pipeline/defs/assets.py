@@ -6,7 +6,6 @@ of partitions (a run costs seconds of process start; a download costs far less),
 partition still gets its own materialization with its own metadata.
 """
 
-
 import dataclasses
 import os
 import time
@@ -118,9 +117,7 @@ def rejections(
     """Everything refused before any money was spent, with the rule and a specific reason.
     Also written to <data_dir>/reports/rejections.csv."""
     _, prompt_rejections = catalog_mod.valid_prompts(catalog, reference_images)
-    frame = catalog_mod.rejections_frame(
-        [*catalog.rejections, *reference_images.rejections, *prompt_rejections]
-    )
+    frame = catalog_mod.rejections_frame([*catalog.rejections, *reference_images.rejections, *prompt_rejections])
     # The CSV is for spreadsheets: formula-like cells are escaped there; this output keeps the text.
     path = catalog_mod.write_rejections_csv(frame, pipeline.reports_dir / "rejections.csv")
     context.add_output_metadata(
@@ -186,8 +183,13 @@ def generation_requests(
         )
     frame = pd.DataFrame(
         [
-            {"request_id": s.request_id, "subject_id": s.subject_id, "seed": s.seed,
-             "aspect_ratio": s.options["aspect_ratio"], "prompt": s.prompt[:80]}
+            {
+                "request_id": s.request_id,
+                "subject_id": s.subject_id,
+                "seed": s.seed,
+                "aspect_ratio": s.options["aspect_ratio"],
+                "prompt": s.prompt[:80],
+            }
             for s in specs
         ],
         columns=["request_id", "subject_id", "seed", "aspect_ratio", "prompt"],
@@ -225,9 +227,7 @@ class BatchConfig(Config):
     output_required=False,
     pool=API_POOL,
 )
-def video_tasks(
-    context: AssetExecutionContext, config: BatchConfig, pipeline: PipelineResource, vidu: ViduResource
-):
+def video_tasks(context: AssetExecutionContext, config: BatchConfig, pipeline: PipelineResource, vidu: ViduResource):
     """Submit each partition's request unless it already has a live task: paid for once,
     whatever is re-run. Each submitted (or already-submitted) partition is materialized with
     its task id."""
@@ -299,8 +299,12 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
             continue
         try:
             video = collect.collect_video(
-                ledger, client, key, videos_dir=pipeline.videos_dir,
-                render_scale=endpoint.render_scale, run_id=context.run_id,
+                ledger,
+                client,
+                key,
+                videos_dir=pipeline.videos_dir,
+                render_scale=endpoint.render_scale,
+                run_id=context.run_id,
             )
         except Exception as exc:  # one bad video must not cost the batch its other videos
             broken.append(f"{key}: {type(exc).__name__}: {exc}")
@@ -373,8 +377,7 @@ def lineage(context: AssetExecutionContext, pipeline: PipelineResource) -> Mater
             "appended": appended,
             "by_state": MetadataValue.json(states),
             "preview": _md_table(
-                table[["request_id", "state", "seed_effective", "video_sha256", "latency_s"]]
-                if len(table) else table
+                table[["request_id", "state", "seed_effective", "video_sha256", "latency_s"]] if len(table) else table
             ),
         }
     )

@@ -1,6 +1,5 @@
 """Asset checks: what a dataset user must know before trusting the output."""
 
-
 import os
 
 import pandas as pd
@@ -14,7 +13,9 @@ from .partitions import REQUESTS_PARTITIONS_NAME
 from .resources import PipelineResource
 
 
-@asset_check(asset=reference_images, description="Warns when images are rejected; fails when no subject has a valid image.")
+@asset_check(
+    asset=reference_images, description="Warns when images are rejected; fails when no subject has a valid image."
+)
 def images_accepted(reference_images: catalog_mod.ValidatedImages) -> AssetCheckResult:
     rejected = [r for r in reference_images.rejections if r.kind in ("image", "subject")]
     accepted = len(reference_images.accepted)
@@ -24,12 +25,20 @@ def images_accepted(reference_images: catalog_mod.ValidatedImages) -> AssetCheck
         "reasons": MetadataValue.md("\n".join(f"- {r.item}: {r.rule} — {r.detail}" for r in rejected[:50]) or "_none_"),
     }
     if accepted == 0:
-        return AssetCheckResult(passed=False, severity=AssetCheckSeverity.ERROR, metadata=metadata,
-                                description="no valid reference image: nothing can be generated")
+        return AssetCheckResult(
+            passed=False,
+            severity=AssetCheckSeverity.ERROR,
+            metadata=metadata,
+            description="no valid reference image: nothing can be generated",
+        )
     return AssetCheckResult(passed=not rejected, severity=AssetCheckSeverity.WARN, metadata=metadata)
 
 
-@asset_check(asset=lineage, automation_condition=WITH_ITS_ASSET, description="Every stored video has exactly one lineage row and one file, and every file a row.")
+@asset_check(
+    asset=lineage,
+    automation_condition=WITH_ITS_ASSET,
+    description="Every stored video has exactly one lineage row and one file, and every file a row.",
+)
 def lineage_complete(pipeline: PipelineResource) -> AssetCheckResult:
     table = pipeline.lineage().read()
     with_video = [r for r in pipeline.ledger().rows(states=[SUCCEEDED]) if r.video_sha256]
@@ -54,12 +63,19 @@ def lineage_complete(pipeline: PipelineResource) -> AssetCheckResult:
             problems.append(f"{path}: lineage row without its file")
     return AssetCheckResult(
         passed=not problems,
-        metadata={"videos": len(with_video), "rows": len(table),
-                  "problems": MetadataValue.md("\n".join(f"- {p}" for p in problems[:100]) or "_none_")},
+        metadata={
+            "videos": len(with_video),
+            "rows": len(table),
+            "problems": MetadataValue.md("\n".join(f"- {p}" for p in problems[:100]) or "_none_"),
+        },
     )
 
 
-@asset_check(asset=lineage, automation_condition=WITH_ITS_ASSET, description="Stored videos match their requests (size, 5 s, audio iff bgm) and none failed verification for good.")
+@asset_check(
+    asset=lineage,
+    automation_condition=WITH_ITS_ASSET,
+    description="Stored videos match their requests (size, 5 s, audio iff bgm) and none failed verification for good.",
+)
 def videos_match_requests(pipeline: PipelineResource) -> AssetCheckResult:
     problems: list[str] = []
     for row in pipeline.ledger().rows(states=[SUCCEEDED]):
@@ -67,14 +83,20 @@ def videos_match_requests(pipeline: PipelineResource) -> AssetCheckResult:
         if probe.get("problems"):
             problems.append(f"{row.request_id}: {'; '.join(probe['problems'])}")
         elif not row.video_sha256 and row.video_attempts >= pipeline.video_attempts:
-            problems.append(f"{row.request_id}: no verified video after {row.video_attempts} attempts ({row.last_error})")
+            problems.append(
+                f"{row.request_id}: no verified video after {row.video_attempts} attempts ({row.last_error})"
+            )
     return AssetCheckResult(
         passed=not problems,
         metadata={"problems": MetadataValue.md("\n".join(f"- {p}" for p in problems[:100]) or "_none_")},
     )
 
 
-@asset_check(asset=lineage, automation_condition=WITH_ITS_ASSET, description="Lists requests whose outcome is unknown (a paid task may exist); they are never resubmitted automatically.")
+@asset_check(
+    asset=lineage,
+    automation_condition=WITH_ITS_ASSET,
+    description="Lists requests whose outcome is unknown (a paid task may exist); they are never resubmitted automatically.",
+)
 def no_unknown_tasks(pipeline: PipelineResource) -> AssetCheckResult:
     unknown = pipeline.ledger().rows(states=[UNKNOWN])
     return AssetCheckResult(
@@ -83,7 +105,8 @@ def no_unknown_tasks(pipeline: PipelineResource) -> AssetCheckResult:
         metadata={
             "unknown": len(unknown),
             "requests": MetadataValue.md(
-                "\n".join(f"- {r.request_id} (task {r.task_id or '?'}): {r.last_error}" for r in unknown[:100]) or "_none_"
+                "\n".join(f"- {r.request_id} (task {r.task_id or '?'}): {r.last_error}" for r in unknown[:100])
+                or "_none_"
             ),
         },
     )

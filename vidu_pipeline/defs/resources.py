@@ -1,6 +1,5 @@
 """Dagster resources: where the data lives, what may be spent, and how to reach the API."""
 
-
 import functools
 import os
 from pathlib import Path
@@ -51,8 +50,10 @@ class PipelineResource(ConfigurableResource):
     task_deadline_s: float = Field(default=3600.0, gt=0, description="After this, a task is reported unknown.")
     video_attempts: int = Field(default=3, ge=1, description="Download/verify attempts per video.")
     task_id_journal_path: str = Field(
-        default="", description="Recovery journal for paid task ids the ledger could not take (disk full); "
-        "default <data_dir>/state/submitted-task-ids.jsonl. Best on another disk than the ledger.")
+        default="",
+        description="Recovery journal for paid task ids the ledger could not take (disk full); "
+        "default <data_dir>/state/submitted-task-ids.jsonl. Best on another disk than the ledger.",
+    )
 
     @field_validator("seeds")
     @classmethod

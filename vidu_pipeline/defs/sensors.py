@@ -8,7 +8,6 @@ whole batch as a partition range narrowed by config, because a run costs seconds
 start and a video download far less.
 """
 
-
 import hashlib
 import json
 import time
@@ -45,8 +44,7 @@ def batch_run_requests(
         RunRequest(
             run_key=f"{asset}:{digest}:{n}",
             asset_selection=[AssetKey(asset)],
-            tags={RANGE_START: group[0], RANGE_END: group[-1], "vidu/batch_size": str(len(group)),
-                  "vidu/stage": asset},
+            tags={RANGE_START: group[0], RANGE_END: group[-1], "vidu/batch_size": str(len(group)), "vidu/stage": asset},
             run_config={"ops": {asset: {"config": {"request_ids": group}}}},
         )
         for n, group in enumerate(decisions.split_batches(request_ids, order, MAX_RANGE_GAP))
@@ -74,7 +72,8 @@ def evaluate_tick(context: SensorEvaluationContext, pipeline: PipelineResource, 
         needing_video=ledger.needing_video(max_video_attempts=pipeline.video_attempts),
         failed=ledger.rows(states=[FAILED], limit=10 * rules.max_batch),
         planned=ledger.rows(states=[PLANNED], updated_before=now - rules.auto_submit_after_s, limit=rules.max_batch)
-        if pipeline.auto_submit else [],
+        if pipeline.auto_submit
+        else [],
         needing_lineage=ledger.needing_lineage(),
         rules=rules,
     )

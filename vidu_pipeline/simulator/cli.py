@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 import signal
 import threading
+import time
 from pathlib import Path
 
 from .faults import FaultConfig
@@ -29,14 +29,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url-ttl", type=int, default=3600, help="seconds a download URL stays valid")
     parser.add_argument("--fps", type=int, default=24)
     parser.add_argument(
-        "--api-key", default=os.environ.get(API_KEY_ENV, "sim-key"),
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV, "sim-key"),
         help=f"the Bearer key to accept (default: ${API_KEY_ENV} or 'sim-key')",
     )
     parser.add_argument("--state-dir", type=Path, default=None, help="keep tasks and videos here across restarts")
-    parser.add_argument("--announce", type=Path, default=None,
-                        help="write {base_url, api_key, pid, settings} to this JSON file once serving (mode 0600)")
-    parser.add_argument("--idle-exit", type=float, default=0.0,
-                        help="stop after this many seconds without a request (0: never)")
+    parser.add_argument(
+        "--announce",
+        type=Path,
+        default=None,
+        help="write {base_url, api_key, pid, settings} to this JSON file once serving (mode 0600)",
+    )
+    parser.add_argument(
+        "--idle-exit", type=float, default=0.0, help="stop after this many seconds without a request (0: never)"
+    )
     faults = parser.add_argument_group("fault injection (fractions 0..1, reproducible from --fault-seed)")
     faults.add_argument("--fault-seed", type=int, default=0)
     for name in ("rate-limit", "server-errors", "drop"):
@@ -45,23 +51,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         faults.add_argument(f"--poll-{name}", type=float, default=None)
     faults.add_argument("--no-retry-after", type=float, default=0.0, help="share of 429s without Retry-After")
     faults.add_argument("--retry-after", type=int, default=1, help="Retry-After seconds on 429")
-    faults.add_argument("--server-errors-after-accept", type=float, default=0.5,
-                        help="share of submit 5xx sent after the task was created")
-    faults.add_argument("--drop-after-accept", type=float, default=0.5,
-                        help="share of dropped submits that created the task first")
+    faults.add_argument(
+        "--server-errors-after-accept",
+        type=float,
+        default=0.5,
+        help="share of submit 5xx sent after the task was created",
+    )
+    faults.add_argument(
+        "--drop-after-accept", type=float, default=0.5, help="share of dropped submits that created the task first"
+    )
     faults.add_argument("--slow", type=float, default=0.0, help="calls delayed by --slow-seconds")
     faults.add_argument("--slow-seconds", type=float, default=2.0)
     faults.add_argument("--fail-tasks", type=float, default=0.0, help="tasks that end FAILED")
-    faults.add_argument("--echo-auth-in-reason", type=float, default=0.0,
-                        help="tasks that FAIL with a reason echoing the Authorization header")
+    faults.add_argument(
+        "--echo-auth-in-reason",
+        type=float,
+        default=0.0,
+        help="tasks that FAIL with a reason echoing the Authorization header",
+    )
     faults.add_argument("--drip", type=float, default=0.0, help="answers sent one byte at a time")
     faults.add_argument("--drip-seconds", type=float, default=5.0, help="seconds between dripped bytes")
     for defect in ("frozen", "black", "ignore-amplitude", "same-clip-for-seeds", "unrelated"):
-        faults.add_argument(f"--defect-{defect}", type=float, default=0.0,
-                            help=f"requests rendered with the {defect!r} defect (a valid but wrong clip)")
+        faults.add_argument(
+            f"--defect-{defect}",
+            type=float,
+            default=0.0,
+            help=f"requests rendered with the {defect!r} defect (a valid but wrong clip)",
+        )
     faults.add_argument("--truncate", type=float, default=0.0, help="downloads cut short")
-    faults.add_argument("--truncate-matching-length", type=float, default=0.0,
-                        help="share of truncated downloads whose Content-Length matches the short body")
+    faults.add_argument(
+        "--truncate-matching-length",
+        type=float,
+        default=0.0,
+        help="share of truncated downloads whose Content-Length matches the short body",
+    )
 
 
 def fault_config(args: argparse.Namespace) -> FaultConfig:
@@ -100,8 +123,12 @@ def fault_config(args: argparse.Namespace) -> FaultConfig:
 def announce(path: Path, sim: Simulator, args: argparse.Namespace) -> None:
     """Tell other processes where this simulator is (the pipeline's embedded default)."""
     info = {
-        "base_url": sim.base_url, "api_key": sim.config.api_key, "pid": os.getpid(),
-        "latency_s": args.latency, "render_scale": args.render_scale, "concurrency": args.concurrency,
+        "base_url": sim.base_url,
+        "api_key": sim.config.api_key,
+        "pid": os.getpid(),
+        "latency_s": args.latency,
+        "render_scale": args.render_scale,
+        "concurrency": args.concurrency,
     }
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -48,9 +48,7 @@ def fetch_image(url: str) -> bytes:
     shown = contract.redact_url(url)
     host = urllib.parse.urlsplit(url).hostname
     if not is_loopback_host(host):
-        raise ValueError(
-            f"cannot fetch {shown}: the simulator only fetches images from loopback hosts"
-        )
+        raise ValueError(f"cannot fetch {shown}: the simulator only fetches images from loopback hosts")
     try:
         with _OPENER.open(url, timeout=FETCH_TIMEOUT_S) as response:
             data = response.read(contract.MAX_IMAGE_FILE_BYTES + 1)

@@ -107,9 +107,7 @@ def render_video(spec: RenderSpec, target: Path) -> None:
 def _encode(spec: RenderSpec, path: str) -> None:
     width, height = contract.expected_video_size(spec.aspect_ratio, spec.render_scale)
     n_frames = contract.VIDEO_DURATION_S * spec.fps
-    container = av.open(
-        path, "w", format="mp4", options={"movflags": "+faststart", "fflags": "+bitexact"}
-    )
+    container = av.open(path, "w", format="mp4", options={"movflags": "+faststart", "fflags": "+bitexact"})
     try:
         video = container.add_stream(
             "libx264", rate=spec.fps, options={"preset": "ultrafast", "crf": "23", "flags": "+bitexact"}
@@ -119,9 +117,7 @@ def _encode(spec: RenderSpec, path: str) -> None:
         video.codec_context.time_base = Fraction(1, spec.fps)
         audio = None
         if spec.bgm:
-            audio = container.add_stream(
-                "aac", rate=AUDIO_RATE, layout="mono", options={"flags": "+bitexact"}
-            )
+            audio = container.add_stream("aac", rate=AUDIO_RATE, layout="mono", options={"flags": "+bitexact"})
             audio.codec_context.thread_count = 1
         for i, image in enumerate(_defective(spec, width, height, n_frames)):
             frame = av.VideoFrame.from_image(image)
@@ -131,7 +127,7 @@ def _encode(spec: RenderSpec, path: str) -> None:
         if audio is not None:
             samples = _music(spec)
             for start in range(0, len(samples), AUDIO_FRAME):
-                chunk = samples[start:start + AUDIO_FRAME]
+                chunk = samples[start : start + AUDIO_FRAME]
                 frame = av.AudioFrame.from_ndarray(chunk[None, :], format="flt", layout="mono")
                 frame.sample_rate = AUDIO_RATE
                 frame.pts = start
@@ -249,9 +245,7 @@ def _view(shot: _Shot, t: float, width: int, height: int) -> Image.Image:
     win_h = win_w * height / width
     x0 = u * (pw - win_w)
     y0 = v * (ph - win_h)
-    return shot.picture.resize(
-        (width, height), Image.Resampling.BILINEAR, box=(x0, y0, x0 + win_w, y0 + win_h)
-    )
+    return shot.picture.resize((width, height), Image.Resampling.BILINEAR, box=(x0, y0, x0 + win_w, y0 + win_h))
 
 
 # --- music ------------------------------------------------------------------------------------

@@ -90,9 +90,7 @@ class Simulator:
         self.videos_dir.mkdir(exist_ok=True)
         self.images = ImageStore(state_dir / "images")
         self._secret = _url_secret(state_dir / "url-secret")
-        self.book = TaskBook(
-            state_dir, concurrency=self.config.concurrency, latency_s=self.config.latency_s
-        )
+        self.book = TaskBook(state_dir, concurrency=self.config.concurrency, latency_s=self.config.latency_s)
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, min(2, self.config.render_workers)), thread_name_prefix="vidu-sim-render"
         )
@@ -205,8 +203,10 @@ class Simulator:
         if not fail_reason and roll.hit("fail_task", roll.config.fail_tasks):
             fail_reason = FAIL_REASONS[int(roll.uniform("fail_reason") * len(FAIL_REASONS))]
         if not fail_reason and roll.hit("echo_auth_in_reason", roll.config.echo_auth_in_reason):
-            fail_reason = (f"simulated failure: upstream refused 'Authorization: {authorization}' "
-                           f"(as received: {urllib.parse.quote(authorization)})")
+            fail_reason = (
+                f"simulated failure: upstream refused 'Authorization: {authorization}' "
+                f"(as received: {urllib.parse.quote(authorization)})"
+            )
         defect = None if fail_reason else pick_defect(roll.config, body)
         if defect:
             roll.dice.count("submit", f"defect_{defect}")
@@ -238,11 +238,13 @@ class Simulator:
             debug["complete_time_ms"] = str(int(task.done_t * 1000))
         videos = []
         if status == contract.TaskStatus.SUCCEED.value:
-            videos.append({
-                "video_url": self.signed_url(task.task_id, now),
-                "video_url_ttl": str(self.config.url_ttl_s),
-                "video_type": "mp4",
-            })
+            videos.append(
+                {
+                    "video_url": self.signed_url(task.task_id, now),
+                    "video_url_ttl": str(self.config.url_ttl_s),
+                    "video_type": "mp4",
+                }
+            )
         return {
             "task": {
                 "task_id": task.task_id,
@@ -290,7 +292,7 @@ class Simulator:
             ]
 
         def group(prefix: str) -> dict[str, int]:
-            return {k[len(prefix):]: v for k, v in sorted(counts.items()) if k.startswith(prefix)}
+            return {k[len(prefix) :]: v for k, v in sorted(counts.items()) if k.startswith(prefix)}
 
         summary = self.book.summary()
         return {
@@ -414,8 +416,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), "application/json", headers)
 
-    def _error(self, status: int, reason: str, message: str, metadata: dict | None = None,
-               headers: dict[str, str] | None = None) -> None:
+    def _error(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        metadata: dict | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         body = {"code": status, "reason": reason, "message": message, "metadata": metadata or {}}
         self._json(status, body, headers)
 
@@ -423,14 +431,16 @@ class _Handler(BaseHTTPRequestHandler):
         """The whole answer, status line included, one byte every ``every_s`` seconds, until
         sent, the client hangs up or the simulator stops."""
         body = json.dumps(obj).encode("utf-8")
-        answer = (f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                  "Connection: close\r\n\r\n").encode("ascii") + body
+        answer = (
+            f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode("ascii") + body
         self.close_connection = True
         for i in range(len(answer)):
             if self.server.sim._stop.wait(every_s):
                 return
             try:
-                self.wfile.write(answer[i:i + 1])
+                self.wfile.write(answer[i : i + 1])
                 self.wfile.flush()
             except OSError:
                 return
@@ -498,7 +508,7 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path == contract.TASK_RESULT_PATH:
             self._poll(query.get("task_id", ""))
         elif url.path.startswith(VIDEO_PREFIX) and url.path.endswith(".mp4"):
-            self._download(url.path[len(VIDEO_PREFIX):-len(".mp4")], query)
+            self._download(url.path[len(VIDEO_PREFIX) : -len(".mp4")], query)
         elif url.path == STATS_PATH:
             if self._admin_ok():
                 self._json(200, self.server.sim.stats())
@@ -573,9 +583,7 @@ class _Handler(BaseHTTPRequestHandler):
             problems = contract.validate_payload(body, inspect=inspect_image_bytes)
         if problems:
             sim.count("submit.rejected.INVALID_REQUEST_BODY")
-            return self._error(
-                400, "INVALID_REQUEST_BODY", "; ".join(problems), metadata={"problems": problems}
-            )
+            return self._error(400, "INVALID_REQUEST_BODY", "; ".join(problems), metadata={"problems": problems})
         task = sim.create_task(body, fingerprint, roll, self.headers.get("Authorization", ""))
         sim.count("submit.accepted")
         if drop_after:
@@ -636,7 +644,9 @@ class _Handler(BaseHTTPRequestHandler):
         if roll.hit("truncate", faults.truncate):
             sim.count("download.truncated")
             short = data[: max(1, int(len(data) * (0.1 + 0.8 * roll.uniform("truncate_at"))))]
-            announced = len(short) if roll.hit("truncate_matching_length", faults.truncate_matching_length) else len(data)
+            announced = (
+                len(short) if roll.hit("truncate_matching_length", faults.truncate_matching_length) else len(data)
+            )
             self.send_response(200)
             self.send_header("Content-Type", "video/mp4")
             self.send_header("Content-Length", str(announced))

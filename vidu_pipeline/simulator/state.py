@@ -47,8 +47,16 @@ class Task:
     done_t: float | None = None
 
     SUBMIT_FIELDS = (
-        "task_id", "fingerprint", "seed", "prompt", "options", "images",
-        "submit_t", "planned_finish_t", "fail_reason", "defect",
+        "task_id",
+        "fingerprint",
+        "seed",
+        "prompt",
+        "options",
+        "images",
+        "submit_t",
+        "planned_finish_t",
+        "fail_reason",
+        "defect",
     )
 
     @property
@@ -131,7 +139,7 @@ class TaskBook:
         self._free = ([0.0] * idle + done)[-idle:] if idle else []
         heapq.heapify(self._free)
         finishes = sorted(t.planned_finish_t for t in self.tasks.values())
-        self._plan = ([0.0] * self.concurrency + finishes)[-self.concurrency:]
+        self._plan = ([0.0] * self.concurrency + finishes)[-self.concurrency :]
         heapq.heapify(self._plan)
 
     def _replay(self, event: dict[str, Any]) -> None:
@@ -218,8 +226,7 @@ class TaskBook:
                         task.ready_t = task.finish_t
                     self._processing.add(task.task_id)
                     self._append(
-                        {"event": "start", "task_id": task.task_id,
-                         "start_t": task.start_t, "finish_t": task.finish_t},
+                        {"event": "start", "task_id": task.task_id, "start_t": task.start_t, "finish_t": task.finish_t},
                         durable=False,
                     )
                     started.append(task)
@@ -228,8 +235,7 @@ class TaskBook:
         """Started tasks that still need their video (after a restart, say)."""
         with self.lock:
             return [
-                self.tasks[i] for i in self._processing
-                if self.tasks[i].needs_video and self.tasks[i].ready_t is None
+                self.tasks[i] for i in self._processing if self.tasks[i].needs_video and self.tasks[i].ready_t is None
             ]
 
     # --- stats ------------------------------------------------------------------------------
