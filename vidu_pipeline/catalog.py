@@ -155,8 +155,8 @@ def _parse_option(name: str, raw: Any) -> tuple[Any, str | None]:
     """One option value (a cell or a YAML scalar) → (typed value, None) or (None, problem)."""
     text = str(raw).strip()
     if name == "bgm":
-        value = _BOOLS.get(text.lower())
-        return (value, None) if value is not None else (None, f"{text!r} is not true or false")
+        flag = _BOOLS.get(text.lower())
+        return (flag, None) if flag is not None else (None, f"{text!r} is not true or false")
     if name == "duration":
         try:
             number = float(text)
@@ -370,7 +370,7 @@ def _reject_rows(df: pd.DataFrame, bad: pd.Series, kind: str, rule: str, detail,
 def _cell_checks(df: pd.DataFrame, limits: dict[str, int]) -> list[tuple[str, pd.Series, Any]]:
     """(rule, bad rows, detail) for text no later stage can carry: a NUL character (no path, no
     SQL text column holds one) or a cell longer than its column's limit."""
-    checks = []
+    checks: list[tuple[str, pd.Series, Any]] = []
     for col, limit in limits.items():
         checks.append(
             (
@@ -432,12 +432,13 @@ def _check_image_rows(
         _reject_rows(df, bad & keep, "image", rule, detail, out)
         keep &= ~bad
     cells = {c: _locate(c, root_real, allow_outside) for c in df.loc[keep, "image"].unique()}
-    located = [cells[i] if k else ("", False, None, "") for i, k in zip(df["image"], keep)]
+    unchecked: tuple[str, bool, str | None, str] = ("", False, None, "")
+    located = [cells[i] if k else unchecked for i, k in zip(df["image"], keep)]
     df["location"] = [x[0] for x in located]
     df["is_url"] = [x[1] for x in located]
-    for i, item, subject, (_, _, rule, reason) in zip(df.index, df["item"], df["subject_id"], located):
-        if rule:
-            out.append(Rejection("image", subject or None, item, rule, f"{item}: {reason}"))
+    for i, item, subject, (_, _, cell_rule, reason) in zip(df.index, df["item"], df["subject_id"], located):
+        if cell_rule:
+            out.append(Rejection("image", subject or None, item, cell_rule, f"{item}: {reason}"))
             keep[i] = False
     valid = df[keep]
     dup = valid.duplicated(["subject_id", "location"]).reindex(df.index, fill_value=False)
@@ -675,7 +676,7 @@ def _choose_per_subject(
     for subject, group in by_subject.items():
         group.sort(key=lambda a: (a[2] == "", a[2], a[3], a[10]))
         first_row: dict[str, int] = {}
-        chosen = []
+        chosen: list[tuple] = []
         for a in group:
             item = items[a[10]]
             if a[3] in first_row:

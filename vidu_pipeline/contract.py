@@ -419,7 +419,8 @@ class TaskResult:
             raise ValueError("task.task_id is missing or not a string")
         if not isinstance(status, str) or not status:
             raise ValueError("task.status is missing or not a string")
-        extra = body.get("extra") if isinstance(body.get("extra"), Mapping) else {}
+        raw_extra = body.get("extra")
+        extra: Mapping[str, Any] = raw_extra if isinstance(raw_extra, Mapping) else {}
         videos = []
         raw_videos = body.get("videos") or []
         if not isinstance(raw_videos, list):
@@ -434,7 +435,8 @@ class TaskResult:
                     type=str(v.get("video_type") or "mp4"),
                 )
             )
-        debug = extra.get("debug_info") if isinstance(extra.get("debug_info"), Mapping) else {}
+        raw_debug = extra.get("debug_info")
+        debug: Mapping[str, Any] = raw_debug if isinstance(raw_debug, Mapping) else {}
         debug_times = {
             k: n
             for k in ("submit_time_ms", "execute_time_ms", "complete_time_ms")

@@ -630,7 +630,7 @@ def reproduce(args) -> int:
                     file=sys.stderr,
                 )
                 return EXIT_FAILED
-        row = ledger.get(row.request_id)
+        row = _must_get(ledger, row.request_id)
     pipeline.lineage().append([collect.lineage_row(row)])
     ledger.mark_lineage([row.request_id])
     same = row.video_sha256 == original.video_sha256
@@ -734,3 +734,11 @@ def _first_failure(result) -> str:
             err = event.step_failure_data.error
             return f"{event.step_key}: {_error_text(err.cause or err)}"
     return "a catalog step failed"
+
+
+def _must_get(ledger, request_id: str):
+    """A row this command planned itself: its absence is a broken ledger, said plainly."""
+    row = ledger.get(request_id)
+    if row is None:
+        raise CatalogProblem(f"{request_id} vanished from the ledger while reproducing it")
+    return row

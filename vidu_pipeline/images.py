@@ -229,9 +229,11 @@ def _shrink(im: Image.Image) -> tuple[bytes, str, Image.Image]:
         if short <= MIN_IMAGE_SIDE_PX:
             raise ValueError(f"still {len(data):,} bytes at {current.width}×{current.height} px")
         scale = max(math.sqrt(MAX_BASE64_DECODED_BYTES / len(data)) * 0.9, MIN_IMAGE_SIDE_PX / short)
-        size = (max(1, round(current.width * scale)), max(1, round(current.height * scale)))
-        if min(size) < MIN_IMAGE_SIDE_PX:  # rounding must not take the short side under the floor
-            size = tuple(MIN_IMAGE_SIDE_PX if s == min(size) else s for s in size)
+        width, height = max(1, round(current.width * scale)), max(1, round(current.height * scale))
+        if min(width, height) < MIN_IMAGE_SIDE_PX:  # rounding must not take the short side under the floor
+            short_side = min(width, height)
+            width, height = (MIN_IMAGE_SIDE_PX if s == short_side else s for s in (width, height))
+        size = (width, height)
         current = im.resize(size, Image.Resampling.LANCZOS)
 
 

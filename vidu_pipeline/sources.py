@@ -136,6 +136,8 @@ def fetch_url(url: str, session, *, timeout=URL_TIMEOUT, deadline_s: float = URL
         raise SourceError("url_fetch", f"download took longer than {deadline_s:g} s")
     if download.error is not None:
         raise download.error
+    if download.result is None:  # the worker ends with a result or an error; never neither
+        raise SourceError("url_fetch", "download ended without a body")
     return download.result
 
 

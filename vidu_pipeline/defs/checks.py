@@ -1,6 +1,7 @@
 """Asset checks: what a dataset user must know before trusting the output."""
 
 import os
+from typing import Any
 
 import pandas as pd
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, MetadataValue, asset_check
@@ -19,7 +20,7 @@ from .resources import PipelineResource
 def images_accepted(reference_images: catalog_mod.ValidatedImages) -> AssetCheckResult:
     rejected = [r for r in reference_images.rejections if r.kind in ("image", "subject")]
     accepted = len(reference_images.accepted)
-    metadata = {
+    metadata: dict[str, Any] = {
         "accepted": accepted,
         "rejected": len(rejected),
         "reasons": MetadataValue.md("\n".join(f"- {r.item}: {r.rule} — {r.detail}" for r in rejected[:50]) or "_none_"),

@@ -105,6 +105,7 @@ class Simulator:
             self.book.close()
             raise
         host, port = self._server.server_address[:2]
+        host = host.decode() if isinstance(host, bytes) else str(host)
         self.base_url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         for target, name in ((self._server.serve_forever, "http"), (self._tick, "tick")):
             thread = threading.Thread(target=target, name=f"vidu-sim-{name}", daemon=True)

@@ -149,9 +149,10 @@ class TaskBook:
             task = Task(**{k: event[k] for k in Task.SUBMIT_FIELDS if k in event})
             self.tasks[task.task_id] = task
             return
-        task = self.tasks.get(event.get("task_id", ""))
-        if task is None:
+        known = self.tasks.get(event.get("task_id", ""))
+        if known is None:
             return
+        task = known
         if kind == "start":
             task.start_t, task.finish_t = event["start_t"], event["finish_t"]
             if not task.needs_video:
@@ -202,16 +203,16 @@ class TaskBook:
 
     def advance(self, now: float) -> list[Task]:
         """Apply completions and starts up to ``now``; return the tasks that started."""
-        started = []
+        started: list[Task] = []
         with self.lock:
             while True:
                 for task_id in list(self._processing):
                     task = self.tasks[task_id]
-                    if task.finish_t <= now and task.ready_t is not None:
-                        task.done_t = max(task.finish_t, task.ready_t)
+                    if task.finish_t is not None and task.finish_t <= now and task.ready_t is not None:
+                        task.done_t = done_t = max(task.finish_t, task.ready_t)
                         self._processing.discard(task_id)
                         if len(self._free) + len(self._processing) < self.concurrency:
-                            heapq.heappush(self._free, task.done_t)
+                            heapq.heappush(self._free, done_t)
                         event = {"event": "done", "task_id": task_id, "done_t": task.done_t}
                         if task.render_error:
                             event["render_error"] = task.render_error
