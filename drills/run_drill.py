@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import requests
+from vidu_pipeline import testing
 
 REPO = Path(__file__).resolve().parents[1]
 DRILL_KEY = "sk-vidu-drill-5e1d0c"
@@ -125,125 +125,11 @@ def shape_for(requests_wanted: int) -> tuple[int, int, int]:
 # --- the simulator as a separate process (it must survive kills of generate) ---------------------
 
 
-class SimulatorProcess:
-    """``vidu-pipeline simulator`` in a subprocess on a free loopback port; the key via env."""
+class SimulatorProcess(testing.SimulatorProcess):
+    """The drill's simulator process: the drill's key and a 3 s URL TTL unless told otherwise."""
 
-    def __init__(
-        self,
-        state_dir: Path,
-        *,
-        api_key: str = DRILL_KEY,
-        latency: float = 0.7,
-        render_scale: float = 0.1,
-        url_ttl: int = 3,
-        concurrency: int = 5,
-        fault_seed: int = 0,
-        faults: dict[str, float] | None = None,
-        extra_args: tuple[str, ...] = (),
-    ):
-        self.state_dir = Path(state_dir)
-        self.api_key = api_key
-        self.render_scale = render_scale
-        self.args = [
-            "--port",
-            "0",
-            "--state-dir",
-            str(self.state_dir),
-            "--announce",
-            str(self.state_dir / "announce.json"),
-            "--latency",
-            str(latency),
-            "--render-scale",
-            str(render_scale),
-            "--url-ttl",
-            str(url_ttl),
-            "--concurrency",
-            str(concurrency),
-            "--fault-seed",
-            str(fault_seed),
-            *[str(x) for kv in (faults or {}).items() for x in kv],
-            *extra_args,
-        ]
-        self.proc: subprocess.Popen | None = None
-        self.base_url = ""
-
-    def start(self, timeout: float = 60.0) -> SimulatorProcess:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        announce = self.state_dir / "announce.json"
-        announce.unlink(missing_ok=True)
-        env = {**os.environ, "VIDU_SIMULATOR_API_KEY": self.api_key}
-        env.pop("VIDU_API_KEY", None)
-        self.log_path = self.state_dir.parent / f"{self.state_dir.name}.log"
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vidu_pipeline.simulator", *self.args],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=env,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"simulator exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
-            try:
-                self.base_url = json.loads(announce.read_text())["base_url"]
-                return self
-            except (OSError, ValueError, KeyError):
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("simulator did not start")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=15)
-
-    def __enter__(self) -> SimulatorProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"}
-
-    def stats(self) -> dict[str, Any]:
-        resp = requests.get(self.base_url + "/_simulator/stats", headers=self._headers(), timeout=30)
-        resp.raise_for_status()
-        return resp.json()
-
-    def faults(self) -> dict[str, Any]:
-        resp = requests.get(self.base_url + "/_simulator/faults", headers=self._headers(), timeout=30)
-        resp.raise_for_status()
-        return resp.json()
-
-    def set_faults(self, **changes: Any) -> dict[str, Any]:
-        """Change some fault fields (FaultConfig names), keeping the others."""
-        config = {**self.faults(), **changes}
-        resp = requests.post(self.base_url + "/_simulator/faults", json=config, headers=self._headers(), timeout=30)
-        resp.raise_for_status()
-        return resp.json()
-
-    def env(self, dagster_home: Path) -> dict[str, str]:
-        """The environment a ``generate`` pointed at this simulator runs with."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("VIDU_", "DAGSTER_"))}
-        env.update(
-            {
-                "VIDU_API_KEY": self.api_key,
-                "VIDU_API_BASE_URL": self.base_url,
-                "VIDU_SIMULATOR_RENDER_SCALE": str(self.render_scale),
-                "DAGSTER_HOME": str(dagster_home),
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        return env
+    def __init__(self, state_dir: Path, *, api_key: str = DRILL_KEY, url_ttl: int | None = 3, **kw: Any):
+        super().__init__(state_dir, api_key=api_key, url_ttl=url_ttl, **kw)
 
 
 # --- driving generate ----------------------------------------------------------------------------
