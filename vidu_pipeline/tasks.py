@@ -385,15 +385,7 @@ def poll_due(
         try:
             result = client.get_task_result(task)
         except errors.RateLimited as exc:
-            wait = exc.retry_after or policy.max_interval_s / 2
-            ledger.record_poll(
-                row.request_id,
-                task_id=task,
-                status=row.last_status,
-                eta_s=row.eta_s,
-                progress=row.progress,
-                next_poll_at=t + wait,
-            )
+            _reschedule(ledger, row, t + (exc.retry_after or policy.max_interval_s / 2))
             report.errors.append(f"{row.request_id}: rate limited")
             return
         except errors.TaskNotFound as exc:
@@ -407,14 +399,7 @@ def poll_due(
             raise
         except errors.ViduError as exc:
             backoff = min(policy.max_interval_s, policy.min_interval_s * 2 ** min(6, row.polls or 0))
-            ledger.record_poll(
-                row.request_id,
-                task_id=task,
-                status=row.last_status,
-                eta_s=row.eta_s,
-                progress=row.progress,
-                next_poll_at=t + backoff,
-            )
+            _reschedule(ledger, row, t + backoff)
             report.errors.append(f"{row.request_id}: {exc}")
             return
         finally:
@@ -459,6 +444,19 @@ def poll_due(
             "; ".join(report.errors[:3]),
         )
     return report
+
+
+def _reschedule(ledger: Ledger, row, at: float) -> None:
+    """A poll that told us nothing new (rate limited, a transient error): look again at ``at``,
+    keeping what we last knew of the task."""
+    ledger.record_poll(
+        row.request_id,
+        task_id=row.task_id,
+        status=row.last_status,
+        eta_s=row.eta_s,
+        progress=row.progress,
+        next_poll_at=at,
+    )
 
 
 def _finished_at(result) -> float | None:
