@@ -4,6 +4,7 @@ another's fixtures)."""
 from __future__ import annotations
 
 import http.server
+import subprocess
 import threading
 
 import pytest
@@ -48,3 +49,19 @@ def http_images():
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A small tmpfs that really fills up (ENOSPC), where mounting is allowed (root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

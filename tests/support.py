@@ -2,6 +2,7 @@
 
 import base64
 import io
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -44,3 +45,16 @@ def photo(w: int = 200, h: int = 150, seed: int = 0, mode: str = "RGB") -> Image
 
 def png(w=200, h=150, seed=0) -> bytes:
     return encode(photo(w, h, seed))
+
+
+def fill(disk: Path) -> Path:
+    """Write zeros until the file system says it is full (ENOSPC); the filler's path."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlparse
 import av
 import numpy as np
 import pytest
+from support import fill
 
 from tests.test_cli import SAMPLE, SimProcess, cli_env, generate_args
 from vidu_pipeline import contract
@@ -241,13 +242,16 @@ def test_catalog_error_is_one_line_without_dagster_trace(work):
     assert "STEP_FAILURE" not in result.stderr
 
 
-def test_full_disk_in_a_step_is_one_line_and_exit_1(work):
-    reports = work / "data" / "reports"
-    reports.mkdir(parents=True)
-    (reports / "rejections.csv").symlink_to("/dev/full")  # every write: ENOSPC
+def test_full_disk_in_a_step_is_one_line_and_exit_1(work, tiny_disk):
+    # The reports folder lives on a file system that is really full: the rejections step's
+    # write (temp file, then rename) fails with ENOSPC.
+    (tiny_disk / "reports").mkdir()
+    fill(tiny_disk)
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "reports").symlink_to(tiny_disk / "reports")
     result = run(work, cli_env(work, None), *generate_args(work))
     assert_one_clean_error(
-        result, 1, "disk is full", "step rejections", "No space left on device", "run the same command again"
+        result, 1, "rejections.csv", "No space left on device", "free some space", "run the same command again"
     )
     assert len(result.stderr.strip().splitlines()) <= 3, result.stderr
 

@@ -17,13 +17,13 @@ import contextlib
 import json
 import logging
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from dagster import AssetKey, instance_for_test, materialize
 from sqlalchemy import event
+from support import fill
 
 from drills.run_drill import make_catalog
 from vidu_pipeline import errors, tasks
@@ -147,34 +147,6 @@ def test_a_task_id_the_full_ledger_cannot_take_is_journaled_and_restored(planned
     assert [(a.task_id, a.outcome) for a in fresh.attempts_for(rid)] == [(task_id, "submitted")]
     assert tasks.replay_journal(fresh, journal) == []  # again: nothing changes
     fresh.close()
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A small tmpfs that really fills up (ENOSPC), where mounting is allowed (root)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True, text=True
-    )
-    if done.returncode:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
-def fill(disk: Path) -> Path:
-    filler = disk / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-    return filler
 
 
 class FillsTheRealDisk(ViduClient):
