@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]  # CLI subprocesses
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "catalog"
 

@@ -29,7 +29,7 @@ from vidu_pipeline import contract
 from vidu_pipeline import errors as errors_mod
 from vidu_pipeline.ledger import Ledger
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # CLI subprocesses
 
 FAKE_KEY = "sk-fake-key-distinctive-4711"
 

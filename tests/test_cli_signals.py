@@ -18,7 +18,7 @@ import pytest
 from tests.test_cli import SimProcess, cli, cli_env, generate_args, work  # noqa: F401  (fixture)
 from vidu_pipeline.ledger import Ledger
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # CLI subprocesses
 
 
 def processes_mentioning(text: str) -> list[str]:

@@ -37,6 +37,8 @@ from drills.run_drill import (
     terminal_snapshot,
 )
 
+pytestmark = pytest.mark.slow  # starts processes (CLI, simulator, drills)
+
 
 @pytest.fixture
 def faulty_sim(tmp_path):

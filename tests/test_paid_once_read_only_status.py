@@ -17,6 +17,8 @@ import pytest
 
 from vidu_pipeline.ledger import Ledger, PlannedRequest, SpendCaps
 
+pytestmark = pytest.mark.slow  # starts processes (CLI, simulator, drills)
+
 CAPS = SpendCaps(per_run=None, per_day=None, run_id="ro")
 
 

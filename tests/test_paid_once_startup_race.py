@@ -21,6 +21,8 @@ from vidu_pipeline.defs.assets import ALL_ASSETS, register_partitions
 from vidu_pipeline.defs.partitions import REQUESTS_PARTITIONS_NAME
 from vidu_pipeline.defs.resources import PipelineResource, ViduResource
 
+pytestmark = pytest.mark.slow  # starts processes (CLI, simulator, drills)
+
 PLAN = [AssetKey(k) for k in ("catalog", "reference_images", "generation_requests")]
 
 

@@ -30,6 +30,8 @@ import requests
 
 from drills.run_drill import SimulatorProcess, make_catalog, run_generate
 
+pytestmark = pytest.mark.slow  # starts processes (CLI, simulator, drills)
+
 KEY = "sk-vidu/LEAK+CHECK=7f3a9c"  # '/', '+' and '=' make its URL-encoded form differ
 KEY_FORMS = [KEY, urllib.parse.quote(KEY, safe=""), urllib.parse.quote_plus(KEY)]
 
