@@ -79,7 +79,7 @@ def _settings(records: list[dict]) -> str:
     versions = sorted({str(r["pipeline_version"]) for r in records})
     sizes = Counter(f"{r['width']}×{r['height']}" for r in records)
     return (
-        "- model: Vidu Q1 reference-to-video (`viduq1`)\n"
+        "- model: Vidu Q1 reference-to-video (`POST /v3/async/vidu-q1-reference2video`)\n"
         f"- pipeline versions: {', '.join(versions) or 'none'}\n"
         f"- delivered frame sizes: {', '.join(f'{k} ({n})' for k, n in sorted(sizes.items())) or 'none'}\n"
         "- every clip's prompt, options, seeds (requested and effective) and reference-image hashes are in its "
