@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,10 @@ METADATA_COLUMNS = (
     "phash",
     "reference_similarity",
 )
+
+
+class ExportProblem(ValueError):
+    """The export cannot start (no lineage table, a catalog with bad thresholds): one line says why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,3 +256,40 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
     tmp.write_bytes(data)
     os.replace(tmp, path)
     return True
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def command(data_dir: str, out: str | None, shard_size: int, catalog: str | None) -> int:
+    """``vidu-pipeline export``: export the data dir's current dataset, print what was written."""
+    root = Path(data_dir).resolve()
+    if not (root / "lineage").is_dir():
+        raise ExportProblem(f"{root / 'lineage'}: no lineage table; run `vidu-pipeline generate` first")
+    catalog_dir = Path(catalog).resolve() if catalog else root / "catalog"
+    summary = export(
+        LineageStore(root / "lineage"),
+        Path(out) if out else root / "export",
+        shard_size=shard_size,
+        thresholds=thresholds_for(catalog_dir),
+        catalog_dir=catalog_dir if catalog_dir.is_dir() else None,
+    )
+    for request_id in summary.missing:
+        print(f"warning: {request_id}: video file missing from {root}; not exported", file=sys.stderr)
+    print(
+        f"exported {summary.samples} clip(s) to {summary.out_dir}: {len(summary.shards)} shard(s) "
+        f"({summary.shards_written} written), {summary.videos_written} video(s) written"
+    )
+    return 0
+
+
+def thresholds_for(catalog_dir: Path) -> Thresholds:
+    """sweep.yaml's quality thresholds; the defaults when there is no catalog."""
+    from .catalog import CatalogError, load_catalog
+
+    if not catalog_dir.is_dir():
+        return Thresholds()
+    try:
+        return load_catalog(catalog_dir, allow_outside_paths=True).sweep.quality
+    except CatalogError as exc:
+        raise ExportProblem(f"{catalog_dir}: {exc}") from None

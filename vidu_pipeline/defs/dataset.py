@@ -20,7 +20,6 @@ from dagster import (
     asset_check,
 )
 
-from .. import catalog as catalog_mod
 from .. import export as export_mod
 from .. import quality
 from .assets import GROUP, lineage
@@ -33,11 +32,8 @@ FIGURES += ["blank_share", "reference_similarity"]
 
 
 def thresholds_for(pipeline: PipelineResource) -> quality.Thresholds:
-    """sweep.yaml's thresholds; the defaults when the data dir has no readable catalog."""
-    try:
-        return catalog_mod.load_catalog(pipeline.catalog_path, allow_outside_paths=True).sweep.quality
-    except (catalog_mod.CatalogError, OSError):
-        return quality.Thresholds()
+    """sweep.yaml's thresholds (``quality:``); the defaults when there is no catalog folder."""
+    return export_mod.thresholds_for(pipeline.catalog_path)
 
 
 @asset(group_name=GROUP, deps=[lineage], automation_condition=AutomationCondition.eager())
