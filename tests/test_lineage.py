@@ -288,7 +288,7 @@ def test_lineage_folder_loads_with_datasets(store, tmp_path, monkeypatch):
     for i in range(3):
         store.append([row(i)])
     store.compact()
-    store.append([row(3, motion=0.5)])
+    store.append([row(3)])
     loaded = datasets.load_dataset("parquet", data_dir=str(store.root), split="train", cache_dir=str(tmp_path / "hf"))
     assert sorted(loaded["request_id"]) == ["req-00000", "req-00001", "req-00002", "req-00003"]
 
