@@ -5,13 +5,16 @@ import hashlib
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 from dagster import instance_for_test
 from dataset_harness import gates, sweep
+from PIL import Image
 
-from vidu_pipeline import export
+from vidu_pipeline import export, sheets
+from vidu_pipeline.generate import write_contact_sheet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -136,3 +139,26 @@ def test_export_without_lineage_is_a_clear_error(tmp_path):
         done.stderr.strip()
         == f"error: {tmp_path / 'empty' / 'lineage'}: no lineage table; run `vidu-pipeline generate` first"
     )
+
+
+def test_contact_sheet_pages_every_current_video(made, monkeypatch):
+    pipeline, _, _ = made
+    stale = pipeline.root / "contact_sheet-9.png"
+    stale.write_bytes(b"from a bigger dataset")
+    monkeypatch.setattr(sheets, "TILES_PER_PAGE", 3)
+    first = write_contact_sheet(pipeline, rows=[])  # the dataset's videos, not the rows of one run
+    pages = sorted(pipeline.root.glob("contact_sheet*.png"))
+    assert first == pipeline.root / "contact_sheet.png"
+    assert [p.name for p in pages] == ["contact_sheet-2.png", "contact_sheet-3.png", "contact_sheet.png"]
+    with Image.open(first) as page1, Image.open(pipeline.root / "contact_sheet-3.png") as page3:
+        assert page1.size == (2 * 320, 2 * (320 + 24))  # 3 tiles: 2 columns, 2 rows
+        assert page3.size == (2 * 320, 1 * (320 + 24))  # the last 2 of 8
+    assert not stale.exists()
+
+
+def test_tile_label_names_the_request_and_its_flags():
+    probe = {"quality": {"still_share": 1.0, "blank_share": 0.0, "reference_similarity": 0.2}, "problems": ["size"]}
+    row = types.SimpleNamespace(request_id="cat-s1-abc", probe_json=json.dumps(probe))
+    assert sheets.tile_label(row, export.Thresholds()) == "cat-s1-abc [frozen, unlike references, mismatch]"
+    clean = types.SimpleNamespace(request_id="cat-s2-def", probe_json=json.dumps({"quality": {"still_share": 0.0}}))
+    assert sheets.tile_label(clean, export.Thresholds()) == "cat-s2-def"

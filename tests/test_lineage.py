@@ -124,7 +124,9 @@ def test_readable_by_pandas_and_by_glob(store):
     # DuckDB's read_parquet('root/*.parquet') sees exactly the part files.
     assert sorted(store.root.glob("*.parquet")) == store.parts()
     assert store.lock_path.exists() and store.lock_path.parent == store.root.parent / "state"
-    assert sorted(p.name for p in store.root.iterdir()) == sorted([".part-x.parquet.tmp", *(p.name for p in store.parts())])
+    assert sorted(p.name for p in store.root.iterdir()) == sorted(
+        [".part-x.parquet.tmp", *(p.name for p in store.parts())]
+    )
 
 
 def test_empty_store_reads_as_empty_frame_with_schema(store):
@@ -271,7 +273,9 @@ def test_rows_written_before_quality_columns_still_read(store):
     for name in ("submitted_at", "finished_at"):
         old[name] = dt.datetime.fromtimestamp(old[name], dt.UTC)
     old["latency_s"], old["reason"] = 42.5, None
-    pq.write_table(pa.Table.from_pylist([old], schema=old_schema), store.root / "part-20200101T000000000000Z-old.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([old], schema=old_schema), store.root / "part-20200101T000000000000Z-old.parquet"
+    )
     store.append([row(2, motion=0.02, phash=["0" * 16])])
     table = store.read()
     assert list(table.request_id) == ["req-00001", "req-00002"]

@@ -89,11 +89,17 @@ class ExportSummary:
 
 
 def current_dataset(store: LineageStore) -> pd.DataFrame:
-    """One row per request with a verified video (latest state), sorted by request id."""
+    """One row per request with a verified video (latest state), sorted by request id.
+
+    Only videos of ``<data_dir>/videos``: a reproduction (``reproduce``, stored under
+    ``reproductions/``) checks a clip, it is not another sample of the dataset.
+    """
     table = store.read()
     if not len(table):
         return table
-    ok = (table["state"] == "succeeded") & table["video_sha256"].notna() & table["video_path"].notna()
+    videos_dir = store.data_root / "videos"
+    in_videos = table["video_path"].map(lambda p: isinstance(p, str) and Path(p).parent == videos_dir)
+    ok = (table["state"] == "succeeded") & table["video_sha256"].notna() & in_videos
     return table[ok].sort_values("request_id").reset_index(drop=True)
 
 
