@@ -131,7 +131,8 @@ def probe_video(path: str | Path, on_frame: Callable[[av.VideoFrame], None] | No
                     decoded += len(frames)
                     if on_frame is not None:
                         for frame in frames:
-                            on_frame(frame)
+                            if isinstance(frame, av.VideoFrame):
+                                on_frame(frame)
             for stream in filter(None, (video, audio)):
                 promised = stream.frames
                 if promised and packets[stream.index] < promised:

@@ -7,7 +7,7 @@ gate lists every failing clip by request id with its figures. Clips collected be
 figures existed have none and are not judged.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pandas as pd
 from dagster import (
@@ -133,10 +133,13 @@ def motion_follows_amplitude(pipeline: PipelineResource) -> AssetCheckResult:
 )
 def seeds_not_near_duplicates(pipeline: PipelineResource) -> AssetCheckResult:
     table, limits = _measured(pipeline), thresholds_for(pipeline)
-    ids, notes = set(), []
+    ids: set[str] = set()
+    notes: list[str] = []
     keys = ["subject_id", "prompt", "aspect_ratio", "movement_amplitude", "bgm", "duration", "resolution"]
     for _, group in table.groupby(keys, dropna=False) if len(table) else []:
-        hashes = {row.request_id: list(row.phash) for row in group.itertuples() if len(row.phash)}
+        hashes: dict[str, Sequence[str]] = {
+            str(row.request_id): [str(h) for h in row.phash] for row in group.itertuples() if len(row.phash)
+        }
         for a, b, distance in quality.near_duplicates(hashes, limits):
             ids.update((a, b))
             notes.append(f"{a} and {b}: {distance:.1f} bits apart (at least {limits.duplicate_bits})")
