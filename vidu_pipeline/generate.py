@@ -11,7 +11,6 @@ import concurrent.futures as cf
 import dataclasses
 import errno
 import json
-import math
 import os
 import sys
 import time
