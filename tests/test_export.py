@@ -9,7 +9,7 @@ import types
 from pathlib import Path
 
 import pytest
-from dagster import instance_for_test
+from dagster import AssetKey, instance_for_test
 from dataset_harness import gates, sweep
 from PIL import Image
 
@@ -27,8 +27,12 @@ def made(tmp_path_factory):
     mp.setenv("VIDU_SIMULATOR_RENDER_SCALE", "0.1")
     with instance_for_test() as instance:
         pipeline, result, _ = sweep(tmp, instance)
+        records = instance.fetch_materializations(AssetKey("videos"), limit=100).records
+        videos_metadata = {
+            r.partition_key: {k: v.value for k, v in r.asset_materialization.metadata.items()} for r in records
+        }
     mp.undo()
-    return pipeline, result, tmp
+    return pipeline, result, videos_metadata
 
 
 @pytest.fixture
@@ -52,6 +56,17 @@ def test_clean_sweep_passes_every_gate(made):
     _, result, _ = made
     found = gates(result)
     assert len(found) == 5 and all(g.passed for g in found.values()), {n: g.failing for n, g in found.items()}
+
+
+def test_videos_partitions_carry_the_quality_figures(made):
+    pipeline, _, videos_metadata = made
+    table = pipeline.lineage().read().set_index("request_id")
+    assert set(videos_metadata) == set(table.index)
+    for request_id, metadata in videos_metadata.items():
+        figures = metadata["quality"]
+        assert figures["motion"] == metadata["quality/motion"] == table.loc[request_id, "motion"] > 0
+        assert list(figures["phash"]) == list(table.loc[request_id, "phash"])
+        assert figures["reference_similarity"] == table.loc[request_id, "reference_similarity"] > 0.5
 
 
 def test_lineage_folder_loads_with_datasets_parquet(made, hf):
