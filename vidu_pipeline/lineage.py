@@ -65,7 +65,10 @@ SCHEMA = pa.schema(
         pa.field("frames", pa.int32()),
         pa.field("duration_s", pa.float64()),
         pa.field("has_audio", pa.bool_()),
-        # quality figures (quality.VideoQuality), null for rows written before they existed
+        pa.field("dagster_run_id", pa.string()),
+        pa.field("pipeline_version", pa.string()),
+        pa.field("recorded_at", TS, nullable=False),
+        # quality figures (quality.VideoQuality), added at the end as the schema evolves; null for rows written before they existed
         pa.field("motion", pa.float64()),
         pa.field("still_share", pa.float64()),
         pa.field("frozen", pa.bool_()),
@@ -73,9 +76,6 @@ SCHEMA = pa.schema(
         pa.field("blank", pa.bool_()),
         pa.field("phash", pa.list_(pa.string())),
         pa.field("reference_similarity", pa.float64()),
-        pa.field("dagster_run_id", pa.string()),
-        pa.field("pipeline_version", pa.string()),
-        pa.field("recorded_at", TS, nullable=False),
     ]
 )
 STATES = ("succeeded", "failed", "unknown")
