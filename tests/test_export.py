@@ -177,3 +177,20 @@ def test_tile_label_names_the_request_and_its_flags():
     assert sheets.tile_label(row, export.Thresholds()) == "cat-s1-abc [frozen, unlike references, mismatch]"
     clean = types.SimpleNamespace(request_id="cat-s2-def", probe_json=json.dumps({"quality": {"still_share": 0.0}}))
     assert sheets.tile_label(clean, export.Thresholds()) == "cat-s2-def"
+
+
+def test_export_skips_a_missing_video_and_leaves_reproductions_out(tmp_path):
+    store = export.LineageStore(tmp_path / "data" / "lineage")
+    videos = tmp_path / "data" / "videos"
+    videos.mkdir()
+    (videos / "kept.mp4").write_bytes(b"not really a video")
+    rows = [
+        {"request_id": "kept", "video_path": str(videos / "kept.mp4")},
+        {"request_id": "gone", "video_path": str(videos / "gone.mp4")},
+        {"request_id": "kept-r1", "video_path": str(tmp_path / "data" / "reproductions" / "kept-r1.mp4")},
+        {"request_id": "failed", "state": "failed"},
+    ]
+    store.append([{"state": "succeeded", "video_sha256": sha256(b"not really a video"), **r} for r in rows])
+    summary = export.export(store, tmp_path / "out", shard_size=2)
+    assert (summary.samples, summary.missing) == (1, ("gone",))
+    assert sorted(files(tmp_path / "out" / "videofolder")) == ["kept.mp4", "metadata.jsonl"]

@@ -141,8 +141,8 @@ def export(
     limits = thresholds or Thresholds()
     out = Path(out_dir)
     table = current_dataset(store)
-    present = [bool(len(table)) and os.path.exists(p) for p in table["video_path"]] if len(table) else []
-    missing = tuple(table["request_id"][[not p for p in present]]) if len(table) else ()
+    present = table["video_path"].map(os.path.exists).astype(bool) if len(table) else pd.Series(dtype=bool)
+    missing = tuple(table.loc[~present, "request_id"]) if len(table) else ()
     table = table[present].reset_index(drop=True) if len(table) else table
     records = [sample_record(row, limits) for _, row in table.iterrows()]
     sources = [Path(p) for p in table["video_path"]] if len(table) else []
