@@ -132,12 +132,7 @@ def _measure(
         return None
 
 
-def quality_of(row: TaskRow) -> dict[str, Any]:
-    """The quality figures stored with a row's probe ({} when none were measured)."""
-    probe = json.loads(row.probe_json) if row.probe_json else {}
-    return probe.get("quality") or {}
-
-
+# The lineage columns taken from the probe's "quality" (quality.VideoQuality.to_dict()).
 QUALITY_COLUMNS = ("motion", "still_share", "frozen", "blank_share", "blank", "phash", "reference_similarity")
 
 
