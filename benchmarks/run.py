@@ -2,7 +2,7 @@
 
     python benchmarks/run.py            # full run (a few minutes on 2 cores)
     python benchmarks/run.py --quick    # tiny N, for the smoke test (well under a minute)
-    python benchmarks/run.py --only e2e,tick   # a subset (e2e, overhead, tick, images, lineage)
+    python benchmarks/run.py --only e2e,tick   # a subset (e2e, overhead, tick, images, lineage, quality)
 
 Every simulator this starts is a child process stopped at the end (also on Ctrl-C). Timing
 figures are ratios measured within one run wherever possible, because the machine is shared
@@ -580,12 +580,37 @@ def bench_lineage(work: Path, quick: bool) -> None:
         figure(f"lineage read whole table at {size + 500} rows, s", reads[size], "info", None, "{:.3f}")
 
 
+def bench_quality(work: Path, quick: bool) -> None:
+    """CPU of the quality figures riding on the verification decode (``FrameSampler.offer`` on
+    every decoded frame + ``measure`` against the references) over that decode's own CPU, on a
+    simulator-rendered 5 s 1080p clip with two reference images (quick: best of 1, not 3; a
+    smaller clip would not say anything: its decode is too cheap to compare with)."""
+    from vidu_pipeline import quality
+    from vidu_pipeline.simulator.render import RenderSpec, render_video
+
+    rng = random.Random(7)
+    refs = []
+    for size in ((640, 480), (480, 640)):
+        buf = io.BytesIO()
+        picture(rng, *size).save(buf, format="JPEG", quality=85)
+        refs.append(buf.getvalue())
+    path = work / "quality-clip.mp4"
+    spec = RenderSpec(images=tuple(refs), prompt="a slow pan", seed=1, movement_amplitude="large")
+    render_video(spec, path)
+    log("\n== quality figures on the verification decode (1080p)")
+    ratios = quality.cost_ratio(path, refs, repeats=1 if quick else 3)
+    log(f"probe CPU {ratios['probe_cpu_s']:.2f} s; standalone measure_video / probe {ratios['standalone']:.2f}")
+    value = ratios["on_probe_frames"]
+    figure("quality / verification decode CPU (1080p)", value, "<= 0.3", value <= 0.3, "{:.3f}")
+
+
 BENCHES = {
     "e2e": bench_e2e,
     "tick": bench_tick,
     "overhead": bench_overhead,
     "images": bench_images,
     "lineage": bench_lineage,
+    "quality": bench_quality,
 }
 
 

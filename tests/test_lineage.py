@@ -116,13 +116,17 @@ def test_timestamps_accept_epoch_iso_and_datetimes():
 def test_readable_by_pandas_and_by_glob(store):
     for i in range(3):
         store.append([row(i)])
-    store.compact()  # leaves _compact.lock behind
+    store.compact()  # its lock file lives in the state folder, not among the parts
     store.append([row(3)])
     (store.root / ".part-x.parquet.tmp").write_bytes(b"PAR1 half a file")
     df = pd.read_parquet(store.root)
     assert len(df) == 4 and list(df.columns) == SCHEMA.names
     # DuckDB's read_parquet('root/*.parquet') sees exactly the part files.
     assert sorted(store.root.glob("*.parquet")) == store.parts()
+    assert store.lock_path.exists() and store.lock_path.parent == store.root.parent / "state"
+    assert sorted(p.name for p in store.root.iterdir()) == sorted(
+        [".part-x.parquet.tmp", *(p.name for p in store.parts())]
+    )
 
 
 def test_empty_store_reads_as_empty_frame_with_schema(store):
@@ -130,9 +134,10 @@ def test_empty_store_reads_as_empty_frame_with_schema(store):
     assert store.read().empty and store.compact() is None
 
 
-def test_stray_temp_file_is_ignored_and_cleaned_once_stale(store):
+@pytest.mark.parametrize("where", ["tmp_dir", "root"])  # root: left there by an older version
+def test_stray_temp_file_is_ignored_and_cleaned_once_stale(store, where):
     store.append([row(1)])
-    stray = store.root / ".part-20260101T000000000000Z-dead.parquet.tmp"
+    stray = getattr(store, where) / ".part-20260101T000000000000Z-dead.parquet.tmp"
     stray.write_bytes(b"PAR1\x00\x00 not a footer")
     assert list(store.read().request_id) == ["req-00001"]
     store.append([row(2)])
@@ -158,8 +163,9 @@ def test_writer_killed_mid_append_leaves_table_readable(store):
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=str(REPO))
     assert proc.returncode == -9
-    leftovers = list(store.root.glob(".*.tmp"))
+    leftovers = list(store.tmp_dir.glob(".*.tmp"))
     assert len(leftovers) == 1
+    assert [p.suffix for p in store.root.iterdir()] == [".parquet"]  # the lineage folder holds parts only
     assert list(store.read().request_id) == ["req-00001"]
     assert len(pd.read_parquet(store.root)) == 1
 
@@ -209,7 +215,7 @@ def test_concurrent_appends_and_compactions(store):
 def test_only_one_compactor(store):
     store.append([row(1)])
     store.append([row(2)])
-    with open(store.root / lineage.LOCK_NAME, "a") as held:
+    with open(store.lock_path, "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(LineageBusy):
             store.compact()
@@ -237,3 +243,61 @@ def test_schema_is_stable_and_evolves_by_nullable_columns(store):
     assert pd.isna(df.loc["req-00002", "has_audio"]) and df.loc["req-00001", "has_audio"] == False  # noqa: E712
     for field in SCHEMA:
         assert field.nullable or field.name in ("request_id", "recorded_at")
+
+
+def test_video_path_is_stored_relative_to_the_data_dir(tmp_path):
+    store = LineageStore(tmp_path / "data" / "lineage")
+    data = tmp_path / "data"
+    store.append([row(1, video_path=str(data / "videos" / "a.mp4")), row(2, video_path="/elsewhere/b.mp4")])
+    raw = pq.read_table(store.parts()[0]).to_pydict()["video_path"]
+    assert raw == ["videos/a.mp4", "/elsewhere/b.mp4"]  # outside the data dir: kept as given
+    assert list(store.read().video_path) == [str(data / "videos" / "a.mp4"), "/elsewhere/b.mp4"]
+    # Moved data dir: the rows follow it.
+    moved = tmp_path / "moved"
+    os.rename(data, moved)
+    assert LineageStore(moved / "lineage").read().video_path[0] == str(moved / "videos" / "a.mp4")
+
+
+def test_quality_columns_round_trip(store):
+    figures = {"motion": 0.03, "still_share": 0.0, "frozen": False, "blank_share": 0.0, "blank": False}
+    store.append([row(1, phash=["00ff00ff00ff00ff", "ffffffffffffffff"], reference_similarity=0.9, **figures)])
+    got = store.read().iloc[0]
+    assert list(got.phash) == ["00ff00ff00ff00ff", "ffffffffffffffff"]
+    assert (got.motion, got.reference_similarity, bool(got.frozen)) == (0.03, 0.9, False)
+
+
+def test_rows_written_before_quality_columns_still_read(store):
+    """A part written with the old schema (absolute path, no quality columns) reads with nulls."""
+    old_schema = pa.schema([f for f in SCHEMA if f.name not in collect_quality_columns()])
+    old = {**row(1, video_path="/old/data/videos/req-00001.mp4"), "recorded_at": dt.datetime.fromtimestamp(T0, dt.UTC)}
+    for name in ("submitted_at", "finished_at"):
+        old[name] = dt.datetime.fromtimestamp(old[name], dt.UTC)
+    old["latency_s"], old["reason"] = 42.5, None
+    pq.write_table(
+        pa.Table.from_pylist([old], schema=old_schema), store.root / "part-20200101T000000000000Z-old.parquet"
+    )
+    store.append([row(2, motion=0.02, phash=["0" * 16])])
+    table = store.read()
+    assert list(table.request_id) == ["req-00001", "req-00002"]
+    assert table.video_path[0] == "/old/data/videos/req-00001.mp4"
+    assert pd.isna(table.motion[0]) and table.phash[0] is None and table.motion[1] == 0.02
+    from vidu_pipeline import export, quality
+
+    assert quality.quality_flags(export.sample_record(table.iloc[0], quality.Thresholds())) == []
+
+
+def test_lineage_folder_loads_with_datasets(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    datasets = pytest.importorskip("datasets")
+    for i in range(3):
+        store.append([row(i)])
+    store.compact()
+    store.append([row(3)])
+    loaded = datasets.load_dataset("parquet", data_dir=str(store.root), split="train", cache_dir=str(tmp_path / "hf"))
+    assert sorted(loaded["request_id"]) == ["req-00000", "req-00001", "req-00002", "req-00003"]
+
+
+def collect_quality_columns() -> tuple[str, ...]:
+    from vidu_pipeline.collect import QUALITY_COLUMNS
+
+    return QUALITY_COLUMNS

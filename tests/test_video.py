@@ -95,6 +95,31 @@ def test_probe_portrait_without_audio(clips):
     assert check_against_request(p, aspect_ratio="9:16", bgm=False, render_scale=SCALE) == []
 
 
+def test_on_frame_sees_every_decoded_frame_in_order(clips):
+    """The quality figures ride on the verification decode: every frame, presentation order,
+    audio frames not included; the sampler then measures the same as its own decode."""
+    from vidu_pipeline import quality
+
+    times = []
+    sampler = quality.FrameSampler()
+
+    def on_frame(frame):
+        times.append(frame.time)
+        sampler.offer(frame)
+
+    p = probe_video(clips["landscape_bgm"], on_frame=on_frame)
+    assert len(times) == p.frames == 120 and times == sorted(times)
+    assert quality.measure(sampler) == quality.measure_video(clips["landscape_bgm"])
+
+
+def test_on_frame_error_is_not_swallowed(clips):
+    def boom(frame):
+        raise RuntimeError("sampler broke")
+
+    with pytest.raises(RuntimeError, match="sampler broke"):
+        probe_video(clips["portrait"], on_frame=boom)
+
+
 def test_probe_is_a_plain_dict_for_the_ledger(clips):
     d = probe_video(clips["portrait"]).to_dict()
     assert d["width"] == 108 and set(d) >= {"fps", "frames", "sha256", "has_audio"}

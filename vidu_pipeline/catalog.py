@@ -37,6 +37,7 @@ from .contract import (
     seed_problem,
 )
 from .errors import StorageError
+from .quality import Thresholds
 
 OPTION_COLUMNS = ("aspect_ratio", "movement_amplitude", "bgm", "duration", "resolution")
 IMAGE_COLUMNS = ("subject_id", "image", "view")
@@ -82,6 +83,7 @@ class Sweep:
     seeds: tuple[int, ...]
     defaults: dict  # option defaults, sweep.yaml's merged over contract.DEFAULTS
     max_images_per_subject: int = MAX_IMAGES
+    quality: Thresholds = dataclasses.field(default_factory=Thresholds)  # the dataset's quality gates
 
 
 @dataclasses.dataclass
@@ -322,7 +324,7 @@ def _read_sweep(path: Path, rejections: list[Rejection]) -> Sweep:
         raise CatalogError(f"{path.name}: not valid YAML ({exc})") from None
     if not isinstance(doc, dict):
         raise CatalogError(f"{path.name}: must be a mapping with `seeds` or `seed_start` + `seed_count`")
-    unknown = set(doc) - {"seeds", "seed_start", "seed_count", "defaults", "max_images_per_subject"}
+    unknown = set(doc) - {"seeds", "seed_start", "seed_count", "defaults", "max_images_per_subject", "quality"}
     if unknown:
         raise CatalogError(f"{path.name}: unknown field(s) {_short(', '.join(sorted(map(str, unknown))))}")
     seeds = _sweep_seeds(path.name, doc)
@@ -354,7 +356,25 @@ def _read_sweep(path: Path, rejections: list[Rejection]) -> Sweep:
     max_images = _integer(path.name, "max_images_per_subject", doc.get("max_images_per_subject", MAX_IMAGES))
     if not 1 <= max_images <= MAX_IMAGES:
         raise CatalogError(f"{path.name}: max_images_per_subject must be between 1 and {MAX_IMAGES}")
-    return Sweep(seeds=tuple(counts), defaults=defaults, max_images_per_subject=max_images)
+    quality = _quality_thresholds(path.name, doc.get("quality"))
+    return Sweep(seeds=tuple(counts), defaults=defaults, max_images_per_subject=max_images, quality=quality)
+
+
+def _quality_thresholds(name: str, given: Any) -> Thresholds:
+    """sweep.yaml's ``quality:`` section over :class:`quality.Thresholds`'s defaults."""
+    if given is None:
+        return Thresholds()
+    if not isinstance(given, dict):
+        raise CatalogError(f"{name}: quality must be a mapping of threshold: number")
+    known = {f.name for f in dataclasses.fields(Thresholds)}
+    values = {}
+    for key, value in given.items():
+        if key not in known:
+            raise CatalogError(f"{name}: quality.{_short(str(key))} is not a threshold ({', '.join(sorted(known))})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e6:
+            raise CatalogError(f"{name}: quality.{key} must be a non-negative number, got {_short(repr(value))}")
+        values[key] = float(value)
+    return Thresholds(**values)
 
 
 # --- row checks ------------------------------------------------------------------------------

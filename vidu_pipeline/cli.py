@@ -139,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-tasks-per-day", type=non_negative, help="cap as for generate (env VIDU_MAX_TASKS_PER_DAY)")
     r.add_argument("--timeout", type=float, default=3600)
 
+    e = sub.add_parser("export", help="write the current dataset as a videofolder, WebDataset shards and a card")
+    data_dir_arg(e)
+    e.add_argument("--out", help="export folder (default: <data-dir>/export)")
+    e.add_argument("--shard-size", type=positive, default=100, help="samples per WebDataset shard (default 100)")
+    e.add_argument(
+        "--catalog", help="catalog folder, for quality thresholds and licences (default: <data-dir>/catalog)"
+    )
+
     from .simulator import cli as simulator_cli
 
     sim = sub.add_parser("simulator", help="run the local Vidu simulator as a standalone server")
@@ -156,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     install_stop_handlers()
     quiet_dagster()
     from . import errors
+    from .export import ExportProblem
     from .generate import CatalogProblem, generate, reproduce, status
 
     try:
@@ -163,8 +172,12 @@ def main(argv: list[str] | None = None) -> int:
             return generate(args)
         if args.command == "status":
             return status(args)
+        if args.command == "export":
+            from .export import command as export_command
+
+            return export_command(args.data_dir, args.out, args.shard_size, args.catalog)
         return reproduce(args)
-    except (CatalogProblem, errors.ConfigurationError) as exc:
+    except (CatalogProblem, errors.ConfigurationError, ExportProblem) as exc:
         return fail(str(exc), EXIT_USAGE)
     except errors.AuthError as exc:
         return fail(

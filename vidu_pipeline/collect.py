@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from . import errors
 from .client import ViduClient
 from .ledger import Ledger, TaskRow
 from .plan import PIPELINE_VERSION, RequestSpec
+from .quality import FrameSampler, Thresholds, VideoQuality, measure
 from .video import VideoInvalid, VideoProbe, check_against_request, probe_video
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ class CollectedVideo:
     path: Path
     probe: VideoProbe
     problems: tuple[str, ...]
+    quality: VideoQuality | None = None  # None when the frames could not be measured
 
 
 def video_path(videos_dir: Path, request_id: str) -> Path:
@@ -46,8 +49,14 @@ def collect_video(
     videos_dir: Path,
     render_scale: float = 1.0,
     run_id: str | None = None,
+    reference_bytes: Callable[[str], bytes] | None = None,
+    thresholds: Thresholds | None = None,
 ) -> CollectedVideo:
     """Download, verify and probe one succeeded task's video; record it in the ledger.
+
+    The quality figures are measured on the frames of the verification decode (no second
+    decode), against the request's reference images as ``reference_bytes(sha256)`` gives them
+    (e.g. ``ImageCache.get_bytes``); they are stored with the probe under ``"quality"``.
 
     Raises :class:`VideoInvalid` or a :class:`~vidu_pipeline.errors.ViduError` when no good
     file could be had (recorded as a video error; the next attempt downloads again).
@@ -60,7 +69,8 @@ def collect_video(
     staging = final.with_name(f".{final.name}.{os.getpid()}.download")
     try:
         download = client.download(row.task_id, staging)
-        probe = probe_video(staging)
+        sampler = FrameSampler()
+        probe = probe_video(staging, on_frame=sampler.offer)
     except (VideoInvalid, errors.ViduError) as exc:
         staging.unlink(missing_ok=True)
         ledger.record_video_error(request_id, f"{type(exc).__name__}: {exc}", task_id=row.task_id)
@@ -80,6 +90,7 @@ def collect_video(
             duration_s=spec.options["duration"],
         )
     )
+    quality = _measure(request_id, sampler, _references(spec, reference_bytes), thresholds)
     staging.replace(final)
     ledger.record_video(
         request_id,
@@ -87,11 +98,42 @@ def collect_video(
         path=str(final),
         sha256=download.sha256,
         size_bytes=download.size_bytes,
-        probe={**dataclasses.asdict(probe), "problems": list(problems), "dagster_run_id": run_id},
+        probe={
+            **dataclasses.asdict(probe),
+            "problems": list(problems),
+            "dagster_run_id": run_id,
+            "quality": quality.to_dict() if quality else None,
+        },
     )
     if problems:
         log.error("%s: video does not match its request: %s", request_id, "; ".join(problems))
-    return CollectedVideo(request_id, final, probe, problems)
+    return CollectedVideo(request_id, final, probe, problems, quality)
+
+
+def _references(spec: RequestSpec, reference_bytes: Callable[[str], bytes] | None) -> list[bytes]:
+    """The request's reference images; [] (no similarity figure) when any one is missing."""
+    if reference_bytes is None:
+        return []
+    try:
+        return [reference_bytes(sha) for sha in spec.image_sha256s]
+    except (KeyError, OSError) as exc:
+        log.warning("%s: reference images unavailable, no similarity figure: %s", spec.request_id, exc)
+        return []
+
+
+def _measure(
+    request_id: str, sampler: FrameSampler, references: list[bytes], thresholds: Thresholds | None
+) -> VideoQuality | None:
+    """The quality figures; None (logged) rather than losing a verified video to a bad reference."""
+    try:
+        return measure(sampler, references, thresholds)
+    except ValueError as exc:
+        log.warning("%s: quality not measured: %s", request_id, exc)
+        return None
+
+
+# The lineage columns taken from the probe's "quality" (quality.VideoQuality.to_dict()).
+QUALITY_COLUMNS = ("motion", "still_share", "frozen", "blank_share", "blank", "phash", "reference_similarity")
 
 
 def lineage_row(row: TaskRow, run_id: str | None = None) -> dict[str, Any]:
@@ -99,6 +141,7 @@ def lineage_row(row: TaskRow, run_id: str | None = None) -> dict[str, Any]:
     spec = RequestSpec.from_json(row.spec_json)
     probe = json.loads(row.probe_json) if row.probe_json else {}
     problems = probe.get("problems") or []
+    quality = probe.get("quality") or {}
     reason = row.last_error if row.state != "succeeded" else "; ".join(problems) or None
     submitted = _ts(row.submitted_at)
     finished = _ts(row.finished_at)
@@ -131,6 +174,7 @@ def lineage_row(row: TaskRow, run_id: str | None = None) -> dict[str, Any]:
         "frames": probe.get("frames"),
         "duration_s": probe.get("duration_s"),
         "has_audio": probe.get("has_audio"),
+        **{name: quality.get(name) for name in QUALITY_COLUMNS},
         "dagster_run_id": probe.get("dagster_run_id") or run_id,
         "pipeline_version": PIPELINE_VERSION,
         "recorded_at": pd.Timestamp(time.time(), unit="s", tz="UTC"),

@@ -6,6 +6,7 @@ from dagster import Definitions, in_process_executor
 
 from .defs.assets import ALL_ASSETS
 from .defs.checks import ALL_CHECKS
+from .defs.dataset import DATASET_ASSETS, DATASET_CHECKS
 from .defs.jobs import ALL_JOBS, vidu_automation_sensor
 from .defs.resources import PipelineResource, vidu_resource_from_env
 from .defs.schedules import generation_schedule
@@ -14,8 +15,8 @@ from .defs.sensors import vidu_task_sensor
 
 def build_definitions(pipeline: PipelineResource | None = None) -> Definitions:
     return Definitions(
-        assets=ALL_ASSETS,
-        asset_checks=ALL_CHECKS,
+        assets=[*ALL_ASSETS, *DATASET_ASSETS],
+        asset_checks=[*ALL_CHECKS, *DATASET_CHECKS],
         jobs=ALL_JOBS,
         # Steps are light and mostly sequential: one process per run, not one per step
         # (a process start costs seconds on a small machine).

@@ -11,7 +11,6 @@ import concurrent.futures as cf
 import dataclasses
 import errno
 import json
-import math
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ from dagster import (
 from dagster._core.instance.ref import InstanceRef
 
 from . import catalog as catalog_mod
-from . import collect, errors, plan, tasks
+from . import collect, errors, plan, quality, tasks
 from .cli import DAGSTER_YAML, EXIT_CAPPED, EXIT_FAILED, EXIT_OK
 from .defs.assets import ALL_ASSETS
 from .defs.checks import ALL_CHECKS
@@ -466,25 +465,22 @@ class Progress:
         print(("\r" if self.tty else "") + self.text, file=sys.stderr, flush=True)
 
 
-def write_contact_sheet(pipeline: PipelineResource, rows) -> Path | None:
-    from .video import contact_sheet
+def write_contact_sheet(pipeline: PipelineResource, rows=None) -> Path | None:
+    """The dataset's contact sheet: every current video of the data dir (``rows`` is ignored:
+    the sheet shows the dataset, not one run), paged past ``sheets.TILES_PER_PAGE`` tiles
+    (contact_sheet.png, contact_sheet-2.png, …), each tile labelled with its request id and
+    quality flags. Returns the first page, or None when there is no video yet."""
+    from . import sheets
+    from .export import ExportProblem, thresholds_for
 
-    items = [
-        (
-            f"{r.subject_id} · {json.loads(r.spec_json)['options']['aspect_ratio']} · seed {r.seed}",
-            _thumbnail_or_video(pipeline, r),
-        )
-        for r in rows
-        if r and r.video_sha256 and r.video_path and Path(r.video_path).exists()
-    ]
-    if not items:
-        return None
-    columns = min(len(items), max(1, math.ceil(math.sqrt(len(items)))))
-    # At most ~4096 px wide: a sweep of thousands stays a viewable (and bounded-memory) PNG.
-    image = contact_sheet(items, columns=columns, cell_width=max(64, min(320, 4096 // columns)))
-    path = pipeline.root / "contact_sheet.png"
-    image.save(path)
-    return path
+    try:
+        thresholds = thresholds_for(pipeline.catalog_path)
+    except ExportProblem:  # a broken sweep.yaml is reported by the catalog asset
+        thresholds = quality.Thresholds()
+    current = sheets.current_rows(pipeline.ledger().rows(states=[SUCCEEDED]), pipeline.videos_dir)
+    items = [(sheets.tile_label(r, thresholds), _thumbnail_or_video(pipeline, r)) for r in current]
+    pages = sheets.write_pages(pipeline.root, items) if items else []
+    return pages[0] if pages else None
 
 
 def _thumbnail_or_video(pipeline: PipelineResource, row) -> Path:

@@ -8,9 +8,13 @@ resolved at read time: the latest ``recorded_at`` wins. ``compact`` merges the p
 lock; the schema (:data:`SCHEMA`, documented in ``docs/lineage.md``) evolves only by adding
 nullable columns, and every read applies it explicitly.
 
-The folder is readable as is by ``pandas.read_parquet(root)`` and DuckDB
-(``read_parquet('root/*.parquet')``): temp files start with ``.`` and end in ``.tmp``, the lock
-file is ``_compact.lock``, both skipped by those readers.
+The folder holds nothing but Parquet parts, so it is readable as is by
+``pandas.read_parquet(root)``, DuckDB (``read_parquet('root/*.parquet')``) and Hugging Face
+``datasets.load_dataset("parquet", data_dir=root)``: temp files and the compaction lock live in
+``<data_dir>/state/`` (the folder beside ``lineage``). ``video_path`` is stored relative to the
+data dir (the lineage folder's parent), so the data dir can move; :meth:`LineageStore.read`
+gives it back absolute, and rows written before (absolute paths, no quality columns) read as
+they were, with nulls for the missing columns.
 """
 
 from __future__ import annotations
@@ -64,11 +68,20 @@ SCHEMA = pa.schema(
         pa.field("dagster_run_id", pa.string()),
         pa.field("pipeline_version", pa.string()),
         pa.field("recorded_at", TS, nullable=False),
+        # quality figures (quality.VideoQuality), added at the end as the schema evolves; null for rows written before they existed
+        pa.field("motion", pa.float64()),
+        pa.field("still_share", pa.float64()),
+        pa.field("frozen", pa.bool_()),
+        pa.field("blank_share", pa.float64()),
+        pa.field("blank", pa.bool_()),
+        pa.field("phash", pa.list_(pa.string())),
+        pa.field("reference_similarity", pa.float64()),
     ]
 )
 STATES = ("succeeded", "failed", "unknown")
 _TIMESTAMPS = ("submitted_at", "finished_at", "recorded_at")
-LOCK_NAME = "_compact.lock"
+LOCK_NAME = "lineage-compact.lock"  # in the state folder, not among the parts
+TMP_DIR_NAME = "lineage-tmp"
 TMP_SUFFIX = ".tmp"
 STALE_TMP_S = 3600.0
 
@@ -111,16 +124,39 @@ def normalize_row(row: Mapping[str, Any], now: dt.datetime) -> dict[str, Any]:
 
 
 class LineageStore:
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, state_dir: str | os.PathLike | None = None):
         self.root = Path(root)
+        self.data_root = self.root.resolve().parent  # what video_path is relative to
+        self.state_dir = Path(state_dir) if state_dir is not None else self.data_root / "state"
+        self.lock_path = self.state_dir / LOCK_NAME
+        self.tmp_dir = self.state_dir / TMP_DIR_NAME
         self.root.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def relative_video_path(self, path: str | None) -> str | None:
+        """``path`` relative to the data dir when it lies inside it (else unchanged)."""
+        if not path or not os.path.isabs(path):
+            return path
+        try:
+            return Path(path).resolve().relative_to(self.data_root).as_posix()
+        except ValueError:
+            return path
+
+    def absolute_video_path(self, path: str | None) -> str | None:
+        """A stored ``video_path`` as an absolute path (old rows already hold one)."""
+        if not isinstance(path, str) or not path or os.path.isabs(path):
+            return path
+        return str(self.data_root / path)
 
     # --- writing ------------------------------------------------------------------------------
 
     def append(self, rows: Iterable[Mapping[str, Any]]) -> Path:
         """Write ``rows`` as one new immutable part file; returns its path."""
         now = dt.datetime.now(dt.UTC)
-        table = pa.Table.from_pylist([normalize_row(r, now) for r in rows], schema=SCHEMA)
+        normalized = [normalize_row(r, now) for r in rows]
+        for row in normalized:
+            row["video_path"] = self.relative_video_path(row["video_path"])
+        table = pa.Table.from_pylist(normalized, schema=SCHEMA)
         if table.num_rows == 0:
             raise ValueError("nothing to append")
         return self._write_atomic(table, now)
@@ -128,7 +164,7 @@ class LineageStore:
     def _write_atomic(self, table: pa.Table, now: dt.datetime) -> Path:
         name = f"part-{now:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex}.parquet"
         final = self.root / name
-        tmp = self.root / f".{name}{TMP_SUFFIX}"
+        tmp = self.tmp_dir / f".{name}{TMP_SUFFIX}"  # same file system: os.replace stays atomic
         try:
             with open(tmp, "wb") as f:
                 pq.write_table(table, f, compression="zstd")
@@ -148,7 +184,7 @@ class LineageStore:
         :class:`LineageBusy` when held). Also removes temp files older than an hour, left by
         killed writers. Returns the merged file, or None when there was nothing to merge.
         """
-        with open(self.root / LOCK_NAME, "a") as lock:
+        with open(self.lock_path, "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -165,7 +201,7 @@ class LineageStore:
 
     def _remove_stale_tmp(self) -> None:
         cutoff = time.time() - STALE_TMP_S
-        for p in self.root.glob(f".*{TMP_SUFFIX}"):
+        for p in [*self.tmp_dir.glob(f".*{TMP_SUFFIX}"), *self.root.glob(f".*{TMP_SUFFIX}")]:
             try:
                 if p.stat().st_mtime < cutoff:
                     p.unlink()
@@ -179,8 +215,10 @@ class LineageStore:
         return sorted(self.root.glob("part-*.parquet"))
 
     def read_all(self) -> pd.DataFrame:
-        """Every row ever appended (the full history), in file order."""
-        return _read(self.parts()).to_pandas()
+        """Every row ever appended (the full history), in file order; ``video_path`` absolute."""
+        df = _read(self.parts()).to_pandas()
+        df["video_path"] = df["video_path"].map(self.absolute_video_path)
+        return df
 
     def read(self) -> pd.DataFrame:
         """The current table: one row per request_id, the latest ``recorded_at`` winning."""

@@ -38,8 +38,9 @@ import io
 import itertools
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -277,6 +278,29 @@ def problems(figures: VideoQuality, thresholds: Thresholds | None = None) -> lis
             f"unlike its references: similarity {similarity:.2f} (at least {limits.min_reference_similarity:.2f})"
         )
     return found
+
+
+def quality_flags(figures: Mapping[str, Any], thresholds: Thresholds | None = None) -> list[str]:
+    """Short names of the per-clip gates a clip fails ("frozen", "blank", "unlike references"),
+    from stored figures (a lineage row or ``VideoQuality.to_dict()``); [] when unmeasured."""
+    limits = thresholds or Thresholds()
+    flags = []
+    if _number(figures.get("still_share")) is not None and figures["still_share"] >= limits.frozen_share:
+        flags.append("frozen")
+    if _number(figures.get("blank_share")) is not None and figures["blank_share"] >= limits.blank_share:
+        flags.append("blank")
+    similarity = _number(figures.get("reference_similarity"))
+    if similarity is not None and similarity < limits.min_reference_similarity:
+        flags.append("unlike references")
+    return flags
+
+
+def _number(value: Any) -> float | None:
+    """A stored figure as a float; None when absent or NaN (rows from before quality existed)."""
+    if value is None or isinstance(value, bool):
+        return None
+    number = float(value)
+    return None if math.isnan(number) else number
 
 
 def near_duplicates(

@@ -16,7 +16,7 @@ import hashlib
 import io
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import av
@@ -100,9 +100,13 @@ def mp4_box_problem(path: str | Path) -> str | None:
     return None
 
 
-def probe_video(path: str | Path) -> VideoProbe:
+def probe_video(path: str | Path, on_frame: Callable[[av.VideoFrame], None] | None = None) -> VideoProbe:
     """Check the box structure, demux every packet, decode every frame; raise :class:`VideoInvalid`
-    if anything is broken."""
+    if anything is broken.
+
+    ``on_frame`` sees every decoded video frame in presentation order (e.g.
+    ``quality.FrameSampler.offer``), so quality figures ride on this decode instead of a second one.
+    """
     if problem := mp4_box_problem(path):
         raise VideoInvalid(problem)
     sha256, size = file_sha256(path)
@@ -125,6 +129,10 @@ def probe_video(path: str | Path) -> VideoProbe:
                 frames = packet.decode()  # audio too: cheap, and catches zero-filled tails
                 if packet.stream is video:
                     decoded += len(frames)
+                    if on_frame is not None:
+                        for frame in frames:
+                            if isinstance(frame, av.VideoFrame):
+                                on_frame(frame)
             for stream in filter(None, (video, audio)):
                 promised = stream.frames
                 if promised and packets[stream.index] < promised:

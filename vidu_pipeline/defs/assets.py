@@ -305,6 +305,7 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
                 videos_dir=pipeline.videos_dir,
                 render_scale=endpoint.render_scale,
                 run_id=context.run_id,
+                reference_bytes=pipeline.image_cache().get_bytes,
             )
         except Exception as exc:  # one bad video must not cost the batch its other videos
             broken.append(f"{key}: {type(exc).__name__}: {exc}")
@@ -316,7 +317,15 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
         yield AssetMaterialization(
             asset_key=context.asset_key,
             partition=key,
-            metadata=_video_metadata(pipeline, stored, video),
+            metadata={
+                **_video_metadata(pipeline, stored, video),
+                "quality": MetadataValue.json(video.quality.to_dict() if video.quality else {}),
+                **{
+                    f"quality/{name}": value
+                    for name, value in (video.quality.to_dict() if video.quality else {}).items()
+                    if isinstance(value, (int, float)) and not isinstance(value, bool)
+                },
+            },
             tags={"dagster/data_version": stored.video_sha256},
         )
     if collected:

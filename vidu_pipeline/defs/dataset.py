@@ -1,0 +1,152 @@
+"""The exported dataset and its quality gates.
+
+``dataset_export`` writes the current dataset (see :mod:`vidu_pipeline.export`) under
+``<data_dir>/export`` after each lineage update. The gates are asset checks on it, with the
+thresholds of sweep.yaml's ``quality:`` section (``quality.Thresholds`` by default); a failing
+gate lists every failing clip by request id with its figures. Clips collected before quality
+figures existed have none and are not judged.
+"""
+
+from collections.abc import Callable, Sequence
+
+import pandas as pd
+from dagster import (
+    AssetCheckResult,
+    AssetExecutionContext,
+    AutomationCondition,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+    asset_check,
+)
+
+from .. import export as export_mod
+from .. import quality
+from .assets import GROUP, lineage
+from .jobs import WITH_ITS_ASSET
+from .resources import PipelineResource
+
+MIN_CLIPS_PER_AMPLITUDE = 1  # clips each of `small` and `large` a subject needs for the amplitude gate
+FIGURES = ["request_id", "subject_id", "movement_amplitude", "seed_requested", "motion", "still_share"]
+FIGURES += ["blank_share", "reference_similarity"]
+
+
+def thresholds_for(pipeline: PipelineResource) -> quality.Thresholds:
+    """sweep.yaml's thresholds (``quality:``); the defaults when there is no catalog folder."""
+    return export_mod.thresholds_for(pipeline.catalog_path)
+
+
+@asset(group_name=GROUP, deps=[lineage], automation_condition=AutomationCondition.eager())
+def dataset_export(context: AssetExecutionContext, pipeline: PipelineResource) -> MaterializeResult:
+    """The current dataset as a videofolder, WebDataset shards and a dataset card under
+    <data_dir>/export (incremental: unchanged files are not rewritten)."""
+    summary = export_mod.export(
+        pipeline.lineage(),
+        pipeline.root / "export",
+        thresholds=thresholds_for(pipeline),
+        catalog_dir=pipeline.catalog_path,
+    )
+    for request_id in summary.missing:
+        context.log.warning(f"{request_id}: its video file is missing from the data dir; not exported")
+    return MaterializeResult(
+        metadata={
+            "path": MetadataValue.path(str(summary.out_dir)),
+            "dagster/row_count": summary.samples,
+            "shards": len(summary.shards),
+            "videos_written": summary.videos_written,
+            "shards_written": summary.shards_written,
+            "missing_videos": len(summary.missing),
+        }
+    )
+
+
+def _measured(pipeline: PipelineResource) -> pd.DataFrame:
+    """The current dataset's clips that carry quality figures."""
+    table = export_mod.current_dataset(pipeline.lineage())
+    return table[table["motion"].notna()].reset_index(drop=True) if len(table) else table
+
+
+def _result(failing: pd.DataFrame, checked: int, notes: list[str] | None = None) -> AssetCheckResult:
+    """Pass/fail with every failing clip by request id and its figures."""
+    ids = sorted(failing["request_id"]) if len(failing) else []
+    table = failing[[c for c in FIGURES if c in failing.columns]].sort_values("request_id") if len(failing) else None
+    return AssetCheckResult(
+        passed=not ids,
+        metadata={
+            "clips_checked": checked,
+            "failing_request_ids": MetadataValue.json(ids),
+            "failing": MetadataValue.md(table.to_markdown(index=False) if table is not None else "_none_"),
+            "notes": MetadataValue.md("\n".join(f"- {n}" for n in notes or []) or "_none_"),
+        },
+    )
+
+
+def _per_clip_gate(flag: str) -> Callable[[pd.DataFrame, quality.Thresholds], pd.Series]:
+    def failing(table: pd.DataFrame, limits: quality.Thresholds) -> pd.Series:
+        return table.apply(lambda row: flag in quality.quality_flags(row, limits), axis=1).astype(bool)
+
+    return failing
+
+
+def _clip_check(name: str, flag: str, description: str):
+    gate = _per_clip_gate(flag)
+
+    @asset_check(asset=dataset_export, name=name, automation_condition=WITH_ITS_ASSET, description=description)
+    def _check(pipeline: PipelineResource) -> AssetCheckResult:
+        table = _measured(pipeline)
+        bad = gate(table, thresholds_for(pipeline)) if len(table) else pd.Series(dtype=bool)
+        return _result(table[bad] if len(table) else table, len(table))
+
+    return _check
+
+
+no_frozen_clips = _clip_check("no_frozen_clips", "frozen", "No clip holds one picture still (sweep.yaml quality).")
+no_blank_clips = _clip_check("no_blank_clips", "blank", "No clip is black or one flat colour.")
+clips_like_references = _clip_check(
+    "clips_like_references", "unlike references", "Every clip's frames are similar enough to its reference images."
+)
+
+
+@asset_check(
+    asset=dataset_export,
+    automation_condition=WITH_ITS_ASSET,
+    description="Per subject, `large` clips move clearly more than `small` ones (sweep.yaml quality.amplitude_ratio).",
+)
+def motion_follows_amplitude(pipeline: PipelineResource) -> AssetCheckResult:
+    table, limits = _measured(pipeline), thresholds_for(pipeline)
+    failing, notes = [], []
+    for subject, group in table.groupby("subject_id") if len(table) else []:
+        sides = {a: group.loc[group["movement_amplitude"] == a, "motion"].tolist() for a in ("small", "large")}
+        if min(len(sides["small"]), len(sides["large"])) < MIN_CLIPS_PER_AMPLITUDE:
+            continue
+        problem = quality.amplitude_problem(sides, limits)
+        if problem:
+            notes.append(f"{subject}: {problem}")
+            failing.append(group[group["movement_amplitude"].isin(["small", "large"])])
+    return _result(pd.concat(failing) if failing else table.iloc[0:0], len(table), notes)
+
+
+@asset_check(
+    asset=dataset_export,
+    automation_condition=WITH_ITS_ASSET,
+    description="Clips of one prompt under different seeds are not near-duplicates (sweep.yaml quality.duplicate_bits).",
+)
+def seeds_not_near_duplicates(pipeline: PipelineResource) -> AssetCheckResult:
+    table, limits = _measured(pipeline), thresholds_for(pipeline)
+    ids: set[str] = set()
+    notes: list[str] = []
+    keys = ["subject_id", "prompt", "aspect_ratio", "movement_amplitude", "bgm", "duration", "resolution"]
+    for _, group in table.groupby(keys, dropna=False) if len(table) else []:
+        hashes: dict[str, Sequence[str]] = {
+            str(row.request_id): [str(h) for h in row.phash] for row in group.itertuples() if len(row.phash)
+        }
+        for a, b, distance in quality.near_duplicates(hashes, limits):
+            ids.update((a, b))
+            notes.append(f"{a} and {b}: {distance:.1f} bits apart (at least {limits.duplicate_bits})")
+    failing = table[table["request_id"].isin(ids)] if len(table) else table
+    return _result(failing, len(table), notes)
+
+
+DATASET_ASSETS = [dataset_export]
+DATASET_CHECKS = [no_frozen_clips, no_blank_clips, clips_like_references, motion_follows_amplitude]
+DATASET_CHECKS += [seeds_not_near_duplicates]
