@@ -25,6 +25,7 @@ FIGURES = (
     "image re-run time / first run",
     "lineage append 100 rows at",
     "lineage read whole table",
+    "quality / verification decode CPU",
 )
 
 
