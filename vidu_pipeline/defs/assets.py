@@ -29,7 +29,7 @@ from .. import catalog as catalog_mod
 from .. import collect, plan, tasks
 from .. import lineage as lineage_mod
 from ..ledger import PlannedRequest
-from .jobs import LINEAGE_AFTER_VIDEOS
+from .jobs import LINEAGE_AFTER_VIDEOS, PLAN_DIGEST, plan_digest
 from .partitions import PARTITION_SOFT_LIMIT, REQUESTS_PARTITIONS_NAME, requests_partitions
 from .resources import SESSION_TAG, PipelineResource, ViduResource
 
@@ -162,8 +162,9 @@ def generation_requests(
 ) -> pd.DataFrame:
     """subjects × prompts × seeds, planned in the ledger and registered as partitions.
     Existing requests are left alone: re-planning the same catalog adds nothing."""
-    prompts, _ = catalog_mod.valid_prompts(catalog, reference_images)
+    prompts, prompt_rejections = catalog_mod.valid_prompts(catalog, reference_images)
     specs = plan.expand(prompts, reference_images.accepted, pipeline.seeds or catalog.sweep.seeds)
+    refused = catalog_mod.rejections_frame([*catalog.rejections, *reference_images.rejections, *prompt_rejections])
     ledger = pipeline.ledger()
     new_in_ledger = ledger.plan(
         PlannedRequest(
@@ -201,6 +202,7 @@ def generation_requests(
             "new_in_ledger": new_in_ledger,
             "ledger_states": MetadataValue.json(ledger.counts_by_state()),
             "preview": _md_table(frame),
+            PLAN_DIGEST: plan_digest(specs, refused),
         }
     )
     return frame
@@ -229,8 +231,9 @@ class BatchConfig(Config):
 )
 def video_tasks(context: AssetExecutionContext, config: BatchConfig, pipeline: PipelineResource, vidu: ViduResource):
     """Submit each partition's request unless it already has a live task: paid for once,
-    whatever is re-run. Each submitted (or already-submitted) partition is materialized with
-    its task id."""
+    whatever is re-run. Only the partitions submitted by this run are materialized (with
+    their task id): a re-run that submits nothing changes no partition, so no video goes
+    out of date."""
     keys = config.select(context.partition_keys)
     ledger = pipeline.ledger()
     client, endpoint = vidu.client(pipeline.simulator_state_dir)
@@ -251,21 +254,21 @@ def video_tasks(context: AssetExecutionContext, config: BatchConfig, pipeline: P
     )
     submitted = 0
     for outcome in outcomes:
-        if outcome.submitted:
-            submitted += 1
-        else:
+        if not outcome.submitted:
             context.log.info(f"{outcome.request_id}: {outcome.message}")
-        if outcome.task_id:
-            yield AssetMaterialization(
-                asset_key=context.asset_key,
-                partition=outcome.request_id,
-                metadata={
-                    **_sweep_metadata(ledger.get(outcome.request_id)),
-                    "task_id": outcome.task_id,
-                    "submitted_in_this_run": outcome.submitted,
-                    "note": outcome.message,
-                },
-            )
+            continue
+        submitted += 1
+        row = ledger.get(outcome.request_id)
+        yield AssetMaterialization(
+            asset_key=context.asset_key,
+            partition=outcome.request_id,
+            metadata={
+                **_sweep_metadata(row),
+                "task_id": outcome.task_id or "",
+                "attempt": row.attempts if row else 0,
+                "note": outcome.message,
+            },
+        )
     held = [o for o in outcomes if not o.submitted and not o.task_id]
     context.log.info(
         f"{submitted} submitted, {sum(1 for o in outcomes if o.task_id and not o.submitted)} already had a task, "
