@@ -16,9 +16,11 @@ from dagster import (
     AssetMaterialization,
     BackfillPolicy,
     Config,
+    DataVersion,
     Failure,
     MaterializeResult,
     MetadataValue,
+    Output,
     TableColumn,
     TableSchema,
     asset,
@@ -34,6 +36,7 @@ from .partitions import PARTITION_SOFT_LIMIT, REQUESTS_PARTITIONS_NAME, requests
 from .resources import SESSION_TAG, PipelineResource, ViduResource
 
 GROUP = "vidu"
+PLAN_DATA_VERSION = DataVersion("requests-are-content-addressed-v1")
 API_POOL = "vidu_api"
 
 
@@ -159,9 +162,13 @@ def generation_requests(
     catalog: catalog_mod.Catalog,
     reference_images: catalog_mod.ValidatedImages,
     pipeline: PipelineResource,
-) -> pd.DataFrame:
+) -> Output[pd.DataFrame]:
     """subjects × prompts × seeds, planned in the ledger and registered as partitions.
-    Existing requests are left alone: re-planning the same catalog adds nothing."""
+    Existing requests are left alone: re-planning the same catalog adds nothing.
+
+    A request id is the hash of the request's content and a plan only ever adds requests, so
+    what a planned partition was made from never changes: the data version is constant, and
+    a new plan leaves every existing task and video in sync (new partitions show as missing)."""
     prompts, prompt_rejections = catalog_mod.valid_prompts(catalog, reference_images)
     specs = plan.expand(prompts, reference_images.accepted, pipeline.seeds or catalog.sweep.seeds)
     refused = catalog_mod.rejections_frame([*catalog.rejections, *reference_images.rejections, *prompt_rejections])
@@ -205,7 +212,7 @@ def generation_requests(
             PLAN_DIGEST: plan_digest(specs, refused),
         }
     )
-    return frame
+    return Output(frame, data_version=PLAN_DATA_VERSION)
 
 
 class BatchConfig(Config):

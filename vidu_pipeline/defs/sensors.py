@@ -44,7 +44,7 @@ PROGRESS_ROWS = 50  # in-flight tasks listed in the progress table, at most
 IN_FLIGHT_SCHEMA = TableSchema(
     columns=[
         TableColumn("request_id", "string"),
-        TableColumn("state", "string", description="the service's word (queueing, processing…)"),
+        TableColumn("state", "string", description="the service's word (queued, processing…), else the ledger's"),
         TableColumn("eta_s", "float", description="seconds left, as the service estimates (-1: unknown)"),
         TableColumn("progress_pct", "float", description="-1: not reported yet"),
         TableColumn("age_s", "int", description="seconds since submission"),
@@ -151,7 +151,7 @@ def progress_events(context: SensorEvaluationContext, counts: dict[str, int], in
     table = [
         {
             "request_id": r.request_id,
-            "state": r.last_status or r.state,
+            "state": (r.last_status or r.state).removeprefix("TASK_STATUS_").lower(),
             "eta_s": round(r.eta_s, 1) if r.eta_s is not None else -1.0,
             "progress_pct": round(r.progress, 1) if r.progress is not None else -1.0,
             "age_s": int(now - (r.submitted_at or r.created_at)),
