@@ -19,7 +19,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from dagster import AssetKey, DagsterInstance, build_sensor_context
+import pandas as pd
+from dagster import AssetKey, DagsterInstance, RunRequest, build_sensor_context
 from dagster._core.instance.ref import InstanceRef
 
 from . import catalog as catalog_mod
@@ -144,6 +145,11 @@ class Driver:
         self.pending.remove(future)
         raise_for_run(result)
         return result
+
+    def run_now(self, request: RunRequest):
+        """A run the sensor's rules asked for, executed at once (see :meth:`run`)."""
+        assert request.job_name, request
+        return self.run(request.job_name, tags=dict(request.tags), run_config=request.run_config)
 
     def run_tags(self) -> dict[str, str]:
         """What every run of this session says about itself (the job adds its stage)."""
@@ -298,7 +304,7 @@ def run_to_end(driver: Driver, args) -> int:
     for start in range(0, len(to_submit), 2000):
         chunk = to_submit[start : start + 2000]
         for request in batch_run_requests(context, "video_tasks", chunk, f"session:{driver.session}:{start}"):
-            driver.run(request.job_name, tags=dict(request.tags), run_config=request.run_config)
+            driver.run_now(request)
 
     # Tasks that succeeded before an earlier run was killed still lack their video: the sensor
     # only collects fresh successes (or stuck ones after minutes), so collect them now.
@@ -307,7 +313,7 @@ def run_to_end(driver: Driver, args) -> int:
         r.request_id for r in ledger.needing_video(max_video_attempts=pipeline.video_attempts) if r.request_id in wanted
     ]
     for request in batch_run_requests(context, "videos", orphans, f"session:{driver.session}:videos"):
-        driver.run(request.job_name, tags=dict(request.tags), run_config=request.run_config)
+        driver.run_now(request)
 
     deadline = time.monotonic() + args.timeout
     while True:
@@ -351,7 +357,7 @@ class PlanPreview:
 
     catalog: catalog_mod.Catalog
     specs: list
-    rejected: object  # the rejections frame
+    rejected: pd.DataFrame
     digest: str
 
 
@@ -384,7 +390,7 @@ def plan_is_current(driver: Driver, preview: PlanPreview) -> bool:
     return len(driver.pipeline.ledger().get_many(ids)) == len(set(ids)) and partitions.issuperset(ids)
 
 
-def plan_requests(driver: Driver) -> tuple[list[str], object]:
+def plan_requests(driver: Driver) -> tuple[list[str], pd.DataFrame]:
     """The request ids to generate and the rejected inputs, running the plan job only when
     the catalog (or the seeds) changed since the last plan."""
     pipeline = driver.pipeline

@@ -162,13 +162,13 @@ def progress_events(context: SensorEvaluationContext, counts: dict[str, int], in
     digest = hashlib.sha256(json.dumps(changes).encode()).hexdigest()[:16]
     if digest == last_progress_digest(context):
         return []
-    metadata = {
+    metadata: dict[str, MetadataValue] = {
         "states": MetadataValue.md(
             " · ".join(f"**{state}** {n}" for state, n in counts.items()) or "_no requests yet_"
         ),
         "in_flight": MetadataValue.table([TableRecord(t) for t in table], schema=IN_FLIGHT_SCHEMA),
-        "in_flight_count": len(in_flight),
-        "progress_digest": digest,
+        "in_flight_count": MetadataValue.int(len(in_flight)),
+        "progress_digest": MetadataValue.text(digest),
     }
     return [AssetObservation(asset_key=PROGRESS_ASSET, metadata=metadata)]
 
