@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 from dagster import DagsterInstance
-from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+from dagster._core.definitions.data_version import StaleStatus
 from dagster._core.instance.ref import InstanceRef
+from dagster._utils.test.data_versions import get_stale_status_resolver
 
 from vidu_pipeline.definitions import build_definitions
+from vidu_pipeline.defs.assets import ALL_ASSETS
 from vidu_pipeline.testing import SimulatorProcess
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "catalog"
@@ -50,14 +52,14 @@ def instance_at(work: Path) -> DagsterInstance:
 def snapshot(instance: DagsterInstance) -> tuple[dict[str, int], int]:
     """Materializations per asset, and the number of runs."""
     keys = build_definitions().resolve_asset_graph().get_all_asset_keys()
-    counts = {k.to_user_string(): len(instance.fetch_materializations(k, limit=100_000).records) for k in keys}
+    counts = {k.to_user_string(): len(instance.fetch_materializations(k, limit=10_000).records) for k in keys}
     return counts, len(instance.get_runs())
 
 
 def stale(instance: DagsterInstance) -> list[str]:
     """Every asset (partition) the UI would mark "Unsynced"."""
     graph = build_definitions().resolve_asset_graph()
-    resolver = CachingStaleStatusResolver(instance, graph)
+    resolver = get_stale_status_resolver(instance, ALL_ASSETS)  # as the webserver resolves it
     found = []
     for key in graph.materializable_asset_keys:
         node = graph.get(key)
