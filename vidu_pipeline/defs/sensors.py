@@ -40,7 +40,7 @@ RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
 JOB_FOR_ASSET = {"video_tasks": submit_job.name, "videos": collect_job.name}
 PROGRESS_ASSET = AssetKey("video_tasks")
-PROGRESS_ROWS = 50  # in-flight tasks listed in the progress table, at most
+PROGRESS_ROWS = 50  # in-flight tasks listed in the progress table (the oldest), at most
 IN_FLIGHT_SCHEMA = TableSchema(
     columns=[
         TableColumn("request_id", "string"),
@@ -118,7 +118,7 @@ def evaluate_tick(context: SensorEvaluationContext, pipeline: PipelineResource, 
         requests.append(lineage_run_request(rows, plan.lineage))
 
     counts = {k: v for k, v in ledger.counts_by_state().items() if v}
-    in_flight = ledger.rows(states=[SUBMITTING, SUBMITTED])
+    in_flight = ledger.rows(states=[SUBMITTING, SUBMITTED], limit=PROGRESS_ROWS)  # the oldest ones
     events = progress_events(context, counts, in_flight, now)
     line = tick_line(report, len(abandoned), counts)
     context.log.debug(f"tick: {line}")
@@ -147,7 +147,7 @@ def tick_line(report, abandoned: int, counts: dict[str, int]) -> str:
 
 def progress_events(context: SensorEvaluationContext, counts: dict[str, int], in_flight, now: float) -> list:
     """The progress view as an observation on ``video_tasks``, or nothing when it says what the
-    last one said (ages and etas aside): one event per change, not one per tick."""
+    last one said (ages, etas and progress within 10 % aside): one event per change."""
     table = [
         {
             "request_id": r.request_id,
@@ -156,9 +156,10 @@ def progress_events(context: SensorEvaluationContext, counts: dict[str, int], in
             "progress_pct": round(r.progress, 1) if r.progress is not None else -1.0,
             "age_s": int(now - (r.submitted_at or r.created_at)),
         }
-        for r in sorted(in_flight, key=lambda r: r.submitted_at or r.created_at)[:PROGRESS_ROWS]
+        for r in in_flight
     ]
-    changes = [counts, [(t["request_id"], t["state"], t["progress_pct"]) for t in table]]
+    # Progress counts in steps of 10 %: a long render does not record an event every tick.
+    changes = [counts, [(t["request_id"], t["state"], int(t["progress_pct"] // 10)) for t in table]]
     digest = hashlib.sha256(json.dumps(changes).encode()).hexdigest()[:16]
     if digest == last_progress_digest(context):
         return []
@@ -167,7 +168,7 @@ def progress_events(context: SensorEvaluationContext, counts: dict[str, int], in
             " · ".join(f"**{state}** {n}" for state, n in counts.items()) or "_no requests yet_"
         ),
         "in_flight": MetadataValue.table([TableRecord(t) for t in table], schema=IN_FLIGHT_SCHEMA),
-        "in_flight_count": MetadataValue.int(len(in_flight)),
+        "in_flight_count": MetadataValue.int(counts.get(SUBMITTING, 0) + counts.get(SUBMITTED, 0)),
         "progress_digest": MetadataValue.text(digest),
     }
     return [AssetObservation(asset_key=PROGRESS_ASSET, metadata=metadata)]
