@@ -142,6 +142,21 @@ class UI:
         )
         return data["assetOrError"]["assetMaterializations"]
 
+    def all_runs(self) -> list[dict]:
+        data = self.query("""{ runsOrError { ... on Runs { results { runId jobName status } } } }""")
+        return data["runsOrError"]["results"]
+
+    def observations(self, asset: str, limit: int = 1) -> list[dict]:
+        data = self.query(
+            """query($key: AssetKeyInput!, $limit: Int) { assetOrError(assetKey: $key) { ... on Asset {
+                assetObservations(limit: $limit) { timestamp metadataEntries { label __typename
+                    ... on MarkdownMetadataEntry { mdStr }
+                    ... on TableMetadataEntry { table { records schema { columns { name } } } } } } } } }""",
+            key={"path": [asset]},
+            limit=limit,
+        )
+        return data["assetOrError"]["assetObservations"]
+
     def runs_tagged(self, key: str, value: str) -> list[dict]:
         data = self.query(
             """query($filter: RunsFilter) { runsOrError(filter: $filter) { ... on Runs {
@@ -298,6 +313,20 @@ def test_the_daemon_generates_and_checks_a_sweep_launched_from_the_ui(dagster_de
 
     lineage_runs = ui.runs_tagged("dagster/sensor_name", "vidu_automation_sensor")
     assert any(r["status"] == "SUCCESS" for r in lineage_runs), lineage_runs
+
+    # The task sensor's runs are the named jobs, so the Jobs and timeline pages show them.
+    task_runs = ui.runs_tagged("dagster/sensor_name", "vidu_task_sensor")
+    assert {r["jobName"] for r in task_runs} >= {"vidu_submit_job", "vidu_collect_job"}, task_runs
+    assert {r["jobName"] for r in task_runs} <= {"vidu_submit_job", "vidu_collect_job", "vidu_lineage_job"}
+    assert all(r["jobName"] != "__ephemeral_asset_job__" for r in ui.all_runs())
+
+    # The progress view the task sensor records on video_tasks: counts and the tasks table.
+    [progress] = ui.observations("video_tasks", limit=1)
+    view = entries(progress)
+    assert view["states"]["__typename"] == "MarkdownMetadataEntry" and "**succeeded**" in view["states"]["mdStr"]
+    assert view["in_flight"]["__typename"] == "TableMetadataEntry"
+    columns = [c["name"] for c in view["in_flight"]["table"]["schema"]["columns"]]
+    assert columns == ["request_id", "state", "eta_s", "progress_pct", "age_s"]
 
     # What a videos partition page shows: the frame inline, the path relative to the data dir.
     [video] = ui.materializations("videos", partitions=[keys[0]], limit=1)

@@ -83,6 +83,12 @@ def test_every_stage_has_a_named_job_with_its_checks():
     assert automation.default_status == DefaultSensorStatus.RUNNING
 
 
+def test_the_task_sensor_launches_the_stage_jobs():
+    """Its runs show under Jobs and on the timeline by name, not as ad-hoc asset runs."""
+    sensor = defs.resolve_sensor_def("vidu_task_sensor")
+    assert {job.name for job in sensor.jobs} == {"vidu_submit_job", "vidu_collect_job", "vidu_lineage_job"}
+
+
 def _lineage_requested(instance, condition_defs, cursor):
     from dagster import evaluate_automation_conditions
 

@@ -18,25 +18,19 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from dagster import (
-    AssetKey,
-    DagsterInstance,
-    build_sensor_context,
-    materialize,
-)
+import pandas as pd
+from dagster import AssetKey, DagsterInstance, RunRequest, build_sensor_context
 from dagster._core.instance.ref import InstanceRef
 
 from . import catalog as catalog_mod
 from . import collect, errors, plan, quality, tasks
 from .cli import DAGSTER_YAML, EXIT_CAPPED, EXIT_FAILED, EXIT_OK
-from .defs.assets import ALL_ASSETS
-from .defs.checks import ALL_CHECKS
+from .defs.jobs import CATALOG_TAG, PLAN_DIGEST, SEEDS_TAG, lineage_job, plan_digest, plan_job
+from .defs.partitions import REQUESTS_PARTITIONS_NAME
 from .defs.resources import SESSION_TAG, PipelineResource, vidu_resource_from_env
 from .defs.sensors import batch_run_requests, vidu_task_sensor
 from .ledger import FAILED, PLANNED, SUBMITTED, SUBMITTING, SUCCEEDED, UNKNOWN, PlannedRequest
 from .video import VideoInvalid
-
-CATALOG_ASSETS = ["catalog", "reference_images", "rejections", "generation_requests"]
 
 
 class CatalogProblem(Exception):
@@ -116,8 +110,9 @@ def reap_dead_runs(instance: DagsterInstance) -> list[str]:
 
 
 class Driver:
-    """Executes asset runs and sensor ticks in-process with one set of resources and one
-    session tag.
+    """Executes the code location's named jobs and the task sensor in-process, with one set of
+    resources and one session tag: the runs show in the UI as ``vidu_plan_job``,
+    ``vidu_submit_job``… exactly like the daemon's.
 
     Every Dagster call runs on a worker thread, never on the main thread: Dagster swaps the
     SIGINT/SIGTERM handlers around user code only on the main thread, which would replace the
@@ -125,8 +120,11 @@ class Driver:
     """
 
     def __init__(self, instance: DagsterInstance, pipeline: PipelineResource):
+        from .definitions import build_definitions
+
         self.instance = instance
         self.pipeline = pipeline
+        self.definitions = build_definitions(pipeline)
         self.vidu = vidu_resource_from_env()
         self.session = uuid.uuid4().hex[:12]
         self.resources = {"pipeline": pipeline, "vidu": self.vidu}
@@ -137,26 +135,36 @@ class Driver:
         self.pending: list[cf.Future] = []
         tasks.STOP.clear()
 
-    def run(self, selection: list[str], *, tags=None, run_config=None):
-        """One run, waited for; a failure that must stop ``generate`` is raised (see raise_for_run)."""
-        future = self._runner.submit(self._materialize, selection, tags, run_config)
+    def run(self, job: str, *, tags=None, run_config=None):
+        """One run of a named job, waited for; a failure that must stop ``generate`` is raised
+        (see raise_for_run)."""
+        future = self._runner.submit(self._execute, job, tags, run_config)
         self.pending.append(future)
         result = future.result()
         self.pending.remove(future)
         raise_for_run(result)
         return result
 
-    def _materialize(self, selection, tags, run_config):
+    def run_now(self, request: RunRequest):
+        """A run the sensor's rules asked for, executed at once (see :meth:`run`)."""
+        assert request.job_name, request
+        return self.run(request.job_name, tags=dict(request.tags), run_config=request.run_config)
+
+    def run_tags(self) -> dict[str, str]:
+        """What every run of this session says about itself (the job adds its stage)."""
+        tags = {SESSION_TAG: self.session, OWNER_TAG: tasks.owner_id(), CATALOG_TAG: str(self.pipeline.catalog_path)}
+        if self.pipeline.seeds:
+            tags[SEEDS_TAG] = ",".join(map(str, self.pipeline.seeds))
+        return tags
+
+    def _execute(self, job: str, tags, run_config):
         # Dagster's console logger would print every event, and a failed step's whole trace:
         # on the command line the progress line, the summary and one error line say what
         # matters; the details stay in the run's event log for the UI.
         run_config = {**(run_config or {}), "loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
-        return materialize(
-            [*ALL_ASSETS, *ALL_CHECKS],
-            selection=[AssetKey(k) for k in selection],
+        return self.definitions.resolve_job_def(job).execute_in_process(
             instance=self.instance,
-            resources=self.resources,
-            tags={SESSION_TAG: self.session, OWNER_TAG: tasks.owner_id(), **(tags or {})},
+            tags={**self.run_tags(), **(tags or {})},
             run_config=run_config,
             raise_on_error=False,
         )
@@ -168,12 +176,7 @@ class Driver:
             return False
         self.done_run_keys.add(request.run_key)
         self.pending.append(
-            self._runner.submit(
-                self._materialize,
-                [k.to_user_string() for k in request.asset_selection],
-                dict(request.tags),
-                request.run_config,
-            )
+            self._runner.submit(self._execute, request.job_name, dict(request.tags), request.run_config)
         )
         return True
 
@@ -198,7 +201,10 @@ class Driver:
 
     def _evaluate_sensor(self):
         context = build_sensor_context(instance=self.instance, resources=self.resources)
-        return vidu_task_sensor(context)
+        result = vidu_task_sensor(context)
+        for event in result.asset_events or []:  # the progress view, recorded as the daemon would
+            self.instance.report_runless_asset_event(event)
+        return result
 
     def close(self, *, interrupted: bool) -> None:
         """Stop taking new work: queued runs are dropped, the step (and tick) in flight finish
@@ -292,12 +298,13 @@ def run_to_end(driver: Driver, args) -> int:
     pipeline, progress = driver.pipeline, Progress()
     ids, rejected = plan_requests(driver)
     context = build_sensor_context(instance=driver.instance)
-    for start in range(0, len(ids), 2000):
-        chunk = ids[start : start + 2000]
-        for request in batch_run_requests(context, "video_tasks", chunk, f"session:{driver.session}:{start}"):
-            driver.run(["video_tasks"], tags=dict(request.tags), run_config=request.run_config)
-
     ledger = pipeline.ledger()
+    to_submit = unsubmitted(ledger, ids)
+    for start in range(0, len(to_submit), 2000):
+        chunk = to_submit[start : start + 2000]
+        for request in batch_run_requests(context, "video_tasks", chunk, f"session:{driver.session}:{start}"):
+            driver.run_now(request)
+
     # Tasks that succeeded before an earlier run was killed still lack their video: the sensor
     # only collects fresh successes (or stuck ones after minutes), so collect them now.
     wanted = set(ids)
@@ -305,7 +312,7 @@ def run_to_end(driver: Driver, args) -> int:
         r.request_id for r in ledger.needing_video(max_video_attempts=pipeline.video_attempts) if r.request_id in wanted
     ]
     for request in batch_run_requests(context, "videos", orphans, f"session:{driver.session}:videos"):
-        driver.run(["videos"], tags=dict(request.tags), run_config=request.run_config)
+        driver.run_now(request)
 
     deadline = time.monotonic() + args.timeout
     while True:
@@ -319,52 +326,108 @@ def run_to_end(driver: Driver, args) -> int:
         time.sleep(next_wake(rows))
     driver.drain()
     progress.done()
-    driver.run(["lineage"])
+    if lineage_behind(driver.instance, ledger):
+        driver.run(lineage_job.name)
     rows = _rows(ledger, ids)
     sheet = None if args.no_contact_sheet else write_contact_sheet(pipeline, rows)
     return summarize(pipeline, rows, rejected, sheet, timed_out=time.monotonic() > deadline)
 
 
-def plan_requests(driver: Driver) -> tuple[list[str], object]:
-    """Run the catalog assets: the request ids to generate, and the rejected inputs."""
+def unsubmitted(ledger, ids: list[str]) -> list[str]:
+    """The requests a submit run could act on: not those whose task is live or succeeded
+    (the asset would only skip them, in a run that changes nothing)."""
+    rows = ledger.get_many(ids)
+    return [i for i in ids if i not in rows or rows[i].state not in (SUBMITTED, SUCCEEDED)]
+
+
+def lineage_behind(instance: DagsterInstance, ledger) -> bool:
+    """True when the lineage table lacks an outcome, or a video was stored after its last
+    materialization (its checks would then speak of an older batch)."""
+    if ledger.needing_lineage():
+        return True
+    videos = instance.fetch_materializations(AssetKey("videos"), limit=1).records
+    table = instance.fetch_materializations(AssetKey("lineage"), limit=1).records
+    return bool(videos) and (not table or videos[0].storage_id > table[0].storage_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanPreview:
+    """What the plan job would produce, computed by the domain functions alone (no run)."""
+
+    catalog: catalog_mod.Catalog
+    specs: list
+    rejected: pd.DataFrame
+    digest: str
+
+
+def preview_plan(pipeline: PipelineResource) -> PlanPreview:
+    """Load and validate the catalog and expand the sweep, exactly as the plan job's assets do."""
+    try:
+        cat = catalog_mod.load_catalog(pipeline.catalog_path, allow_outside_paths=pipeline.allow_outside_paths)
+    except catalog_mod.CatalogError as exc:
+        raise CatalogProblem(f"catalog: {exc}") from None
+    try:
+        validated = catalog_mod.validate_images(cat, pipeline.image_cache(), strict=pipeline.strict_images)
+    except catalog_mod.CatalogError as exc:
+        raise CatalogProblem(f"reference_images: {exc}") from None
+    prompts, prompt_rejections = catalog_mod.valid_prompts(cat, validated)
+    rejected = catalog_mod.rejections_frame([*cat.rejections, *validated.rejections, *prompt_rejections])
+    specs = plan.expand(prompts, validated.accepted, pipeline.seeds or cat.sweep.seeds)
+    return PlanPreview(cat, specs, rejected, plan_digest(specs, rejected))
+
+
+def plan_is_current(driver: Driver, preview: PlanPreview) -> bool:
+    """The last plan recorded this very plan, and every request is in the ledger and has its
+    partition: a plan run would change nothing, so none is made (the assets stay as they are)."""
+    records = driver.instance.fetch_materializations(AssetKey("generation_requests"), limit=1).records
+    last = records[0].asset_materialization if records else None
+    entry = last.metadata.get(PLAN_DIGEST) if last else None
+    if getattr(entry, "value", None) != preview.digest:
+        return False
+    ids = [s.request_id for s in preview.specs]
+    partitions = set(driver.instance.get_dynamic_partitions(REQUESTS_PARTITIONS_NAME))
+    return len(driver.pipeline.ledger().get_many(ids)) == len(set(ids)) and partitions.issuperset(ids)
+
+
+def plan_requests(driver: Driver) -> tuple[list[str], pd.DataFrame]:
+    """The request ids to generate and the rejected inputs, running the plan job only when
+    the catalog (or the seeds) changed since the last plan."""
     pipeline = driver.pipeline
-    result = driver.run(CATALOG_ASSETS)
-    if not result.success:
-        raise CatalogProblem(_first_failure(result))
-    ids = list(result.output_for_node("generation_requests")["request_id"])
-    rejected = result.output_for_node("rejections")
+    preview = preview_plan(pipeline)
+    ids = [s.request_id for s in preview.specs]
     if not ids:
-        cat = result.output_for_node("catalog")
+        cat, rejected = preview.catalog, preview.rejected
         raise CatalogProblem(
             f"catalog {pipeline.catalog_path} yields no request to generate: {len(cat.images)} valid image row(s) "
             f"in images.csv, {len(cat.prompts)} valid prompt row(s) in prompts.csv, {len(rejected)} input(s) "
             f"rejected (see {pipeline.reports_dir / 'rejections.csv'}); every request needs a subject with a "
             "valid image and a prompt"
         )
+    if plan_is_current(driver, preview):
+        note = "unchanged since the last plan"
+    else:
+        result = driver.run(plan_job.name)
+        if not result.success:
+            raise CatalogProblem(_first_failure(result))
+        ids, note = list(result.output_for_node("generation_requests")["request_id"]), "planned"
     print(
-        f"catalog: {len(ids)} request(s) planned; {len(rejected)} input(s) rejected "
+        f"catalog: {len(ids)} request(s) {note}; {len(preview.rejected)} input(s) rejected "
         f"(see {pipeline.reports_dir / 'rejections.csv'})",
         file=sys.stderr,
     )
-    return ids, rejected
+    return ids, preview.rejected
 
 
 def dry_run(driver: Driver, args) -> int:
-    """Validate and plan without writing to the ledger or submitting anything."""
-    result = driver.run(["catalog", "reference_images", "rejections"])
-    if not result.success:
-        raise CatalogProblem(_first_failure(result))
-    cat = result.output_for_node("catalog")
-    validated = result.output_for_node("reference_images")
-    rejected = result.output_for_node("rejections")
-    prompts, _ = catalog_mod.valid_prompts(cat, validated)
-    seeds = driver.pipeline.seeds or cat.sweep.seeds
-    specs = plan.expand(prompts, validated.accepted, seeds)
-    ledger = driver.pipeline.ledger()
-    known = ledger.get_many([s.request_id for s in specs])
+    """Validate and plan without a run, a ledger write or a submit: no asset changes."""
+    preview = preview_plan(driver.pipeline)
+    specs, rejected = preview.specs, preview.rejected
+    seeds = driver.pipeline.seeds or preview.catalog.sweep.seeds
+    known = driver.pipeline.ledger().get_many([s.request_id for s in specs])
     new = [s for s in specs if s.request_id not in known or known[s.request_id].state == PLANNED]
+    subjects = len({s.subject_id for s in specs})
     print(
-        f"dry run: {len(specs)} request(s) from {prompts['subject_id'].nunique() if len(prompts) else 0} "
+        f"dry run: {len(specs)} request(s) from {subjects} "
         f"subject(s) × prompts × {len(seeds)} seed(s); {len(new)} would be submitted, "
         f"{len(specs) - len(new)} already have a task; {len(rejected)} input(s) rejected"
     )

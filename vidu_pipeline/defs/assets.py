@@ -13,15 +13,25 @@ import time
 import pandas as pd
 from dagster import (
     AssetExecutionContext,
+    AssetKey,
     AssetMaterialization,
     BackfillPolicy,
     Config,
+    DataVersion,
     Failure,
     MaterializeResult,
     MetadataValue,
+    Output,
     TableColumn,
     TableSchema,
     asset,
+)
+from dagster._core.definitions.data_version import (
+    CODE_VERSION_TAG,
+    DATA_VERSION_IS_USER_PROVIDED_TAG,
+    DATA_VERSION_TAG,
+    INPUT_DATA_VERSION_TAG_PREFIX,
+    INPUT_EVENT_POINTER_TAG_PREFIX,
 )
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -29,11 +39,12 @@ from .. import catalog as catalog_mod
 from .. import collect, plan, tasks
 from .. import lineage as lineage_mod
 from ..ledger import PlannedRequest
-from .jobs import LINEAGE_AFTER_VIDEOS
+from .jobs import LINEAGE_AFTER_VIDEOS, PLAN_DIGEST, plan_digest
 from .partitions import PARTITION_SOFT_LIMIT, REQUESTS_PARTITIONS_NAME, requests_partitions
 from .resources import SESSION_TAG, PipelineResource, ViduResource
 
 GROUP = "vidu"
+PLAN_DATA_VERSION = DataVersion("requests-are-content-addressed-v1")
 API_POOL = "vidu_api"
 
 
@@ -159,11 +170,16 @@ def generation_requests(
     catalog: catalog_mod.Catalog,
     reference_images: catalog_mod.ValidatedImages,
     pipeline: PipelineResource,
-) -> pd.DataFrame:
+) -> Output[pd.DataFrame]:
     """subjects × prompts × seeds, planned in the ledger and registered as partitions.
-    Existing requests are left alone: re-planning the same catalog adds nothing."""
-    prompts, _ = catalog_mod.valid_prompts(catalog, reference_images)
+    Existing requests are left alone: re-planning the same catalog adds nothing.
+
+    A request id is the hash of the request's content and a plan only ever adds requests, so
+    what a planned partition was made from never changes: the data version is constant, and
+    a new plan leaves every existing task and video in sync (new partitions show as missing)."""
+    prompts, prompt_rejections = catalog_mod.valid_prompts(catalog, reference_images)
     specs = plan.expand(prompts, reference_images.accepted, pipeline.seeds or catalog.sweep.seeds)
+    refused = catalog_mod.rejections_frame([*catalog.rejections, *reference_images.rejections, *prompt_rejections])
     ledger = pipeline.ledger()
     new_in_ledger = ledger.plan(
         PlannedRequest(
@@ -201,9 +217,10 @@ def generation_requests(
             "new_in_ledger": new_in_ledger,
             "ledger_states": MetadataValue.json(ledger.counts_by_state()),
             "preview": _md_table(frame),
+            PLAN_DIGEST: plan_digest(specs, refused),
         }
     )
-    return frame
+    return Output(frame, data_version=PLAN_DATA_VERSION)
 
 
 class BatchConfig(Config):
@@ -229,8 +246,9 @@ class BatchConfig(Config):
 )
 def video_tasks(context: AssetExecutionContext, config: BatchConfig, pipeline: PipelineResource, vidu: ViduResource):
     """Submit each partition's request unless it already has a live task: paid for once,
-    whatever is re-run. Each submitted (or already-submitted) partition is materialized with
-    its task id."""
+    whatever is re-run. Only the partitions submitted by this run are materialized (with
+    their task id): a re-run that submits nothing changes no partition, so no video goes
+    out of date."""
     keys = config.select(context.partition_keys)
     ledger = pipeline.ledger()
     client, endpoint = vidu.client(pipeline.simulator_state_dir)
@@ -249,28 +267,46 @@ def video_tasks(context: AssetExecutionContext, config: BatchConfig, pipeline: P
         workers=pipeline.submit_workers,
         journal=pipeline.task_id_journal,
     )
+    provenance = _plan_provenance(context)
     submitted = 0
     for outcome in outcomes:
-        if outcome.submitted:
-            submitted += 1
-        else:
+        if not outcome.submitted:
             context.log.info(f"{outcome.request_id}: {outcome.message}")
-        if outcome.task_id:
-            yield AssetMaterialization(
-                asset_key=context.asset_key,
-                partition=outcome.request_id,
-                metadata={
-                    **_sweep_metadata(ledger.get(outcome.request_id)),
-                    "task_id": outcome.task_id,
-                    "submitted_in_this_run": outcome.submitted,
-                    "note": outcome.message,
-                },
-            )
+            continue
+        submitted += 1
+        row = ledger.get(outcome.request_id)
+        yield AssetMaterialization(
+            asset_key=context.asset_key,
+            partition=outcome.request_id,
+            metadata={
+                **_sweep_metadata(row),
+                "task_id": outcome.task_id or "",
+                "attempt": row.attempts if row else 0,
+                "note": outcome.message,
+            },
+            tags={**provenance, DATA_VERSION_TAG: outcome.task_id or "", DATA_VERSION_IS_USER_PROVIDED_TAG: "true"},
+        )
     held = [o for o in outcomes if not o.submitted and not o.task_id]
     context.log.info(
         f"{submitted} submitted, {sum(1 for o in outcomes if o.task_id and not o.submitted)} already had a task, "
         f"{len(held)} not submitted"
     )
+
+
+def _plan_provenance(context: AssetExecutionContext) -> dict[str, str]:
+    """The provenance tags Dagster records for an output, for ``video_tasks``' runtime
+    materializations: with them the UI compares the plan's data version (constant, see
+    ``generation_requests``) instead of timestamps, so a later plan leaves the tasks in sync."""
+    records = context.instance.fetch_materializations(AssetKey("generation_requests"), limit=1).records
+    plan = records[0].asset_materialization if records else None
+    version = (plan.tags or {}).get(DATA_VERSION_TAG) if plan else None
+    if not version:
+        return {}
+    return {
+        CODE_VERSION_TAG: context.run_id,
+        f"{INPUT_DATA_VERSION_TAG_PREFIX}/generation_requests": version,
+        f"{INPUT_EVENT_POINTER_TAG_PREFIX}/generation_requests": str(records[0].storage_id),
+    }
 
 
 @asset(

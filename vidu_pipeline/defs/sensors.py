@@ -1,11 +1,13 @@
 """The polling sensor: follows every live task and asks for the runs that collect results.
 
 One tick polls the due tasks (bounded pool, inside a time budget well under Dagster's 60 s
-tick limit; the rest wait for the next tick), then asks for at most three runs: one that
-downloads every video that finished, one that resubmits failed tasks within their retry
-budget, and one that records failed/unknown outcomes in the lineage table. A run handles a
-whole batch as a partition range narrowed by config, because a run costs seconds of process
-start and a video download far less.
+tick limit; the rest wait for the next tick), then asks for at most three runs of the named
+jobs: ``vidu_collect_job`` downloads every video that finished, ``vidu_submit_job``
+resubmits failed tasks within their retry budget, and ``vidu_lineage_job`` records
+failed/unknown outcomes in the lineage table. A run handles a whole batch as a partition
+range narrowed by config, because a run costs seconds of process start and a video download
+far less. Each tick that changed something also records a progress view on ``video_tasks``
+(per-state counts and the tasks in flight), where a user looks in the UI.
 """
 
 import hashlib
@@ -14,41 +16,68 @@ import time
 
 from dagster import (
     AssetKey,
-    AssetSelection,
+    AssetObservation,
     DefaultSensorStatus,
+    MetadataValue,
     RunRequest,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
+    TableColumn,
+    TableRecord,
+    TableSchema,
     sensor,
 )
 
 from .. import decisions, tasks
-from ..ledger import FAILED, PLANNED
+from ..ledger import FAILED, PLANNED, SUBMITTED, SUBMITTING
+from .jobs import BATCH_SIZE_TAG, collect_job, lineage_job, submit_job
 from .partitions import REQUESTS_PARTITIONS_NAME
 from .resources import PipelineResource, ViduResource
 
 MAX_RANGE_GAP = 64  # partitions between two requests of one run, at most
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
+JOB_FOR_ASSET = {"video_tasks": submit_job.name, "videos": collect_job.name}
+PROGRESS_ASSET = AssetKey("video_tasks")
+PROGRESS_ROWS = 50  # in-flight tasks listed in the progress table (the oldest), at most
+IN_FLIGHT_SCHEMA = TableSchema(
+    columns=[
+        TableColumn("request_id", "string"),
+        TableColumn("state", "string", description="the service's word (queued, processing…), else the ledger's"),
+        TableColumn("eta_s", "float", description="seconds left, as the service estimates (-1: unknown)"),
+        TableColumn("progress_pct", "float", description="-1: not reported yet"),
+        TableColumn("age_s", "int", description="seconds since submission"),
+    ]
+)
 
 
 def batch_run_requests(
     context: SensorEvaluationContext, asset: str, request_ids: list[str], key_material: str
 ) -> list[RunRequest]:
-    """Runs over partition ranges holding ``request_ids``, each narrowed to them by config
-    (see :func:`decisions.split_batches` for where a batch is cut)."""
+    """Runs of the asset's job over partition ranges holding ``request_ids``, each narrowed to
+    them by config (see :func:`decisions.split_batches` for where a batch is cut)."""
     order = {k: i for i, k in enumerate(context.instance.get_dynamic_partitions(REQUESTS_PARTITIONS_NAME))}
     digest = hashlib.sha256(key_material.encode()).hexdigest()[:20]
     return [
         RunRequest(
             run_key=f"{asset}:{digest}:{n}",
-            asset_selection=[AssetKey(asset)],
-            tags={RANGE_START: group[0], RANGE_END: group[-1], "vidu/batch_size": str(len(group)), "vidu/stage": asset},
+            job_name=JOB_FOR_ASSET[asset],
+            tags={RANGE_START: group[0], RANGE_END: group[-1], BATCH_SIZE_TAG: str(len(group))},
             run_config={"ops": {asset: {"config": {"request_ids": group}}}},
         )
         for n, group in enumerate(decisions.split_batches(request_ids, order, MAX_RANGE_GAP))
     ]
+
+
+def lineage_run_request(rows: dict, request_ids: list[str]) -> RunRequest:
+    """One lineage run for the failed/unknown outcomes the table lacks."""
+    material = ",".join(sorted(f"{r}@{rows[r].state}@{rows[r].updated_at}" for r in request_ids))
+    return RunRequest(
+        run_key="lineage:" + hashlib.sha256(material.encode()).hexdigest()[:20],
+        job_name=lineage_job.name,
+        tags={BATCH_SIZE_TAG: str(len(request_ids))},
+    )
 
 
 def evaluate_tick(context: SensorEvaluationContext, pipeline: PipelineResource, vidu: ViduResource):
@@ -86,39 +115,82 @@ def evaluate_tick(context: SensorEvaluationContext, pipeline: PipelineResource, 
         material = ",".join(sorted(f"{r}@{rows[r].attempts}@{rows[r].updated_at}" for r in plan.submit))
         requests += batch_run_requests(context, "video_tasks", plan.submit, material)
     if plan.lineage:
-        material = ",".join(sorted(f"{r}@{rows[r].state}@{rows[r].updated_at}" for r in plan.lineage))
-        requests.append(
-            RunRequest(
-                run_key="lineage:" + hashlib.sha256(material.encode()).hexdigest()[:20],
-                asset_selection=[AssetKey("lineage")],
-                tags={"vidu/stage": "lineage"},
-            )
-        )
+        requests.append(lineage_run_request(rows, plan.lineage))
 
-    counts = ledger.counts_by_state()
-    summary = {
-        "polled": report.polled,
-        "succeeded": len(report.succeeded),
-        "failed": len(report.failed),
-        "unknown": len(report.unknown) + len(abandoned),
-        "stale_answers": len(report.stale),
-        "out_of_time": report.out_of_time,
-        "states": {k: v for k, v in counts.items() if v},
-    }
-    context.log.debug(f"tick: {json.dumps(summary)}")
+    counts = {k: v for k, v in ledger.counts_by_state().items() if v}
+    in_flight = ledger.rows(states=[SUBMITTING, SUBMITTED], limit=PROGRESS_ROWS)  # the oldest ones
+    events = progress_events(context, counts, in_flight, now)
+    line = tick_line(report, len(abandoned), counts)
+    context.log.debug(f"tick: {line}")
     cursor = json.dumps({"t": round(now, 1), "polled": report.polled})  # small high-water mark
     if not requests:
-        return SensorResult(skip_reason=SkipReason(f"nothing finished; {json.dumps(summary)}"), cursor=cursor)
-    return SensorResult(run_requests=requests, cursor=cursor)
+        return SensorResult(skip_reason=SkipReason(f"nothing to run: {line}"), cursor=cursor, asset_events=events)
+    return SensorResult(run_requests=requests, cursor=cursor, asset_events=events)
+
+
+def tick_line(report, abandoned: int, counts: dict[str, int]) -> str:
+    """The tick in one readable line: what the poll saw, then where every request stands."""
+    seen = f"polled {report.polled}"
+    for word, n in (
+        ("finished", len(report.succeeded)),
+        ("failed", len(report.failed)),
+        ("unknown", len(report.unknown) + abandoned),
+        ("stale answers", len(report.stale)),
+    ):
+        if n:
+            seen += f", {n} {word}"
+    if report.out_of_time:
+        seen += ", out of time (the rest next tick)"
+    states = ", ".join(f"{n} {state}" for state, n in counts.items()) or "no requests"
+    return f"{seen}; requests: {states}"
+
+
+def progress_events(context: SensorEvaluationContext, counts: dict[str, int], in_flight, now: float) -> list:
+    """The progress view as an observation on ``video_tasks``, or nothing when it says what the
+    last one said (ages, etas and progress within 10 % aside): one event per change."""
+    table = [
+        {
+            "request_id": r.request_id,
+            "state": (r.last_status or r.state).removeprefix("TASK_STATUS_").lower(),
+            "eta_s": round(r.eta_s, 1) if r.eta_s is not None else -1.0,
+            "progress_pct": round(r.progress, 1) if r.progress is not None else -1.0,
+            "age_s": int(now - (r.submitted_at or r.created_at)),
+        }
+        for r in in_flight
+    ]
+    # Progress counts in steps of 10 %: a long render does not record an event every tick.
+    changes = [counts, [(t["request_id"], t["state"], int(t["progress_pct"] // 10)) for t in table]]
+    digest = hashlib.sha256(json.dumps(changes).encode()).hexdigest()[:16]
+    if digest == last_progress_digest(context):
+        return []
+    metadata: dict[str, MetadataValue] = {
+        "states": MetadataValue.md(
+            " · ".join(f"**{state}** {n}" for state, n in counts.items()) or "_no requests yet_"
+        ),
+        "in_flight": MetadataValue.table([TableRecord(t) for t in table], schema=IN_FLIGHT_SCHEMA),
+        "in_flight_count": MetadataValue.int(counts.get(SUBMITTING, 0) + counts.get(SUBMITTED, 0)),
+        "progress_digest": MetadataValue.text(digest),
+    }
+    return [AssetObservation(asset_key=PROGRESS_ASSET, metadata=metadata)]
+
+
+def last_progress_digest(context: SensorEvaluationContext) -> str | None:
+    """The digest of the latest progress observation the instance holds."""
+    records = context.instance.fetch_observations(PROGRESS_ASSET, limit=1).records
+    if not records or records[0].asset_observation is None:
+        return None
+    entry = records[0].asset_observation.metadata.get("progress_digest")
+    return getattr(entry, "value", None)
 
 
 @sensor(
     name="vidu_task_sensor",
-    target=AssetSelection.assets("video_tasks", "videos", "lineage"),
+    jobs=[submit_job, collect_job, lineage_job],
     minimum_interval_seconds=15,
     default_status=DefaultSensorStatus.RUNNING,
     description="Polls live Vidu tasks (guided by their eta) and asks for the runs that download "
-    "finished videos, resubmit failed tasks within budget, and record outcomes in the lineage.",
+    "finished videos, resubmit failed tasks within budget, and record outcomes in the lineage. "
+    "Records the progress (states, tasks in flight) as an observation on video_tasks.",
 )
 def vidu_task_sensor(context: SensorEvaluationContext, pipeline: PipelineResource, vidu: ViduResource):
     return evaluate_tick(context, pipeline, vidu)
