@@ -3,17 +3,16 @@ with render defects injected through the simulator's fault flags: shared by the 
 
 import dataclasses
 import shutil
-import time
 from pathlib import Path
 
-from dagster import AssetKey, build_sensor_context, materialize
+from dagster import AssetKey, materialize
+from support import drive_sensor
 
 from vidu_pipeline.defs.assets import ALL_ASSETS
 from vidu_pipeline.defs.checks import ALL_CHECKS
 from vidu_pipeline.defs.dataset import DATASET_ASSETS, DATASET_CHECKS
 from vidu_pipeline.defs.partitions import REQUESTS_PARTITIONS_NAME
 from vidu_pipeline.defs.resources import PipelineResource, ViduResource
-from vidu_pipeline.defs.sensors import vidu_task_sensor
 from vidu_pipeline.plan import RequestSpec
 from vidu_pipeline.simulator import Simulator, SimulatorConfig
 from vidu_pipeline.simulator.faults import FaultConfig, pick_defect
@@ -108,27 +107,6 @@ def sweep(tmp_path: Path, instance, *, faults=None, choose=None, catalog: Path |
         run(instance, resources, ["lineage"])
         result = run(instance, resources, ["dataset_export"])
     return pipeline, result, hit
-
-
-def drive_sensor(instance, resources, pipeline, timeout=120):
-    """Evaluate the task sensor and run what it asks for until every request has its video."""
-    deadline = time.monotonic() + timeout
-    ledger = pipeline.ledger()
-    while time.monotonic() < deadline:
-        result = vidu_task_sensor(build_sensor_context(instance=instance, resources=resources))
-        for req in result.run_requests or []:
-            run(
-                instance,
-                resources,
-                [k.to_user_string() for k in req.asset_selection],
-                tags=dict(req.tags),
-                run_config=req.run_config,
-            )
-        rows = ledger.rows()
-        if rows and all(r.state == "succeeded" and r.video_sha256 for r in rows):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"not finished: {ledger.counts_by_state()}")
 
 
 @dataclasses.dataclass

@@ -58,3 +58,35 @@ def fill(disk: Path) -> Path:
         except OSError:
             pass
     return filler
+
+
+def drive_sensor(instance, resources, pipeline, *, timeout: float = 120) -> set[str]:
+    """Evaluate the task sensor and execute the named job each request asks for, as the daemon
+    would, until every request has ended; the run keys it asked for (never one twice)."""
+    import time
+
+    from dagster import build_sensor_context
+
+    from vidu_pipeline.definitions import build_definitions
+    from vidu_pipeline.defs.sensors import vidu_task_sensor
+
+    defs = build_definitions(resources=resources)
+    seen: set[str] = set()
+    ledger = pipeline.ledger()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = vidu_task_sensor(build_sensor_context(instance=instance, resources=resources))
+        for req in result.run_requests or []:
+            assert req.run_key not in seen, "the sensor asked for the same batch twice"
+            assert req.job_name in {"vidu_submit_job", "vidu_collect_job", "vidu_lineage_job"}, req
+            seen.add(req.run_key)
+            defs.resolve_job_def(req.job_name).execute_in_process(
+                instance=instance, tags=dict(req.tags), run_config=req.run_config
+            )
+        rows = ledger.rows()
+        if all(r.state in ("succeeded", "failed", "unknown") for r in rows) and all(
+            r.video_sha256 for r in rows if r.state == "succeeded"
+        ):
+            return seen
+        time.sleep(0.3)
+    raise AssertionError(f"not finished: {ledger.counts_by_state()}")

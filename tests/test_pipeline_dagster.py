@@ -2,25 +2,21 @@
 materialize → sensor ticks → the runs the sensor asks for → videos, lineage, ledger."""
 
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 import requests
 from dagster import (
     AssetKey,
-    Definitions,
-    build_sensor_context,
     instance_for_test,
     materialize,
 )
+from support import drive_sensor
 
 from vidu_pipeline.defs.assets import ALL_ASSETS
 from vidu_pipeline.defs.checks import ALL_CHECKS
-from vidu_pipeline.defs.jobs import ALL_JOBS
 from vidu_pipeline.defs.partitions import REQUESTS_PARTITIONS_NAME
 from vidu_pipeline.defs.resources import PipelineResource, ViduResource
-from vidu_pipeline.defs.sensors import vidu_task_sensor
 from vidu_pipeline.simulator import Simulator, SimulatorConfig
 from vidu_pipeline.video import probe_video
 
@@ -64,30 +60,6 @@ def run(instance, resources, selection, **kw):
 
 def range_tags(keys):
     return {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}
-
-
-def drive_sensor(instance, resources, pipeline, *, timeout=90):
-    """Evaluate the sensor and execute what it asks for until every request has ended."""
-    seen = set()
-    deadline = time.monotonic() + timeout
-    ledger = pipeline.ledger()
-    while time.monotonic() < deadline:
-        result = vidu_task_sensor(build_sensor_context(instance=instance, resources=resources))
-        for req in result.run_requests or []:
-            assert req.run_key not in seen, "the sensor asked for the same batch twice"
-            assert req.job_name in {"vidu_submit_job", "vidu_collect_job", "vidu_lineage_job"}, req
-            seen.add(req.run_key)
-            job = Definitions(assets=ALL_ASSETS, asset_checks=ALL_CHECKS, jobs=ALL_JOBS, resources=resources)
-            job.resolve_job_def(req.job_name).execute_in_process(
-                instance=instance, tags=dict(req.tags), run_config=req.run_config
-            )
-        rows = ledger.rows()
-        if all(r.state in ("succeeded", "failed", "unknown") for r in rows) and all(
-            r.video_sha256 for r in rows if r.state == "succeeded"
-        ):
-            return seen
-        time.sleep(0.3)
-    raise AssertionError(f"not finished: {ledger.counts_by_state()}")
 
 
 def test_catalog_to_lineage_through_dagster(setup, sim):

@@ -6,18 +6,17 @@ import base64
 import io
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
-from dagster import AssetKey, AssetSelection, build_sensor_context, instance_for_test, materialize
+from dagster import AssetKey, AssetSelection, instance_for_test, materialize
 from PIL import Image
+from support import drive_sensor
 
 from vidu_pipeline.defs.assets import ALL_ASSETS
 from vidu_pipeline.defs.checks import ALL_CHECKS, videos_verified
 from vidu_pipeline.defs.partitions import REQUESTS_PARTITIONS_NAME
 from vidu_pipeline.defs.resources import PipelineResource, ViduResource
-from vidu_pipeline.defs.sensors import vidu_task_sensor
 from vidu_pipeline.lineage import SCHEMA
 from vidu_pipeline.plan import RequestSpec
 from vidu_pipeline.simulator import Simulator, SimulatorConfig
@@ -59,29 +58,6 @@ def run(instance, resources, selection, **kw):
         resources=resources,
         **kw,
     )
-
-
-def drive_sensor(instance, resources, pipeline, timeout=120):
-    """Run what the sensor asks for until every request has its video; the results of those runs."""
-    results = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        tick = vidu_task_sensor(build_sensor_context(instance=instance, resources=resources))
-        for req in tick.run_requests or []:
-            results.append(
-                run(
-                    instance,
-                    resources,
-                    [k.to_user_string() for k in req.asset_selection],
-                    tags=dict(req.tags),
-                    run_config=req.run_config,
-                )
-            )
-        rows = pipeline.ledger().rows()
-        if rows and all(r.state == "succeeded" and r.video_sha256 for r in rows):
-            return results
-        time.sleep(0.3)
-    raise AssertionError(f"not finished: {pipeline.ledger().counts_by_state()}")
 
 
 def latest_metadata(instance, asset: str, partition: str | None = None) -> dict:

@@ -13,7 +13,8 @@ from .defs.schedules import generation_schedule
 from .defs.sensors import vidu_task_sensor
 
 
-def build_definitions(pipeline: PipelineResource | None = None) -> Definitions:
+def build_definitions(pipeline: PipelineResource | None = None, resources: dict | None = None) -> Definitions:
+    """The code location; ``resources`` replaces the default ones (tests, the CLI)."""
     return Definitions(
         assets=[*ALL_ASSETS, *DATASET_ASSETS],
         asset_checks=[*ALL_CHECKS, *DATASET_CHECKS],
@@ -23,7 +24,8 @@ def build_definitions(pipeline: PipelineResource | None = None) -> Definitions:
         executor=in_process_executor,
         sensors=[vidu_task_sensor, vidu_automation_sensor],
         schedules=[generation_schedule],
-        resources={
+        resources=resources
+        or {
             "pipeline": pipeline or PipelineResource(data_dir=os.environ.get("VIDU_DATA_DIR", "data")),
             "vidu": vidu_resource_from_env(),
         },

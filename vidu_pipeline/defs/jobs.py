@@ -37,6 +37,7 @@ def plan_digest(specs, rejections) -> str:
 
 
 PLAN_ASSETS = ("catalog", "reference_images", "rejections", "generation_requests")
+REFRESHED_AFTER_VIDEOS = ("lineage", "dataset_export")  # with their checks
 
 plan_job = define_asset_job(
     "vidu_plan_job",
@@ -64,8 +65,9 @@ collect_job = define_asset_job(
 
 lineage_job = define_asset_job(
     "vidu_lineage_job",
-    selection=AssetSelection.assets("lineage") | AssetSelection.checks_for_assets("videos"),
-    description="Append new outcomes to the Parquet lineage table, compact it, and check it and the videos.",
+    selection=AssetSelection.assets(*REFRESHED_AFTER_VIDEOS) | AssetSelection.checks_for_assets("videos"),
+    description="Append new outcomes to the Parquet lineage table, compact it, export the dataset, and run "
+    "the lineage, videos and quality checks.",
     tags={STAGE_TAG: "lineage"},
 )
 
@@ -95,11 +97,11 @@ WITH_ITS_ASSET = AutomationCondition.any_deps_match(AutomationCondition.will_be_
 
 vidu_automation_sensor = AutomationConditionSensorDefinition(
     "vidu_automation_sensor",
-    target=AssetSelection.assets("lineage") | AssetSelection.checks_for_assets("videos"),
+    target=AssetSelection.assets(*REFRESHED_AFTER_VIDEOS) | AssetSelection.checks_for_assets("videos"),
     default_status=DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=15,
     run_tags={STAGE_TAG: "lineage"},
     emit_backfills=False,
-    description="After each batch of new videos: re-materializes the lineage table (with its "
-    "checks) and runs the videos check.",
+    description="After each batch of new videos: re-materializes the lineage table and the "
+    "dataset export (with their checks, the quality gates among them) and runs the videos check.",
 )
