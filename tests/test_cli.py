@@ -19,6 +19,8 @@ from vidu_pipeline import runtime
 from vidu_pipeline.lineage import LineageStore
 from vidu_pipeline.video import probe_video
 
+pytestmark = pytest.mark.slow  # the CLI in subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "catalog"
 KEY = "cli-test-key"

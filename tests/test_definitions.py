@@ -11,6 +11,15 @@ from vidu_pipeline.definitions import defs
 ROOT = Path(__file__).resolve().parents[1]
 
 
+QUALITY_GATES = (
+    "no_frozen_clips",
+    "no_blank_clips",
+    "clips_like_references",
+    "motion_follows_amplitude",
+    "seeds_not_near_duplicates",
+)
+
+
 def test_definitions_hold_the_data_flow():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
@@ -22,15 +31,18 @@ def test_definitions_hold_the_data_flow():
         "video_tasks",
         "videos",
         "lineage",
+        "dataset_export",
     }
     assert graph.get(AssetKey("videos")).parent_keys == {AssetKey("video_tasks")}
     assert graph.get(AssetKey("lineage")).parent_keys == {AssetKey("videos")}
+    assert graph.get(AssetKey("dataset_export")).parent_keys == {AssetKey("lineage")}
     assert {c.name for c in graph.asset_check_keys} == {
         "images_accepted",
         "lineage_complete",
         "videos_match_requests",
         "no_unknown_tasks",
         "videos_verified",
+        *QUALITY_GATES,
     }
     sensor = defs.resolve_sensor_def("vidu_task_sensor")
     assert sensor.default_status == DefaultSensorStatus.RUNNING
@@ -157,6 +169,7 @@ def test_the_automation_sensor_refreshes_lineage_and_the_videos_check_after_a_ba
         AssetCheckKey(AssetKey("lineage"), name)
         for name in ("lineage_complete", "videos_match_requests", "no_unknown_tasks")
     }
+    export_checks = {AssetCheckKey(AssetKey("dataset_export"), name) for name in QUALITY_GATES}
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(REQUESTS_PARTITIONS_NAME, ["a-s1-1", "b-s1-2"])
         _materialize(instance, "lineage")
@@ -164,7 +177,13 @@ def test_the_automation_sensor_refreshes_lineage_and_the_videos_check_after_a_ba
         _materialize(instance, "videos", "a-s1-1")
         result = evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
         requested = {r.key for r in result.results if r.true_subset.size}
-        assert requested == {AssetKey("lineage"), videos_check, *lineage_checks}
+        assert requested == {
+            AssetKey("lineage"),
+            AssetKey("dataset_export"),
+            videos_check,
+            *lineage_checks,
+            *export_checks,
+        }
         result = evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
         assert result.total_requested == 0
 
