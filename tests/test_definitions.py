@@ -87,6 +87,8 @@ def test_every_stage_has_a_named_job_with_its_checks():
         "lineage_videos_match_requests",
         "lineage_no_unknown_tasks",
         "videos_videos_verified",
+        "dataset_export",
+        *(f"dataset_export_{gate}" for gate in QUALITY_GATES),
     }
     assert "generation_requests" in nodes["vidu_plan_job"]
     for name in nodes:
