@@ -146,3 +146,15 @@ def test_lineage_shows_row_count_schema_and_relative_path(generated):
     assert [c.name for c in meta["dagster/column_schema"].value.columns] == SCHEMA.names
     assert meta["path"].value == "lineage"
     assert meta["parquet_files"].value == 1, "the lineage asset compacts the parts"
+
+
+def test_tabular_plan_assets_show_row_count_and_schema(generated):
+    """The UI's table view of generation_requests and rejections: Dagster's standard keys."""
+    instance, _, _, keys, _ = generated
+    requests = latest_metadata(instance, "generation_requests")
+    assert requests["dagster/row_count"].value == len(keys)
+    columns = {c.name for c in requests["dagster/column_schema"].schema.columns}
+    assert {"request_id", "subject_id", "seed", "aspect_ratio", "prompt"} <= columns
+    rejections = latest_metadata(instance, "rejections")
+    assert rejections["dagster/row_count"].value == rejections["rejections"].value
+    assert {"rule"} <= {c.name for c in rejections["dagster/column_schema"].schema.columns}

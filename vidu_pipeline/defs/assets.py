@@ -133,6 +133,7 @@ def rejections(
     path = catalog_mod.write_rejections_csv(frame, pipeline.reports_dir / "rejections.csv")
     context.add_output_metadata(
         {
+            **_table_metadata(frame),
             "rejections": len(frame),
             "by_rule": MetadataValue.json(frame["rule"].value_counts().to_dict() if len(frame) else {}),
             "path": MetadataValue.path(str(path)),
@@ -212,6 +213,7 @@ def generation_requests(
     )
     context.add_output_metadata(
         {
+            **_table_metadata(frame),
             "requests": len(specs),
             "new_partitions": len(new_keys),
             "new_in_ledger": new_in_ledger,
@@ -519,3 +521,11 @@ def _lineage_table_schema() -> TableSchema:
 
 
 LINEAGE_TABLE_SCHEMA = _lineage_table_schema()
+
+
+def _table_metadata(frame: pd.DataFrame) -> dict:
+    """Dagster's standard row count and column schema for a tabular asset (the UI shows both)."""
+    return {
+        "dagster/row_count": len(frame),
+        "dagster/column_schema": TableSchema(columns=[TableColumn(str(c), str(t)) for c, t in frame.dtypes.items()]),
+    }
