@@ -15,7 +15,6 @@ from dagster._core.instance.ref import InstanceRef
 from dagster._utils.test.data_versions import get_stale_status_resolver
 
 from vidu_pipeline.definitions import build_definitions
-from vidu_pipeline.defs.assets import ALL_ASSETS
 from vidu_pipeline.testing import SimulatorProcess
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "catalog"
@@ -58,8 +57,9 @@ def snapshot(instance: DagsterInstance) -> tuple[dict[str, int], int]:
 
 def stale(instance: DagsterInstance) -> list[str]:
     """Every asset (partition) the UI would mark "Unsynced"."""
-    graph = build_definitions().resolve_asset_graph()
-    resolver = get_stale_status_resolver(instance, ALL_ASSETS)  # as the webserver resolves it
+    defs = build_definitions()
+    graph = defs.resolve_asset_graph()
+    resolver = get_stale_status_resolver(instance, defs.assets)  # as the webserver resolves it
     found = []
     for key in graph.materializable_asset_keys:
         node = graph.get(key)
