@@ -25,113 +25,53 @@ task's status and failure reason) is scrubbed of it here, so nothing downstream 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import http.client
 import json
 import logging
-import os
-import re
-import secrets
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import requests
-import urllib3.exceptions
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
-from urllib3.util.retry import Retry
 
 from . import answers, contract, errors
 from .contract import GenerationRequest, TaskResult
-from .deadline import Call, DeadlineAdapter, DeadlineRetry, deadline
+from .deadline import Call, deadline
+from .download import DEFAULT_MAX_VIDEO_BYTES, Download, DownloadMixin
+from .http_session import (
+    _TRANSFER_ERRORS,
+    RETRYABLE_STATUSES,
+    RedactQueryStrings,
+    RetryPolicy,
+    _exc_name,
+    _int_header,
+    _never_sent,
+    _retry_after,
+    _session,
+)
+
+__all__ = [
+    "DEFAULT_MAX_VIDEO_BYTES",
+    "MAX_JSON_BYTES",
+    "RETRYABLE_STATUSES",
+    "Download",
+    "RedactQueryStrings",
+    "RetryPolicy",
+    "ViduClient",
+    "check_api_key",
+    "poll_delay",
+]
 
 log = logging.getLogger(__name__)
+_DEFAULT_RETRY = RetryPolicy()  # frozen: one shared default, as a default argument is
 
-RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_JSON_BYTES = 8 * 1024 * 1024  # a task-result body is tiny; anything this big is broken
-DEFAULT_MAX_VIDEO_BYTES = 2 * 1024 * 1024 * 1024
-# What a failed transfer can raise from below requests' wrappers (urllib3 re-raises some of its
-# own errors; a body read through ``resp.raw`` is not wrapped at all).
-_TRANSFER_ERRORS = (OSError, urllib3.exceptions.HTTPError, http.client.HTTPException)
 
 
 class _BodyCut(Exception):
     """The body of an answer did not arrive whole (cut off, or the deadline passed)."""
 
 
-class _SubmitRetry(DeadlineRetry):
-    """The submit's policy: a status is retried only when it is 429.
-
-    urllib3 also retries any 413/429/503 that carries ``Retry-After`` whatever the
-    ``status_forcelist`` says; for a submit, a 503 may come after the task was created, so
-    resending it could pay twice.
-    """
-
-    def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
-        return status_code == 429 and super().is_retry(method, status_code, has_retry_after)
-
-
-@dataclasses.dataclass(frozen=True)
-class RetryPolicy:
-    """How hard to try. ``retries`` counts re-tries after the first attempt."""
-
-    retries: int = 4
-    backoff_factor: float = 0.5
-    backoff_max: float = 30.0
-    jitter: float = 0.25
-    retry_after_max: float = 60.0
-
-    def for_gets(self) -> Retry:
-        return DeadlineRetry(
-            total=self.retries,
-            connect=self.retries,
-            read=self.retries,
-            status=self.retries,
-            other=self.retries,
-            allowed_methods=frozenset({"GET"}),
-            status_forcelist=RETRYABLE_STATUSES,
-            **self._backoff(),
-            redirect=5,
-        )
-
-    def _backoff(self) -> dict:
-        """How both policies wait between tries; the last answer is returned, not raised."""
-        return {
-            "backoff_factor": self.backoff_factor,
-            "backoff_max": self.backoff_max,
-            "backoff_jitter": self.jitter,
-            "respect_retry_after_header": True,
-            "retry_after_max": int(self.retry_after_max),
-            "raise_on_status": False,
-        }
-
-    def for_submit(self) -> Retry:
-        # read=0 / other=0: once the body may have been sent, never again. Status retries
-        # apply to 429 only (the service refused the task; nothing was created) — also when a
-        # 5xx carries Retry-After (see _SubmitRetry).
-        return _SubmitRetry(
-            total=self.retries,
-            connect=self.retries,
-            read=0,
-            other=0,
-            status=self.retries,
-            redirect=0,
-            allowed_methods=frozenset({"POST"}),
-            status_forcelist=frozenset({429}),
-            **self._backoff(),
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class Download:
-    path: Path
-    sha256: str
-    size_bytes: int
-    task: TaskResult  # the poll whose URL was downloaded
-
-
-class ViduClient:
+class ViduClient(DownloadMixin):
     """Submit, poll and download against one base URL with one API key.
 
     ``*_deadline_s`` bound each HTTP call as a whole (connect, headers, body, retries and their
@@ -148,7 +88,7 @@ class ViduClient:
         submit_deadline_s: float = 120.0,
         poll_deadline_s: float = 60.0,
         download_deadline_s: float = 900.0,
-        retry: RetryPolicy = RetryPolicy(),
+        retry: RetryPolicy = _DEFAULT_RETRY,
         pool_size: int = 16,
         max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES,
     ) -> None:
@@ -338,124 +278,6 @@ class ViduClient:
                 raise TimeoutError(f"task {task_id} not finished after {timeout_s:.0f} s (last status {last})")
             time.sleep(min(delay, remaining))
 
-    # --- download ------------------------------------------------------------------------
-
-    def download(
-        self,
-        task: TaskResult | str,
-        dest: Path,
-        *,
-        attempts: int = 3,
-    ) -> Download:
-        """Stream the task's video into ``dest`` atomically, hashing as it goes.
-
-        The file appears at ``dest`` only when complete (size matches Content-Length, under
-        the size cap), with the mode a new file gets under the umask. An expired or missing URL
-        is refreshed by polling the task again; a cut-off body is fetched again, up to
-        ``attempts`` times in all.
-        """
-        result = task if isinstance(task, TaskResult) else self.get_task_result(task)
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        refreshed = False
-        failures = 0
-        while True:
-            try:
-                if not result.videos:
-                    raise errors.VideoURLExpired(f"task {result.task_id} ({result.status}) lists no video to download")
-                sha, size = self._fetch(result.videos[0].url, dest, result.task_id)
-                return Download(path=dest, sha256=sha, size_bytes=size, task=result)
-            except errors.VideoURLExpired:
-                if refreshed:
-                    raise
-                log.info("video URL of task %s expired or missing; polling for a fresh one", result.task_id)
-            except errors.DownloadError as exc:
-                failures += 1
-                if failures >= attempts:
-                    raise
-                log.warning("download of task %s failed (attempt %d): %s", result.task_id, failures, exc)
-                time.sleep(min(self.retry.backoff_max, self.retry.backoff_factor * 2**failures))
-                if refreshed:
-                    continue
-            result, refreshed = self.get_task_result(result.task_id), True
-
-    def _fetch(self, url: str, dest: Path, task_id: str) -> tuple[str, int]:
-        where = contract.redact_url(url)
-        with deadline(self.download_deadline_s) as call:
-            try:
-                # identity: the size check and the hash are about the bytes of the file as stored.
-                resp = self._gets.get(url, stream=True, timeout=self.timeout, headers={"Accept-Encoding": "identity"})
-            except requests.TooManyRedirects:
-                raise errors.DownloadError(f"task {task_id}: too many redirects downloading {where}") from None
-            except (
-                requests.exceptions.InvalidSchema,
-                requests.exceptions.InvalidURL,
-                requests.exceptions.MissingSchema,
-            ) as exc:
-                # Not str(exc): it quotes the whole (redirected) URL, signature included.
-                raise errors.DownloadError(
-                    f"task {task_id}: refused download URL {where} or a redirect from it ({_exc_name(exc)})"
-                ) from None
-            except _TRANSFER_ERRORS as exc:
-                what = f"no answer within the {call.seconds:g} s download deadline" if call.expired else _exc_name(exc)
-                raise errors.DownloadError(f"task {task_id}: download of {where} failed: {what}") from None
-            with resp:
-                self._check_video_answer(resp, task_id)
-                return self._stream_to(resp, dest, task_id, call)
-
-    def _check_video_answer(self, resp: requests.Response, task_id: str) -> None:
-        status = resp.status_code
-        if status in (401, 403, 404, 410):
-            raise errors.VideoURLExpired(
-                f"task {task_id}: video URL answered {status} (expired or revoked)", status=status
-            )
-        if status != 200:
-            raise errors.DownloadError(f"task {task_id}: video download answered {status}", status=status)
-        expected = _int_header(resp, "Content-Length")
-        if expected is not None and expected > self.max_video_bytes:
-            raise errors.DownloadError(
-                f"task {task_id}: video is {expected:,} bytes, over the {self.max_video_bytes:,} cap"
-            )
-
-    def _stream_to(self, resp: requests.Response, dest: Path, task_id: str, call: Call) -> tuple[str, int]:
-        """Write the body next to ``dest`` and rename it into place once complete."""
-        expected = _int_header(resp, "Content-Length")
-        digest, size = hashlib.sha256(), 0
-        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.part")
-        # O_EXCL with 0o666: the umask decides the mode, as for any new file (mkstemp's is 0600).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                try:
-                    for chunk in resp.iter_content(chunk_size=1 << 20):
-                        size += len(chunk)
-                        if size > self.max_video_bytes:
-                            raise errors.DownloadError(
-                                f"task {task_id}: video exceeds the {self.max_video_bytes:,}-byte cap"
-                            )
-                        digest.update(chunk)
-                        out.write(chunk)
-                except _TRANSFER_ERRORS as exc:
-                    raise errors.DownloadError(
-                        f"task {task_id}: download cut off after {size:,} bytes ({self._cut_reason(exc, call)})"
-                    ) from None
-                if call.expired:  # a close-delimited body ends "normally" when its socket is cut
-                    raise errors.DownloadError(
-                        f"task {task_id}: download cut off after {size:,} bytes (the "
-                        f"{call.seconds:g} s download deadline passed)"
-                    )
-                out.flush()
-                os.fsync(out.fileno())
-            if expected is not None and size != expected:
-                raise errors.DownloadError(f"task {task_id}: got {size:,} of {expected:,} bytes (truncated download)")
-            if size == 0:
-                raise errors.DownloadError(f"task {task_id}: empty video body")
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return digest.hexdigest(), size
-
     # --- helpers -------------------------------------------------------------------------
 
     def _auth(self) -> dict[str, str]:
@@ -487,12 +309,6 @@ class ViduClient:
                 f"response is not JSON: {self._scrub(raw[:2000].decode('utf-8', 'replace'))[:120]!r}",
                 status=resp.status_code,
             ) from None
-
-    @staticmethod
-    def _cut_reason(exc: BaseException | None, call: Call) -> str:
-        if call.expired:
-            return f"the {call.seconds:g} s deadline passed"
-        return _exc_name(exc) if exc is not None else "ended early"
 
     def _error_words(self, resp: requests.Response) -> tuple[str | None, str]:
         """(reason, message) of an error answer, scrubbed; best effort (the deadline still
@@ -548,78 +364,3 @@ def poll_delay(result: TaskResult, min_s: float, max_s: float) -> float:
     else:
         delay = min_s * 4
     return max(min_s, min(max_s, delay))
-
-
-def _session(retry: Retry, pool_size: int) -> requests.Session:
-    session = requests.Session()
-    session.max_redirects = 5
-    adapter = DeadlineAdapter(max_retries=retry, pool_connections=pool_size, pool_maxsize=pool_size)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    session.headers["User-Agent"] = "vidu-pipeline"
-    return session
-
-
-def _never_sent(exc: BaseException) -> bool:
-    """True when the request provably never left: the connection could not be opened."""
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return True
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, (NewConnectionError, ConnectTimeoutError)):
-            return True
-        reason = getattr(cause, "reason", None)
-        nested = cause.args[0] if cause.args and isinstance(cause.args[0], BaseException) else None
-        cause = reason if isinstance(reason, BaseException) else nested or cause.__cause__ or cause.__context__
-    return False
-
-
-def _exc_name(exc: BaseException) -> str:
-    """The exception class and the innermost reason, without URLs (they may carry secrets)."""
-    inner = getattr(exc, "args", ()) and exc.args[0]
-    reason = getattr(inner, "reason", None) if inner is not None else None
-    name = type(exc).__name__
-    return f"{name}: {type(reason).__name__}" if isinstance(reason, BaseException) else name
-
-
-def _retry_after(resp: requests.Response) -> float | None:
-    value = resp.headers.get("Retry-After")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
-
-
-class RedactQueryStrings(logging.Filter):
-    """Drops query strings from urllib3's log lines: its DEBUG lines quote each request's URL,
-    and a signed video URL carries its signature there."""
-
-    _QUERY_RE = re.compile(r"\?[^\s\"'<>]*")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str):
-            record.msg = self._QUERY_RE.sub("?…", record.msg)
-        if isinstance(record.args, tuple):
-            record.args = tuple(self._QUERY_RE.sub("?…", a) if isinstance(a, str) else a for a in record.args)
-        return True
-
-
-def _redact_urllib3_logs() -> None:
-    for name in ("urllib3.connectionpool", "urllib3.util.retry", "urllib3.poolmanager"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactQueryStrings) for f in logger.filters):
-            logger.addFilter(RedactQueryStrings())
-
-
-_redact_urllib3_logs()
-
-
-def _int_header(resp: requests.Response, name: str) -> int | None:
-    try:
-        return int(resp.headers[name])
-    except (KeyError, ValueError):
-        return None
