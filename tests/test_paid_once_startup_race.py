@@ -17,8 +17,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from drills.run_drill import make_catalog
-from vidu_pipeline.defs.assets import ALL_ASSETS, register_partitions
+from vidu_pipeline.defs.assets import ALL_ASSETS
 from vidu_pipeline.defs.partitions import REQUESTS_PARTITIONS_NAME
+from vidu_pipeline.defs.requests import register_partitions
 from vidu_pipeline.defs.resources import PipelineResource, ViduResource
 
 pytestmark = pytest.mark.slow  # starts processes (CLI, simulator, drills)

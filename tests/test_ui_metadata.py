@@ -14,9 +14,10 @@ from PIL import Image
 from support import drive_sensor
 
 from vidu_pipeline.defs.assets import ALL_ASSETS
-from vidu_pipeline.defs.checks import ALL_CHECKS, videos_verified
+from vidu_pipeline.defs.checks import ALL_CHECKS
 from vidu_pipeline.defs.partitions import REQUESTS_PARTITIONS_NAME
 from vidu_pipeline.defs.resources import PipelineResource, ViduResource
+from vidu_pipeline.defs.videos import videos_verified
 from vidu_pipeline.lineage import SCHEMA
 from vidu_pipeline.plan import RequestSpec
 from vidu_pipeline.simulator import Simulator, SimulatorConfig

@@ -22,8 +22,9 @@ from dagster import (
 
 from .. import export as export_mod
 from .. import quality
-from .assets import GROUP, lineage
 from .jobs import WITH_ITS_ASSET
+from .lineage import lineage
+from .metadata import GROUP
 from .resources import PipelineResource
 
 MIN_CLIPS_PER_AMPLITUDE = 1  # clips each of `small` and `large` a subject needs for the amplitude gate

@@ -1,0 +1,239 @@
+"""Stage 5: each finished task's MP4 downloaded, verified and stored, shown in the UI with its
+thumbnail and request, and the check that every requested partition has a verified video.
+
+Partitioned like ``video_tasks`` (single-run backfill: one run per batch; a download costs
+far less than a run's process start).
+"""
+
+import dataclasses
+import os
+
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    AssetMaterialization,
+    BackfillPolicy,
+    Failure,
+    MetadataValue,
+    asset,
+    asset_check,
+)
+
+from .. import collect, plan
+from ..ledger import FAILED, SUCCEEDED, UNKNOWN
+from .jobs import AFTER_VIDEOS_BATCH
+from .metadata import GROUP, relative_path, sweep_metadata
+from .partitions import REQUESTS_PARTITIONS_NAME, requests_partitions
+from .requests import API_POOL, BatchConfig
+from .resources import PipelineResource, ViduResource
+from .tasks import video_tasks
+
+THUMBNAIL_WIDTH = 320  # px; a JPEG of ~5–15 kB inline in the event log
+REFERENCE_THUMBNAIL_WIDTH = 96
+
+
+@asset(
+    group_name=GROUP,
+    partitions_def=requests_partitions,
+    backfill_policy=BackfillPolicy.single_run(),
+    deps=[video_tasks],
+    output_required=False,
+    pool=API_POOL,
+)
+def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: PipelineResource, vidu: ViduResource):
+    """Download each finished task's MP4, verify it decodes end to end, probe it, check it
+    against its request, and store it at <data_dir>/videos/<request_id>.mp4. Partitions whose
+    task has not succeeded are skipped (logged), not failed."""
+    ledger = pipeline.ledger()
+    client, endpoint = vidu.client(pipeline.simulator_state_dir)
+    broken: list[str] = []
+    collected: list[str] = []
+    for key in config.select(context.partition_keys):
+        row = ledger.get(key)
+        if row is None or row.state != "succeeded":
+            context.log.info(f"{key}: task is {row.state if row else 'not planned'}; nothing to download yet")
+            continue
+        if row.video_sha256:
+            context.log.info(f"{key}: video already stored at {row.video_path}")
+            continue
+        try:
+            video = collect.collect_video(
+                ledger,
+                client,
+                key,
+                videos_dir=pipeline.videos_dir,
+                render_scale=endpoint.render_scale,
+                run_id=context.run_id,
+                reference_bytes=pipeline.image_cache().get_bytes,
+            )
+        except Exception as exc:  # one bad video must not cost the batch its other videos
+            broken.append(f"{key}: {type(exc).__name__}: {exc}")
+            context.log.error(f"{key}: {exc}")
+            continue
+        collected.append(key)
+        stored = ledger.get(key)
+        assert stored is not None and stored.video_sha256, f"{key}: collected but not in the ledger"
+        yield AssetMaterialization(
+            asset_key=context.asset_key,
+            partition=key,
+            metadata={
+                **_video_metadata(pipeline, stored, video),
+                "quality": MetadataValue.json(video.quality.to_dict() if video.quality else {}),
+                **{
+                    f"quality/{name}": value
+                    for name, value in (video.quality.to_dict() if video.quality else {}).items()
+                    if isinstance(value, (int, float)) and not isinstance(value, bool)
+                },
+            },
+            tags={"dagster/data_version": stored.video_sha256},
+        )
+    if collected:
+        sync_lineage(pipeline, context.run_id)
+    if broken:
+        raise Failure(
+            description=f"{len(broken)} video(s) could not be collected; they will be retried",
+            metadata={"errors": MetadataValue.md("\n".join(f"- {b}" for b in broken))},
+        )
+
+
+def _thumbnail(pipeline: PipelineResource, path, key: str):
+    """The frame at 1 s as <data_dir>/thumbnails/<key>.png (the contact sheet reuses it) and
+    as a small inline JPEG for the UI."""
+    from ..video import frame_image, jpeg_data_uri
+
+    frame = frame_image(path, at_s=1.0)
+    out = pipeline.root / "thumbnails" / f"{key}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = frame.copy()
+    png.thumbnail((320, 320))
+    png.save(out, format="PNG")
+    return out, jpeg_data_uri(frame, width=THUMBNAIL_WIDTH)
+
+
+def sync_lineage(pipeline: PipelineResource, run_id: str | None) -> int:
+    """Append one lineage row per ledger row whose current outcome the table lacks."""
+    ledger = pipeline.ledger()
+    rows = ledger.needing_lineage()
+    if not rows:
+        return 0
+    pipeline.lineage().append([collect.lineage_row(r, run_id) for r in rows])
+    ledger.mark_lineage([r.request_id for r in rows])
+    return len(rows)
+
+
+def _video_metadata(pipeline: PipelineResource, row, video: collect.CollectedVideo) -> dict:
+    """One videos partition as the UI shows it: the clip's frame inline, what was asked
+    (prompt, options, seed, subject, reference images), what came back and when."""
+    spec = plan.RequestSpec.from_json(row.spec_json)
+    _, thumbnail_uri = _thumbnail(pipeline, video.path, row.request_id)
+    metadata = {
+        "thumbnail": MetadataValue.md(f"![{row.request_id}]({thumbnail_uri})"),
+        "path": MetadataValue.path(relative_path(pipeline, video.path)),
+        "prompt": MetadataValue.text(spec.prompt),
+        "options": MetadataValue.json(spec.options),
+        **sweep_metadata(row),  # subject_id, seed (as requested)
+        "seed_effective": row.effective_seed if row.effective_seed is not None else -1,
+        "references": MetadataValue.md(_reference_markdown(pipeline, spec)),
+        "task_id": row.task_id or "",
+        "sha256": row.video_sha256,
+        "bytes": row.video_bytes,
+        "probe": MetadataValue.json(dataclasses.asdict(video.probe)),
+        "problems": MetadataValue.text("; ".join(video.problems) or "none"),
+    }
+    if row.submitted_at:
+        metadata["submitted_at"] = MetadataValue.timestamp(row.submitted_at)
+    if row.finished_at:
+        metadata["finished_at"] = MetadataValue.timestamp(row.finished_at)
+    if row.submitted_at and row.finished_at:
+        metadata["latency_s"] = MetadataValue.float(round(row.finished_at - row.submitted_at, 2))
+    return metadata
+
+
+def _reference_markdown(pipeline: PipelineResource, spec) -> str:
+    """The reference images sent, as small inline JPEGs."""
+    cells = []
+    for sha in spec.image_sha256s:
+        try:
+            cells.append(f"![{sha[:12]}]({_reference_thumbnail_uri(pipeline, sha)})")
+        except (KeyError, OSError) as exc:
+            cells.append(f"`{sha[:12]}…` ({exc})")
+    return " ".join(cells) or "_none_"
+
+
+def _reference_thumbnail_uri(pipeline: PipelineResource, sha: str) -> str:
+    """A reference image's small JPEG as a data URI, made once per image and kept under
+    <data_dir>/thumbnails/references/ (a subject's images recur in every one of its videos)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from ..video import jpeg_data_uri
+
+    path = pipeline.root / "thumbnails" / "references" / f"{sha[:16]}-{REFERENCE_THUMBNAIL_WIDTH}.jpg"
+    if not path.exists():
+        with Image.open(io.BytesIO(pipeline.image_cache().get_bytes(sha))) as im:
+            uri = jpeg_data_uri(im, width=REFERENCE_THUMBNAIL_WIDTH, quality=70)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(base64.b64decode(uri.split(",", 1)[1]))
+        tmp.replace(path)  # readers never see half a file
+        return uri
+    return "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+@asset_check(
+    asset=videos,
+    automation_condition=AFTER_VIDEOS_BATCH,
+    description="Every requested partition has a verified video: its request succeeded and its MP4 "
+    "decoded end to end and matches the request. Warns while some are still in flight; fails (error) "
+    "when one failed, is unknown, or does not match.",
+)
+def videos_verified(context: AssetCheckExecutionContext, pipeline: PipelineResource) -> AssetCheckResult:
+    requested = set(context.instance.get_dynamic_partitions(REQUESTS_PARTITIONS_NAME))
+    ledger_rows = {r.request_id: r for r in pipeline.ledger().rows()}
+    verified, pending, bad = [], [], []
+    for key in sorted(requested):
+        problem = _video_problem(ledger_rows.get(key), pipeline)
+        if problem is None:
+            verified.append(key)
+        elif problem.startswith("pending"):
+            pending.append(f"{key}: {problem}")
+        else:
+            bad.append(f"{key}: {problem}")
+    missing = bad + pending
+    return AssetCheckResult(
+        passed=not missing,
+        severity=AssetCheckSeverity.ERROR if bad else AssetCheckSeverity.WARN,
+        description=f"{len(verified)} of {len(requested)} requested videos verified",
+        metadata={
+            "requested": len(requested),
+            "verified": len(verified),
+            "pending": len(pending),
+            "failed_or_mismatched": len(bad),
+            "missing": MetadataValue.md("\n".join(f"- {m}" for m in missing[:100]) or "_none_"),
+        },
+    )
+
+
+def _video_problem(row, pipeline: PipelineResource) -> str | None:
+    """Why a request has no verified video (None when it has one); "pending …" while it may
+    still get one."""
+    if row is None:
+        return "not in the ledger"
+    if row.state in (FAILED, UNKNOWN):
+        return f"{row.state}: {row.last_error or 'no reason recorded'}"
+    if row.state != SUCCEEDED:
+        return f"pending ({row.state})"
+    if not row.video_sha256:
+        if row.video_attempts >= pipeline.video_attempts:
+            return f"no verified video after {row.video_attempts} attempts ({row.last_error})"
+        return "pending (succeeded, video not downloaded yet)"
+    problems = (row.probe or {}).get("problems")
+    if problems:
+        return "mismatched: " + "; ".join(problems)
+    if not row.video_path or not os.path.exists(row.video_path):
+        return f"video file missing: {row.video_path}"
+    return None
