@@ -454,7 +454,7 @@ def test_reproduce_asks_on_a_terminal(data, tmp_path, answer, submitted):
 def test_run_failures_that_stop_generate(tmp_path, raised, expected, words):
     from dagster import DagsterInstance, asset, materialize
 
-    from vidu_pipeline.generate import raise_for_run
+    from vidu_pipeline.cli.driver import raise_for_run
 
     @asset
     def boom():
@@ -483,7 +483,7 @@ def test_a_full_sqlite_database_reads_as_a_full_disk(tmp_path):
     """The real error SQLite gives when it cannot grow the file, as the CLI's main sees it."""
     import sqlalchemy as sa
 
-    from vidu_pipeline.cli import disk_full, disk_message
+    from vidu_pipeline.cli.signals import disk_full, disk_message
 
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'full.sqlite'}")
 

@@ -14,7 +14,7 @@ from dataset_harness import gates, sweep
 from PIL import Image
 
 from vidu_pipeline import export, sheets
-from vidu_pipeline.generate import write_contact_sheet
+from vidu_pipeline.cli.progress import write_contact_sheet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

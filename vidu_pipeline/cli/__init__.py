@@ -9,29 +9,21 @@ until every request of the catalog has reached an end.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import signal
 import sys
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CAPPED = 0, 1, 2, 3  # a signal: 128 + its number (130, 143)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+from .exit_codes import EXIT_CAPPED, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from .signals import disk_full, disk_message, install_stop_handlers, quiet_dagster
 
-DAGSTER_YAML = """\
-# Written by vidu-pipeline. Pools cap how many API-calling steps run at once across runs.
-concurrency:
-  pools:
-    default_limit: 2
-telemetry:
-  enabled: false
-"""
+__all__ = ["EXIT_CAPPED", "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
 
 def parse_seeds(text: str) -> list[int]:
     """``1,2,5`` or ``1-10`` or a mix: ``1-3,7``. Each seed within the pipeline's seed range,
     at most ``MAX_SWEEP_SEEDS`` in all (counted before a range is expanded), none twice."""
-    from .contract import MAX_SWEEP_SEEDS
+    from ..contract import MAX_SWEEP_SEEDS
 
     seeds: list[int] = []
     for part in text.split(","):
@@ -56,7 +48,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def _seed_range(part: str) -> tuple[int, int]:
     """``a-b`` or ``a`` as (first, last), both checked against the seed policy."""
-    from .contract import seed_problem
+    from ..contract import seed_problem
 
     lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
     try:
@@ -147,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--catalog", help="catalog folder, for quality thresholds and licences (default: <data-dir>/catalog)"
     )
 
-    from .simulator import cli as simulator_cli
+    from ..simulator import cli as simulator_cli
 
     sim = sub.add_parser("simulator", help="run the local Vidu simulator as a standalone server")
     simulator_cli.add_arguments(sim)
@@ -158,14 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "simulator":
-        from .simulator import cli as simulator_cli
+        from ..simulator import cli as simulator_cli
 
         return simulator_cli.run(args)
     install_stop_handlers()
     quiet_dagster()
-    from . import errors
-    from .export import ExportProblem
-    from .generate import CatalogProblem, generate, reproduce, status
+    from .. import errors
+    from ..export import ExportProblem
+    from .generate import generate
+    from .reproduce import reproduce
+    from .settings import CatalogProblem
+    from .status import status
 
     try:
         if args.command == "generate":
@@ -173,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return status(args)
         if args.command == "export":
-            from .export import command as export_command
+            from ..export import command as export_command
 
             return export_command(args.data_dir, args.out, args.shard_size, args.catalog)
         return reproduce(args)
@@ -206,89 +201,6 @@ def fail(message: str, code: int) -> int:
     return code
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM: stop taking new work, let the step in flight record its task ids."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-_stopping: list[int] = []
-
-
-def install_stop_handlers() -> None:
-    """SIGTERM (Docker, Kubernetes, systemd, ``timeout``) stops like Ctrl-C; a second signal
-    forces the exit. SIGINT gets the handler even when inherited as ignored (``cmd &`` in a
-    script): Dagster copies SIGINT's disposition onto SIGTERM, so an ignored SIGINT would make
-    SIGTERM ignored too — and every child (Dagster's ``tail -F``) would ignore it as well."""
-
-    def handler(signum, _frame):
-        if _stopping:
-            print(
-                f"\n{signal.Signals(signum).name} again: exiting now; the next run marks a submit cut short as unknown",
-                file=sys.stderr,
-                flush=True,
-            )
-            os._exit(128 + signum)
-        _stopping.append(signum)
-        raise Interrupted(signum)
-
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, handler)
-
-
-def disk_full(exc: BaseException) -> bool:
-    """A full disk (or quota) anywhere: our StorageError, an OSError, or SQLite's "full"."""
-    from . import errors
-
-    for e in _chain(exc):
-        if isinstance(e, errors.StorageError):
-            return True
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if type(e).__name__ == "OperationalError" and "disk is full" in str(e):
-            return True
-    return False
-
-
-def disk_message(exc: BaseException) -> str:
-    from . import errors
-
-    for e in _chain(exc):
-        if isinstance(e, errors.StorageError):
-            return str(e)
-        if isinstance(e, OSError):
-            return f"the disk is full: {e.strerror}" + (f" ({e.filename})" if e.filename else "")
-        if type(e).__name__ == "OperationalError":
-            return f"the disk is full: the ledger could not be written ({getattr(e, 'orig', e)})"
-    return f"the disk is full ({exc})"
-
-
-def _chain(exc: BaseException | None):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def quiet_dagster() -> None:
-    """Dagster's beta notices and per-event INFO lines are for library authors and the UI;
-    on the command line the progress line and the summary say what matters."""
-    import warnings
-
-    import dagster
-
-    for category in (dagster.BetaWarning, dagster.PreviewWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category)
-    logging.getLogger("dagster").setLevel(logging.WARNING)
-
-
 def _env_float(name: str) -> float | None:
     value = os.environ.get(name, "").strip()
     return float(value) if value else None
-
-
-if __name__ == "__main__":
-    sys.exit(main())

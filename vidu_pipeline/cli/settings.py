@@ -1,0 +1,41 @@
+"""The command line's settings turned into the pipeline's resource, and the settings that
+cannot work refused up front (before anything is recorded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..defs.resources import PipelineResource
+
+
+class CatalogProblem(Exception):
+    """The catalog or configuration cannot be used at all (message names file and field)."""
+
+
+def check_endpoint_settings() -> None:
+    """A key no HTTP header can carry, or a base URL that is not http(s), is a configuration
+    error said up front (:class:`errors.ConfigurationError`), before anything is recorded."""
+    from .. import runtime
+    from ..client import check_api_key
+
+    key = os.environ.get(runtime.ENV_KEY, "").strip()
+    if key:
+        check_api_key(key)
+        url = os.environ.get(runtime.ENV_BASE_URL, "").strip()
+        if url and not url.startswith(("http://", "https://")):
+            raise CatalogProblem(f"{runtime.ENV_BASE_URL} must start with http:// or https://, got {url[:80]!r}")
+
+
+def pipeline_from_args(args) -> PipelineResource:
+    return PipelineResource(
+        data_dir=str(Path(args.data_dir).resolve()),
+        catalog_dir=str(Path(args.catalog).resolve()) if getattr(args, "catalog", None) else "",
+        strict_images=getattr(args, "strict_images", False),
+        allow_outside_paths=getattr(args, "allow_outside_paths", False),
+        retry_budget=getattr(args, "retry_budget", 3),
+        max_tasks_per_run=getattr(args, "max_tasks", None),
+        max_tasks_per_day=getattr(args, "max_tasks_per_day", None),
+        resubmit_unknown=getattr(args, "resubmit_unknown", False),
+        seeds=getattr(args, "seeds", None) or [],
+    )
