@@ -90,3 +90,24 @@ def drive_sensor(instance, resources, pipeline, *, timeout: float = 120) -> set[
             return seen
         time.sleep(0.3)
     raise AssertionError(f"not finished: {ledger.counts_by_state()}")
+
+
+def plan_catalog(root: Path, *, prompts: int = 1):
+    """A drill catalog of one subject and ``prompts`` prompts under ``root``, planned through
+    Dagster (ledger rows, partitions, the image cache): the pipeline resource and request ids."""
+    from dagster import AssetKey, instance_for_test, materialize
+
+    from drills.run_drill import make_catalog
+    from vidu_pipeline.defs.assets import ALL_ASSETS
+    from vidu_pipeline.defs.resources import PipelineResource, ViduResource
+
+    make_catalog(root / "catalog", subjects=1, prompts=prompts, seeds=1)
+    pipeline = PipelineResource(data_dir=str(root / "data"), catalog_dir=str(root / "catalog"))
+    with instance_for_test() as instance:
+        result = materialize(
+            ALL_ASSETS,
+            selection=[AssetKey(k) for k in ("catalog", "reference_images", "generation_requests")],
+            instance=instance,
+            resources={"pipeline": pipeline, "vidu": ViduResource()},
+        )
+    return pipeline, list(result.output_for_node("generation_requests")["request_id"])

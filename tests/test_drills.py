@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from support import plan_catalog
 
 from drills.run_drill import (
     FAULT_FLAGS,
@@ -324,29 +325,16 @@ def test_paid_once_invariants_fail_on_a_stale_poll_answer(tmp_path, monkeypatch)
     import sqlite3
     import time
 
-    from dagster import AssetKey, instance_for_test, materialize
-
     from drills.run_drill import paid_once_checks
     from vidu_pipeline import tasks
     from vidu_pipeline.client import ViduClient
     from vidu_pipeline.collect import collect_video
-    from vidu_pipeline.defs.assets import ALL_ASSETS
-    from vidu_pipeline.defs.resources import PipelineResource, ViduResource
     from vidu_pipeline.ledger import Ledger, SpendCaps
     from vidu_pipeline.simulator import Simulator, SimulatorConfig
     from vidu_pipeline.simulator.faults import FaultConfig
 
     monkeypatch.setenv("VIDU_SIMULATOR_RENDER_SCALE", "0.1")
-    make_catalog(tmp_path / "catalog", subjects=1, prompts=1, seeds=1)
-    pipeline = PipelineResource(data_dir=str(tmp_path / "data"), catalog_dir=str(tmp_path / "catalog"))
-    with instance_for_test() as instance:
-        result = materialize(
-            ALL_ASSETS,
-            selection=[AssetKey(k) for k in ("catalog", "reference_images", "generation_requests")],
-            instance=instance,
-            resources={"pipeline": pipeline, "vidu": ViduResource()},
-        )
-    [rid] = list(result.output_for_node("generation_requests")["request_id"])
+    pipeline, [rid] = plan_catalog(tmp_path)
     path = pipeline.root / "ledger.sqlite"
     ledger = Ledger(f"sqlite:///{path}")
     key = "stale-answer-key"

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from dagster import AssetKey, instance_for_test, materialize
 from sqlalchemy import event
-from support import fill
+from support import fill, plan_catalog
 
 from drills.run_drill import make_catalog
 from vidu_pipeline import errors, tasks
@@ -75,16 +75,7 @@ class FillsTheDiskOnSubmit(ViduClient):
 @pytest.fixture
 def planned(tmp_path, monkeypatch):
     monkeypatch.setenv("VIDU_SIMULATOR_RENDER_SCALE", "0.1")
-    make_catalog(tmp_path / "catalog", subjects=1, prompts=1, seeds=1)
-    pipeline = PipelineResource(data_dir=str(tmp_path / "data"), catalog_dir=str(tmp_path / "catalog"))
-    with instance_for_test() as instance:
-        result = materialize(
-            ALL_ASSETS,
-            selection=[AssetKey(k) for k in ("catalog", "reference_images", "generation_requests")],
-            instance=instance,
-            resources={"pipeline": pipeline, "vidu": ViduResource()},
-        )
-    [rid] = list(result.output_for_node("generation_requests")["request_id"])
+    pipeline, [rid] = plan_catalog(tmp_path)
     return pipeline, rid
 
 

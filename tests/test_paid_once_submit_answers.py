@@ -17,6 +17,7 @@ import threading
 
 import pytest
 from dagster import AssetKey, instance_for_test, materialize
+from support import plan_catalog
 
 from drills.run_drill import make_catalog
 from vidu_pipeline import errors, tasks
@@ -97,16 +98,7 @@ class AnsweringServer:
 def planned_catalog(tmp_path_factory):
     """Six requests planned through Dagster (the image cache holds their references)."""
     root = tmp_path_factory.mktemp("answers")
-    make_catalog(root / "catalog", subjects=1, prompts=6, seeds=1)
-    pipeline = PipelineResource(data_dir=str(root / "data"), catalog_dir=str(root / "catalog"))
-    with instance_for_test() as instance:
-        result = materialize(
-            ALL_ASSETS,
-            selection=[AssetKey(k) for k in ("catalog", "reference_images", "generation_requests")],
-            instance=instance,
-            resources={"pipeline": pipeline, "vidu": ViduResource()},
-        )
-    ids = list(result.output_for_node("generation_requests")["request_id"])
+    pipeline, ids = plan_catalog(root, prompts=6)
     return pipeline, ids
 
 
