@@ -3,6 +3,7 @@ videofolder), `webdataset` (every sample's mp4 + json), and byte-identical re-ex
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import types
@@ -194,3 +195,26 @@ def test_export_skips_a_missing_video_and_leaves_reproductions_out(tmp_path):
     summary = export.export(store, tmp_path / "out", shard_size=2)
     assert (summary.samples, summary.missing) == (1, ("gone",))
     assert sorted(files(tmp_path / "out" / "videofolder")) == ["kept.mp4", "metadata.jsonl"]
+
+
+def test_two_exporters_of_one_folder_do_not_trip_over_each_other(made, tmp_path):
+    """Two generates (or one beside the daemon) export the same data folder at once: each
+    writer's temp files are its own, and the result is the same export."""
+    import concurrent.futures as cf
+
+    pipeline, _, _ = made
+    store, catalog = pipeline.lineage(), pipeline.catalog_path
+    out = tmp_path / "shared"
+
+    def export_fresh(i: int):
+        # Start from nothing each round so both writers really write the same files together.
+        return export.export(store, out, shard_size=3, catalog_dir=catalog)
+
+    for _ in range(3):
+        shutil.rmtree(out, ignore_errors=True)
+        with cf.ThreadPoolExecutor(max_workers=2) as pool:
+            results = list(pool.map(export_fresh, range(2)))
+        assert all(r.samples == 8 for r in results)
+    export.export(store, tmp_path / "alone", shard_size=3, catalog_dir=catalog)
+    assert files(out) == files(tmp_path / "alone")
+    assert not list(out.rglob("*.tmp"))

@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import tarfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +170,7 @@ def _write_videofolder(folder: Path, records: list[dict], sources: list[Path]) -
         lines.append(json.dumps({"file_name": name, **record}, sort_keys=True, ensure_ascii=False))
     for stale in folder.glob("*.mp4"):
         if stale.name not in wanted:
-            stale.unlink()
+            stale.unlink(missing_ok=True)  # another exporter may have removed it already
     _write_if_changed(folder / "metadata.jsonl", "".join(line + "\n" for line in lines).encode())
     return written
 
@@ -178,8 +179,7 @@ def _place_video(source: Path, dest: Path, sha256: str) -> bool:
     """Hard-link (or copy) ``source`` to ``dest`` unless ``dest`` already holds those bytes."""
     if dest.exists() and (_same_file(source, dest) or _sha256(dest) == sha256):
         return False
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.unlink(missing_ok=True)
+    tmp = _temp_beside(dest)
     try:
         os.link(source, tmp)
     except OSError:  # another file system, or links not allowed
@@ -219,7 +219,7 @@ def _write_shards(folder: Path, records: list[dict], sources: list[Path], shard_
         shards.append(path)
     for stale in folder.glob("shard-*.tar"):
         if stale not in shards:
-            stale.unlink()
+            stale.unlink(missing_ok=True)
     return shards, written
 
 
@@ -231,7 +231,7 @@ def _write_shard(path: Path, samples: list[tuple[dict, Path]]) -> bool:
     marker = path.with_name(f".{path.name}.content")
     if path.exists() and marker.exists() and marker.read_text() == content_id:
         return False
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _temp_beside(path)
     with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for record, source in samples:
             key = record["request_id"]
@@ -258,10 +258,16 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
     if path.exists() and path.read_bytes() == data:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _temp_beside(path)
     tmp.write_bytes(data)
     os.replace(tmp, path)
     return True
+
+
+def _temp_beside(path: Path) -> Path:
+    """A temp name next to ``path``, unique to this writer: two exporters of one data folder
+    (two ``generate``s, or one beside the daemon) must not unlink or replace each other's file."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 # --- command line ---------------------------------------------------------------------------
