@@ -162,7 +162,7 @@ def test_contact_sheet_pages_every_current_video(made, monkeypatch):
     stale = pipeline.root / "contact_sheet-9.png"
     stale.write_bytes(b"from a bigger dataset")
     monkeypatch.setattr(sheets, "TILES_PER_PAGE", 3)
-    first = write_contact_sheet(pipeline, rows=[])  # the dataset's videos, not the rows of one run
+    first = write_contact_sheet(pipeline)  # the dataset's videos, not the rows of one run
     pages = sorted(pipeline.root.glob("contact_sheet*.png"))
     assert first == pipeline.root / "contact_sheet.png"
     assert [p.name for p in pages] == ["contact_sheet-2.png", "contact_sheet-3.png", "contact_sheet.png"]

@@ -80,7 +80,7 @@ def run_to_end(driver: Driver, args) -> int:
     if lineage_behind(driver.instance, ledger):
         driver.run(lineage_job.name)
     rows = _rows(ledger, ids)
-    sheet = None if args.no_contact_sheet else write_contact_sheet(pipeline, rows)
+    sheet = None if args.no_contact_sheet else write_contact_sheet(pipeline)
     return summarize(pipeline, rows, rejected, sheet, timed_out=time.monotonic() > deadline)
 
 

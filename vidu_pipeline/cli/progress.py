@@ -43,9 +43,9 @@ class Progress:
         print(("\r" if self.tty else "") + self.text, file=sys.stderr, flush=True)
 
 
-def write_contact_sheet(pipeline: PipelineResource, rows=None) -> Path | None:
-    """The dataset's contact sheet: every current video of the data dir (``rows`` is ignored:
-    the sheet shows the dataset, not one run), paged past ``sheets.TILES_PER_PAGE`` tiles
+def write_contact_sheet(pipeline: PipelineResource) -> Path | None:
+    """The dataset's contact sheet: every current video of the data dir (the dataset, not one
+    run's requests), paged past ``sheets.TILES_PER_PAGE`` tiles
     (contact_sheet.png, contact_sheet-2.png, …), each tile labelled with its request id and
     quality flags. Returns the first page, or None when there is no video yet."""
     from .. import sheets
