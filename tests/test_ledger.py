@@ -505,6 +505,19 @@ def test_a_late_answer_about_an_old_task_is_a_reported_no_op(ledger, clock):
     assert ledger.get("req-00000").state == "succeeded"
 
 
+def test_a_failed_tasks_reason_stays_on_its_attempt_after_resubmission(ledger, clock):
+    """The request's last_error is cleared when it is resubmitted and succeeds; why the paid
+    first attempt failed must still be in the ledger (and a stale answer must not write it)."""
+    submit(ledger, task="task-1", clock=clock)
+    assert ledger.record_failed("req-00000", "TASK_STATUS_FAILED: moderation", task_id="task-1")
+    submit(ledger, task="task-2", clock=clock)
+    assert not ledger.record_failed("req-00000", "stale", task_id="task-1")
+    assert ledger.record_succeeded("req-00000", task_id="task-2", effective_seed=3, finished_at=clock.t)
+    assert ledger.get("req-00000").last_error is None
+    errors = {a.task_id: a.error for a in ledger.attempts_for("req-00000")}
+    assert errors == {"task-1": "TASK_STATUS_FAILED: moderation", "task-2": None}
+
+
 def test_a_late_failure_between_record_and_resubmit_is_a_no_op(ledger, clock):
     """The slow answer lands while the request is failed (or being resubmitted)."""
     submit(ledger, task="task-1", clock=clock)

@@ -81,12 +81,15 @@ class PollingMixin(LedgerBase):
 
     def record_failed(self, request_id: str, reason: str, *, task_id: str) -> bool:
         """``task_id`` ended FAILED: resubmittable while within the retry budget. False if the
-        request has moved on from that task (an old task's failure must not end a new one)."""
+        request has moved on from that task (an old task's failure must not end a new one).
+        The reason is also kept on that task's attempt, so a resubmission does not erase why a
+        paid attempt failed."""
         return self._answer(
             request_id,
             task_id,
             (SUBMITTED, UNKNOWN),
             "record failure",
+            attempt_error=reason,
             state=FAILED,
             last_error=reason,
             finished_at=self.clock(),
@@ -123,7 +126,15 @@ class PollingMixin(LedgerBase):
             )
             return True
 
-    def _answer(self, request_id: str, task_id: str | None, from_states: tuple[str, ...], what: str, **values) -> bool:
+    def _answer(
+        self,
+        request_id: str,
+        task_id: str | None,
+        from_states: tuple[str, ...],
+        what: str,
+        attempt_error: str | None = None,
+        **values,
+    ) -> bool:
         """Apply a poll's answer only while the row holds ``task_id`` in one of ``from_states``
         (one conditional UPDATE, so no other writer can slip in between). A miss is a stale
         answer: logged at debug and reported as False."""
@@ -137,6 +148,13 @@ class PollingMixin(LedgerBase):
                 .values(updated_at=self.clock(), **values)
             )
             if res.rowcount == 1:
+                if attempt_error is not None:
+                    a = attempts_table.c
+                    conn.execute(
+                        update(attempts_table)
+                        .where(a.request_id == request_id, a.task_id == task_id)
+                        .values(error=attempt_error)
+                    )
                 return True
             row = conn.execute(select(r.state, r.attempts, r.task_id).where(r.request_id == request_id)).first()
         if row is None:
