@@ -362,7 +362,7 @@ def bench_tick(work: Path, quick: bool) -> None:
     from dagster import DagsterInstance, build_sensor_context
 
     from vidu_pipeline import tasks
-    from vidu_pipeline.client import ViduClient
+    from vidu_pipeline.api.client import ViduClient
     from vidu_pipeline.defs.resources import PipelineResource, ViduResource, _ledger
     from vidu_pipeline.defs.sensors import evaluate_tick
 
@@ -413,9 +413,9 @@ def _download_and_decode_cpu(res: dict, sim: SimulatorProcess) -> float:
     """CPU seconds this process spends re-doing what generate does per video that is download
     or decode: one poll + download (with its hashing/fsync), the full probe, the thumbnail frame
     and the contact-sheet frame."""
-    from vidu_pipeline.client import ViduClient
+    from vidu_pipeline.api.client import ViduClient
     from vidu_pipeline.ledger import Ledger
-    from vidu_pipeline.video import frame_image, frame_png, probe_video
+    from vidu_pipeline.mp4 import frame_image, frame_png, probe_video
 
     ledger = Ledger(f"sqlite:///{res['data'] / 'ledger.sqlite'}")
     rows = [r for r in ledger.rows(states=["succeeded"]) if r.video_sha256]

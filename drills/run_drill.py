@@ -609,7 +609,7 @@ def check_invariants(
     ``vidu-pipeline status`` and the simulator's own books."""
     from vidu_pipeline.ledger import Ledger
     from vidu_pipeline.lineage import LineageStore
-    from vidu_pipeline.video import VideoInvalid, probe_video
+    from vidu_pipeline.mp4 import VideoInvalid, probe_video
 
     data_dir = Path(data_dir)
     checks: list[Check] = []

@@ -13,7 +13,7 @@ from vidu_pipeline.defs.checks import ALL_CHECKS
 from vidu_pipeline.defs.dataset import DATASET_ASSETS, DATASET_CHECKS
 from vidu_pipeline.defs.partitions import REQUESTS_PARTITIONS_NAME
 from vidu_pipeline.defs.resources import PipelineResource, ViduResource
-from vidu_pipeline.plan import RequestSpec
+from vidu_pipeline.generation_requests import RequestSpec
 from vidu_pipeline.simulator import Simulator, SimulatorConfig
 from vidu_pipeline.simulator.faults import FaultConfig, pick_defect
 

@@ -15,9 +15,9 @@ import pytest
 import requests
 from PIL import Image
 
-from vidu_pipeline import runtime
+from vidu_pipeline.api import runtime
 from vidu_pipeline.lineage import LineageStore
-from vidu_pipeline.video import probe_video
+from vidu_pipeline.mp4 import probe_video
 
 pytestmark = pytest.mark.slow  # the CLI in subprocesses
 

@@ -25,9 +25,10 @@ import pytest
 from support import fill
 
 from tests.test_cli import SAMPLE, SimProcess, cli_env, generate_args
-from vidu_pipeline import contract
-from vidu_pipeline import errors as errors_mod
+from vidu_pipeline.api import contract
+from vidu_pipeline.api import errors as errors_mod
 from vidu_pipeline.ledger import Ledger
+from vidu_pipeline.storage import StorageError
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # CLI subprocesses
 
@@ -440,7 +441,7 @@ def test_reproduce_asks_on_a_terminal(data, tmp_path, answer, submitted):
     "raised,expected,words",
     [
         (lambda: errors_mod.AuthError("invalid api key", status=401), "AuthError", "HTTP 401: invalid api key"),
-        (lambda: errors_mod.StorageError("task t-1 kept in recovery.jsonl"), "StorageError", "kept in recovery.jsonl"),
+        (lambda: StorageError("task t-1 kept in recovery.jsonl"), "StorageError", "kept in recovery.jsonl"),
         (
             lambda: errors_mod.ConfigurationError("VIDU_API_KEY has a bad character"),
             "ConfigurationError",

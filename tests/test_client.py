@@ -29,13 +29,13 @@ import urllib3.util.retry
 from hostile_server import HostileServer, drip_body, drip_headers, raw, reply, truncated
 from support import IMG_A, IMG_B, body, data_uri, image_bytes
 
-from vidu_pipeline import client as client_mod
-from vidu_pipeline import contract, errors
-from vidu_pipeline.client import RetryPolicy, ViduClient
-from vidu_pipeline.contract import GenerationRequest, TaskResult, TaskStatus, Video
+from vidu_pipeline.api import client as client_mod
+from vidu_pipeline.api import contract, errors
+from vidu_pipeline.api.client import RetryPolicy, ViduClient
+from vidu_pipeline.api.contract import GenerationRequest, TaskResult, TaskStatus, Video
+from vidu_pipeline.mp4 import VideoInvalid, probe_video
 from vidu_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig
 from vidu_pipeline.simulator.faults import Roll
-from vidu_pipeline.video import VideoInvalid, probe_video
 
 KEY = "client-test-key"
 SECRET = "sk-SECRET-TEST-1234"
@@ -997,14 +997,14 @@ SUBMIT_KINDS = {
 
 @pytest.mark.parametrize("status", sorted(SUBMIT_KINDS))
 def test_submit_status_classification(status):
-    from vidu_pipeline.answers import submit_error_kind
+    from vidu_pipeline.api.answers import submit_error_kind
 
     assert submit_error_kind(status) is SUBMIT_KINDS[status]
 
 
 def test_only_a_4xx_proves_no_task_was_created():
     """Across every status: a submit is 'maybe paid' unless it is a 200 or a 4xx."""
-    from vidu_pipeline.answers import submit_error_kind
+    from vidu_pipeline.api.answers import submit_error_kind
 
     for status in range(100, 600):
         kind = submit_error_kind(status)
@@ -1028,7 +1028,7 @@ def test_only_a_4xx_proves_no_task_was_created():
     ],
 )
 def test_poll_status_classification(status, kind):
-    from vidu_pipeline.answers import poll_error_kind
+    from vidu_pipeline.api.answers import poll_error_kind
 
     assert poll_error_kind(status) is kind
 
@@ -1050,7 +1050,7 @@ def test_poll_status_classification(status, kind):
     ],
 )
 def test_usable_task_id(body, task_id):
-    from vidu_pipeline.answers import task_id_in
+    from vidu_pipeline.api.answers import task_id_in
 
     assert task_id_in(body) == task_id
 
@@ -1296,7 +1296,7 @@ def test_scrubbing_before_shortening_leaves_no_prefix(hostile, make_client):
 
 
 def test_scrubber_forms():
-    from vidu_pipeline.answers import Scrubber
+    from vidu_pipeline.api.answers import Scrubber
 
     scrub = Scrubber(SLASHY)
     for form in (

@@ -21,7 +21,7 @@ import pytest
 import requests
 import yaml
 
-from vidu_pipeline import runtime
+from vidu_pipeline.api import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "catalog"

@@ -207,7 +207,7 @@ def test_a_seed_override_in_run_config_follows_the_seed_policy():
     """Run config (the UI's launchpad) may not slip a seed past the rules sweep.yaml follows."""
     import pytest
 
-    from vidu_pipeline import contract
+    from vidu_pipeline.api import contract
     from vidu_pipeline.defs.resources import PipelineResource
 
     assert PipelineResource(seeds=[0, contract.SEED_MAX]).seeds == [0, contract.SEED_MAX]

@@ -258,8 +258,8 @@ def test_malformed_answers_keep_tasks_recoverable(tmp_path, monkeypatch, caplog)
     from support import drive_sensor
     from test_pipeline_dagster import range_tags, run
 
-    from vidu_pipeline import errors
-    from vidu_pipeline.client import ViduClient
+    from vidu_pipeline.api import errors
+    from vidu_pipeline.api.client import ViduClient
     from vidu_pipeline.defs.partitions import REQUESTS_PARTITIONS_NAME
     from vidu_pipeline.defs.resources import PipelineResource, ViduResource
     from vidu_pipeline.simulator import Simulator, SimulatorConfig
@@ -327,11 +327,11 @@ def test_paid_once_invariants_fail_on_a_stale_poll_answer(tmp_path, monkeypatch)
 
     from drills.run_drill import paid_once_checks
     from vidu_pipeline import tasks
-    from vidu_pipeline.client import ViduClient
-    from vidu_pipeline.collect import collect_video
+    from vidu_pipeline.api.client import ViduClient
     from vidu_pipeline.ledger import Ledger, SpendCaps
     from vidu_pipeline.simulator import Simulator, SimulatorConfig
     from vidu_pipeline.simulator.faults import FaultConfig
+    from vidu_pipeline.videos import collect_video
 
     monkeypatch.setenv("VIDU_SIMULATOR_RENDER_SCALE", "0.1")
     pipeline, [rid] = plan_catalog(tmp_path)

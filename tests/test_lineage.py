@@ -298,6 +298,6 @@ def test_lineage_folder_loads_with_datasets(store, tmp_path, monkeypatch):
 
 
 def collect_quality_columns() -> tuple[str, ...]:
-    from vidu_pipeline.collect import QUALITY_COLUMNS
+    from vidu_pipeline.videos import QUALITY_COLUMNS
 
     return QUALITY_COLUMNS

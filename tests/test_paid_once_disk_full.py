@@ -26,12 +26,13 @@ from sqlalchemy import event
 from support import fill, plan_catalog
 
 from drills.run_drill import make_catalog
-from vidu_pipeline import errors, tasks
-from vidu_pipeline.client import ViduClient
+from vidu_pipeline import tasks
+from vidu_pipeline.api.client import ViduClient
 from vidu_pipeline.defs.assets import ALL_ASSETS
 from vidu_pipeline.defs.resources import PipelineResource, ViduResource
 from vidu_pipeline.ledger import Ledger, PlannedRequest, SpendCaps
 from vidu_pipeline.simulator import Simulator, SimulatorConfig
+from vidu_pipeline.storage import StorageError
 
 KEY = "disk-full-key"
 CAPS = SpendCaps(per_run=None, per_day=None, run_id="disk-full")
@@ -109,7 +110,7 @@ def test_a_task_id_the_full_ledger_cannot_take_is_journaled_and_restored(planned
         with (
             FillsTheDiskOnSubmit(KEY, server.base_url, ledger=ledger) as client,
             caplog.at_level(logging.ERROR, logger="vidu_pipeline.tasks"),
-            pytest.raises(errors.StorageError) as info,
+            pytest.raises(StorageError) as info,
         ):
             submit(ledger, client, pipeline, rid, journal)
         [task_id] = client.task_ids
@@ -180,7 +181,7 @@ def test_a_really_full_disk_end_to_end(tmp_path, tiny_disk, monkeypatch, caplog,
         with (
             FillsTheRealDisk(KEY, sim.base_url, disk=tiny_disk) as client,
             caplog.at_level(logging.ERROR, logger="vidu_pipeline.tasks"),
-            pytest.raises(errors.StorageError) as info,
+            pytest.raises(StorageError) as info,
         ):
             submit(ledger, client, pipeline, rid, pipeline.task_id_journal)
         [task_id] = client.task_ids
@@ -211,7 +212,7 @@ def test_a_really_full_disk_end_to_end(tmp_path, tiny_disk, monkeypatch, caplog,
                 tasks.poll_due(fresh, plain, now=10**10)
                 time.sleep(0.2)
             assert fresh.get(rid).state == "succeeded"
-            from vidu_pipeline.collect import collect_video
+            from vidu_pipeline.videos import collect_video
 
             collect_video(fresh, plain, rid, videos_dir=pipeline.videos_dir, render_scale=0.1)
         assert fresh.get(rid).video_sha256

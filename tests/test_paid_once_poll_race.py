@@ -19,7 +19,7 @@ from dagster import AssetKey, instance_for_test, materialize
 
 from drills.run_drill import make_catalog
 from vidu_pipeline import tasks
-from vidu_pipeline.client import ViduClient
+from vidu_pipeline.api.client import ViduClient
 from vidu_pipeline.defs.assets import ALL_ASSETS
 from vidu_pipeline.defs.resources import PipelineResource, ViduResource
 from vidu_pipeline.ledger import Ledger, SpendCaps

@@ -20,9 +20,10 @@ from dagster import AssetKey, instance_for_test, materialize
 from support import plan_catalog
 
 from drills.run_drill import make_catalog
-from vidu_pipeline import errors, tasks
-from vidu_pipeline.client import RetryPolicy, ViduClient
-from vidu_pipeline.contract import SUBMIT_PATH
+from vidu_pipeline import tasks
+from vidu_pipeline.api import errors
+from vidu_pipeline.api.client import RetryPolicy, ViduClient
+from vidu_pipeline.api.contract import SUBMIT_PATH
 from vidu_pipeline.defs.assets import ALL_ASSETS
 from vidu_pipeline.defs.resources import PipelineResource, ViduResource
 from vidu_pipeline.ledger import Ledger, SpendCaps

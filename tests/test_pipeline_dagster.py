@@ -17,8 +17,8 @@ from vidu_pipeline.defs.assets import ALL_ASSETS
 from vidu_pipeline.defs.checks import ALL_CHECKS
 from vidu_pipeline.defs.partitions import REQUESTS_PARTITIONS_NAME
 from vidu_pipeline.defs.resources import PipelineResource, ViduResource
+from vidu_pipeline.mp4 import probe_video
 from vidu_pipeline.simulator import Simulator, SimulatorConfig
-from vidu_pipeline.video import probe_video
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "catalog"
 SCALE = 0.1

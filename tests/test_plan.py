@@ -8,7 +8,7 @@ import re
 import pandas as pd
 import pytest
 
-from vidu_pipeline import plan
+from vidu_pipeline import generation_requests
 
 OPTIONS = {"aspect_ratio": "16:9", "movement_amplitude": "auto", "bgm": False, "duration": 5, "resolution": "1080p"}
 IMAGES = ("a" * 64, "b" * 64)
@@ -17,7 +17,7 @@ KEY_RE = re.compile(r"^[a-z0-9_-]+$")
 
 def rid(**changes) -> str:
     args = {"subject_id": "Cat", "prompt": "a cat walks", "seed": 1, "options": OPTIONS, "image_sha256s": IMAGES}
-    return plan.request_id(**{**args, **changes})
+    return generation_requests.request_id(**{**args, **changes})
 
 
 def test_the_same_inputs_give_the_same_id():
@@ -67,11 +67,11 @@ def test_expand_is_subjects_times_prompts_times_seeds_in_catalog_order_and_drops
             {"subject_id": "dog", "sent_sha256": "3" * 64, "original_sha256": "4" * 64, "mime_subtype": "jpeg"},
         ]
     )
-    specs = plan.expand(prompts, images, [7, 8])
+    specs = generation_requests.expand(prompts, images, [7, 8])
     assert [(s.subject_id, s.seed) for s in specs] == [("cat", 7), ("cat", 8), ("dog", 7), ("dog", 8)]
     assert len({s.request_id for s in specs}) == 4
-    again = plan.expand(prompts, images, [7, 8])
+    again = generation_requests.expand(prompts, images, [7, 8])
     assert [s.request_id for s in again] == [s.request_id for s in specs]
     spec = specs[0]
-    assert plan.RequestSpec.from_json(spec.to_json()) == spec
+    assert generation_requests.RequestSpec.from_json(spec.to_json()) == spec
     assert spec.image_sha256s == ("1" * 64,)

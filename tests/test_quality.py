@@ -17,8 +17,8 @@ from PIL import Image, ImageDraw
 from support import image_bytes
 
 from vidu_pipeline import quality
+from vidu_pipeline.mp4 import check_against_request, probe_video
 from vidu_pipeline.simulator.render import DEFECTS, RenderSpec, render_video
-from vidu_pipeline.video import check_against_request, probe_video
 
 SCALE = 0.1  # 192×108 for 16:9: fast renders, same pipeline as 1080p
 PROMPT = "a red kite over green hills"

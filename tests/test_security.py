@@ -165,7 +165,7 @@ def sent_payload_markers(data: Path) -> list[str]:
 
 
 def test_repr_of_resources_clients_and_endpoints(monkeypatch, tmp_path):
-    from vidu_pipeline import errors
+    from vidu_pipeline.api import errors
     from vidu_pipeline.defs.resources import PipelineResource, ViduResource, vidu_resource_from_env
 
     monkeypatch.setenv("VIDU_API_KEY", KEY)

@@ -21,7 +21,7 @@ import pytest
 import requests
 from support import IMG_A, body, data_uri, image_bytes
 
-from vidu_pipeline import contract
+from vidu_pipeline.api import contract
 from vidu_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig, cli
 
 KEY = "test-key"
@@ -604,7 +604,7 @@ def test_defect_flags_deliver_valid_but_wrong_clips_per_request(make_sim, tmp_pa
     """A render defect is decided per request (every seed of it shows it), delivered as a valid
     MP4 over the normal endpoints, counted in the stats — and only the quality figures tell."""
     from vidu_pipeline import quality
-    from vidu_pipeline.video import probe_video
+    from vidu_pipeline.mp4 import probe_video
 
     sim = make_sim(faults=FaultConfig(defect_frozen=1.0))
     clips = []

@@ -18,8 +18,8 @@ from vidu_pipeline.defs.checks import ALL_CHECKS
 from vidu_pipeline.defs.partitions import REQUESTS_PARTITIONS_NAME
 from vidu_pipeline.defs.resources import PipelineResource, ViduResource
 from vidu_pipeline.defs.videos import videos_verified
+from vidu_pipeline.generation_requests import RequestSpec
 from vidu_pipeline.lineage import SCHEMA
-from vidu_pipeline.plan import RequestSpec
 from vidu_pipeline.simulator import Simulator, SimulatorConfig
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "catalog"

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vidu_pipeline import video
-from vidu_pipeline.contract import expected_video_size
-from vidu_pipeline.video import (
+from vidu_pipeline import mp4
+from vidu_pipeline.api.contract import expected_video_size
+from vidu_pipeline.mp4 import (
     LABEL_BAND_PX,
     VideoInvalid,
     check_against_request,
@@ -136,7 +136,7 @@ def test_truncated_faststart_is_invalid(clips, tmp_path, keep):
 
 @pytest.mark.parametrize("keep", [0.5, 0.9, 0.995])
 def test_truncated_faststart_is_caught_by_demux_and_decode_alone(clips, tmp_path, keep, monkeypatch):
-    monkeypatch.setattr(video, "mp4_box_problem", lambda path: None)
+    monkeypatch.setattr(mp4, "mp4_box_problem", lambda path: None)
     with pytest.raises(VideoInvalid, match="truncated|corrupt"):
         probe_video(truncated(clips["landscape_bgm"], tmp_path / "cut.mp4", keep))
 
@@ -147,7 +147,7 @@ def test_zero_filled_tail_is_invalid(clips, tmp_path, keep):
     data = clips["landscape_bgm"].read_bytes()
     cut = int(len(data) * keep)
     (tmp_path / "zeros.mp4").write_bytes(data[:cut] + bytes(len(data) - cut))
-    assert video.mp4_box_problem(tmp_path / "zeros.mp4") is None
+    assert mp4.mp4_box_problem(tmp_path / "zeros.mp4") is None
     with pytest.raises(VideoInvalid, match="unreadable|decode"):
         probe_video(tmp_path / "zeros.mp4")
 

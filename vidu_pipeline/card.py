@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .plan import PIPELINE_VERSION
+from .generation_requests import PIPELINE_VERSION
 from .quality import Thresholds
 
 LICENCE_FILES = ("LICENSES.md", "LICENCES.md", "LICENSE.md")

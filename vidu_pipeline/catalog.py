@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import pandas as pd
 
+from .api.contract import MAX_PROMPT_CHARS, redact_url
 from .catalog_files import read_table
 from .catalog_images import validate_images
 from .catalog_model import (
@@ -37,7 +38,6 @@ from .catalog_model import (
     spreadsheet_safe,
     write_rejections_csv,
 )
-from .contract import MAX_PROMPT_CHARS, redact_url
 from .sweep import MAX_SWEEP_BYTES, parse_option, read_sweep
 
 __all__ = [

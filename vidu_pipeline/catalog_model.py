@@ -16,9 +16,9 @@ from typing import Any
 
 import pandas as pd
 
-from .contract import MAX_IMAGES
-from .errors import StorageError
+from .api.contract import MAX_IMAGES
 from .quality import Thresholds
+from .storage import StorageError
 
 OPTION_COLUMNS = ("aspect_ratio", "movement_amplitude", "bgm", "duration", "resolution")
 IMAGE_COLUMNS = ("subject_id", "image", "view")

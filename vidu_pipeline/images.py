@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
-from .contract import (
+from .api.contract import (
     MAX_ASPECT,
     MAX_BASE64_DECODED_BYTES,
     MAX_IMAGE_FILE_BYTES,

@@ -350,7 +350,7 @@ def cost_ratio(path: str | Path, references: Sequence[bytes] = (), repeats: int 
     the frames come from a decode that runs anyway (the verification decode) / ``probe_video``.
     Best of ``repeats`` each, in ``time.process_time`` (all threads of this process).
     """
-    from .video import probe_video
+    from .mp4 import probe_video
 
     def best(run) -> float:
         times = []

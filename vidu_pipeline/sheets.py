@@ -8,8 +8,8 @@ import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from .mp4 import contact_sheet
 from .quality import Thresholds, quality_flags
-from .video import contact_sheet
 
 TILES_PER_PAGE = 100  # 10 × 10 tiles of up to 320 px: a few MB per page
 SHEET_NAME = "contact_sheet"

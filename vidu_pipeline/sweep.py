@@ -15,9 +15,7 @@ from typing import Any
 
 import yaml
 
-from .catalog_files import open_regular
-from .catalog_model import OPTION_COLUMNS, CatalogError, Rejection, Sweep, _short
-from .contract import (
+from .api.contract import (
     ASPECT_RATIOS,
     DEFAULTS,
     DURATIONS,
@@ -27,6 +25,8 @@ from .contract import (
     RESOLUTIONS,
     seed_problem,
 )
+from .catalog_files import open_regular
+from .catalog_model import OPTION_COLUMNS, CatalogError, Rejection, Sweep, _short
 from .quality import Thresholds
 
 # 10,000 seeds fit in ~150 KB of YAML.

@@ -30,10 +30,11 @@ from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import errors
-from .client import ViduClient, poll_delay
+from .api import errors
+from .api.client import ViduClient, poll_delay
+from .generation_requests import RequestSpec
 from .ledger import Claim, Ledger, LedgerStateError, SpendCaps
-from .plan import RequestSpec
+from .storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def submit_requests(
     """Submit every listed request that has no live task, each at most once per claim.
 
     Raises :class:`errors.AuthError` once the service refuses the key (after recording every
-    submit in flight; nothing more is sent), and :class:`errors.StorageError` when a task id
+    submit in flight; nothing more is sent), and :class:`StorageError` when a task id
     could not be written to the ledger (it is then in ``journal`` and the log).
     """
     first_poll_s = first_poll_delay(ledger, policy)
@@ -199,7 +200,7 @@ def submit_requests(
             )
         except SQLAlchemyError as exc:
             halted.append(
-                errors.StorageError(
+                StorageError(
                     f"could not record the intent to submit {request_id} in the ledger {ledger.url} "
                     f"({_db_reason(exc)}); nothing was sent"
                 )
@@ -218,7 +219,7 @@ def submit_requests(
     with cf.ThreadPoolExecutor(max_workers=max(1, min(workers, len(ids)))) as pool:
         outcomes = list(pool.map(one, ids))
     if halted:
-        raise next((e for e in halted if isinstance(e, errors.StorageError)), halted[0])
+        raise next((e for e in halted if isinstance(e, StorageError)), halted[0])
     return outcomes
 
 
@@ -244,7 +245,7 @@ def _submit_claimed(
             log.warning("%s: %s", request_id, exc)
         except SQLAlchemyError as exc:  # e.g. disk full: the row stays `submitting`
             halted.append(
-                errors.StorageError(
+                StorageError(
                     f"could not record the outcome of submitting {request_id} (attempt {attempt}) in the ledger "
                     f"({_db_reason(exc)}); it stays 'submitting' and is listed unknown after the next start"
                 )
@@ -297,9 +298,7 @@ def _submit_claimed(
     return SubmitOutcome(request_id, True, task_id, f"submitted as task {task_id}")
 
 
-def _keep_task_id(
-    journal: Path | None, request_id: str, attempt: int, task_id: str, exc: Exception
-) -> errors.StorageError:
+def _keep_task_id(journal: Path | None, request_id: str, attempt: int, task_id: str, exc: Exception) -> StorageError:
     """The ledger refused a paid task id: log it, journal it, and say so in one line."""
     log.error(
         "task %s (request %s, attempt %d) was accepted and paid for, but the ledger write failed: %s",
@@ -315,7 +314,7 @@ def _keep_task_id(
             where = f"kept in {journal}; the next run restores it"
         except OSError as jexc:
             where = f"only in this log: the recovery journal {journal} failed too ({jexc.strerror or jexc})"
-    return errors.StorageError(
+    return StorageError(
         f"could not record task {task_id} of request {request_id} in the ledger "
         f"({_db_reason(exc)}); the task id is {where}"
     )
@@ -349,7 +348,7 @@ def poll_due(
         except LedgerStateError as exc:
             log.debug("%s moved on while polling: %s", row.request_id, exc)
         except SQLAlchemyError as exc:  # e.g. disk full: nothing is lost, the task is polled again
-            raise errors.StorageError(
+            raise StorageError(
                 f"could not record the poll of task {row.task_id} (request {row.request_id}) in the ledger "
                 f"({_db_reason(exc)}); it will be polled again"
             ) from None

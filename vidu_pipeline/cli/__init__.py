@@ -23,7 +23,7 @@ __all__ = ["EXIT_CAPPED", "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "build_parser"
 def parse_seeds(text: str) -> list[int]:
     """``1,2,5`` or ``1-10`` or a mix: ``1-3,7``. Each seed within the pipeline's seed range,
     at most ``MAX_SWEEP_SEEDS`` in all (counted before a range is expanded), none twice."""
-    from ..contract import MAX_SWEEP_SEEDS
+    from ..api.contract import MAX_SWEEP_SEEDS
 
     seeds: list[int] = []
     for part in text.split(","):
@@ -48,7 +48,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def _seed_range(part: str) -> tuple[int, int]:
     """``a-b`` or ``a`` as (first, last), both checked against the seed policy."""
-    from ..contract import seed_problem
+    from ..api.contract import seed_problem
 
     lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
     try:
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         return simulator_cli.run(args)
     install_stop_handlers()
     quiet_dagster()
-    from .. import errors
+    from ..api import errors
     from ..export import ExportProblem
     from .generate import generate
     from .reproduce import reproduce

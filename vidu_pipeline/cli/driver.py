@@ -16,10 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 from dagster import DagsterInstance, RunRequest, build_sensor_context
 
-from .. import errors, tasks
+from .. import tasks
+from ..api import errors
 from ..defs.jobs import CATALOG_TAG, SEEDS_TAG
 from ..defs.resources import SESSION_TAG, PipelineResource, vidu_resource_from_env
 from ..defs.sensors import vidu_task_sensor
+from ..storage import StorageError
 from .instance import OWNER_TAG, reap_dead_runs
 
 
@@ -159,13 +161,11 @@ def stopping_error(step: str, error) -> Exception | None:
         if err.cls_name == "ConfigurationError":
             return errors.ConfigurationError(text)
         if err.cls_name == "StorageError":
-            return errors.StorageError(text)
+            return StorageError(text)
         if err.cls_name == "OperationalError" and "disk is full" in text:
-            return errors.StorageError(
-                f"the disk is full: step {step} could not write the ledger (database or disk is full)"
-            )
+            return StorageError(f"the disk is full: step {step} could not write the ledger (database or disk is full)")
         if f"[Errno {errno.ENOSPC}]" in text or f"[Errno {errno.EDQUOT}]" in text:
-            return errors.StorageError(f"the disk is full: step {step}: {text}")
+            return StorageError(f"the disk is full: step {step}: {text}")
     return None
 
 

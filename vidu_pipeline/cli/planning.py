@@ -10,10 +10,10 @@ import pandas as pd
 from dagster import AssetKey
 
 from .. import catalog as catalog_mod
-from .. import plan
 from ..defs.jobs import PLAN_DIGEST, plan_digest, plan_job
 from ..defs.partitions import REQUESTS_PARTITIONS_NAME
 from ..defs.resources import PipelineResource
+from ..generation_requests import expand
 from ..ledger import PLANNED
 from .driver import Driver, first_failure
 from .exit_codes import EXIT_OK
@@ -42,7 +42,7 @@ def preview_plan(pipeline: PipelineResource) -> PlanPreview:
         raise CatalogProblem(f"reference_images: {exc}") from None
     prompts, prompt_rejections = catalog_mod.valid_prompts(cat, validated)
     rejected = catalog_mod.rejections_frame([*cat.rejections, *validated.rejections, *prompt_rejections])
-    specs = plan.expand(prompts, validated.accepted, pipeline.seeds or cat.sweep.seeds)
+    specs = expand(prompts, validated.accepted, pipeline.seeds or cat.sweep.seeds)
     return PlanPreview(cat, specs, rejected, plan_digest(specs, rejected))
 
 

@@ -8,10 +8,13 @@ import sys
 import time
 import uuid
 
-from .. import collect, errors, plan, tasks
+from .. import tasks
+from ..api import errors
 from ..defs.resources import PipelineResource, vidu_resource_from_env
+from ..generation_requests import RequestSpec
 from ..ledger import PLANNED, SUBMITTED, SUBMITTING, SUCCEEDED, PlannedRequest
-from ..video import VideoInvalid
+from ..mp4 import VideoInvalid
+from ..videos import collect_video, lineage_row
 from .exit_codes import EXIT_CAPPED, EXIT_FAILED, EXIT_OK
 from .progress import video_problems
 from .settings import CatalogProblem, check_endpoint_settings, pipeline_from_args
@@ -54,7 +57,7 @@ def reproduce(args) -> int:
             return EXIT_FAILED
         if not row.video_sha256:
             try:
-                collect.collect_video(
+                collect_video(
                     ledger,
                     client,
                     row.request_id,
@@ -69,7 +72,7 @@ def reproduce(args) -> int:
                 )
                 return EXIT_FAILED
         row = _must_get(ledger, row.request_id)
-    pipeline.lineage().append([collect.lineage_row(row)])
+    pipeline.lineage().append([lineage_row(row)])
     ledger.mark_lineage([row.request_id])
     same = row.video_sha256 == original.video_sha256
     for problem in video_problems(row):
@@ -96,7 +99,7 @@ def open_reproduction(ledger, original):
 
 def plan_reproduction(ledger, original, n: int):
     """A planned ledger row ``<request_id>-r<n>``: the original's spec with its effective seed."""
-    spec = plan.RequestSpec.from_json(original.spec_json)
+    spec = RequestSpec.from_json(original.spec_json)
     seed = original.effective_seed if original.effective_seed is not None else spec.seed
     spec = dataclasses.replace(spec, request_id=f"{original.request_id}-r{n}", seed=seed)
     ledger.plan(

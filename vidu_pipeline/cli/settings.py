@@ -16,8 +16,8 @@ class CatalogProblem(Exception):
 def check_endpoint_settings() -> None:
     """A key no HTTP header can carry, or a base URL that is not http(s), is a configuration
     error said up front (:class:`errors.ConfigurationError`), before anything is recorded."""
-    from .. import runtime
-    from ..client import check_api_key
+    from ..api import runtime
+    from ..api.client import check_api_key
 
     key = os.environ.get(runtime.ENV_KEY, "").strip()
     if key:

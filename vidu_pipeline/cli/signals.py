@@ -46,10 +46,10 @@ def install_stop_handlers() -> None:
 
 def disk_full(exc: BaseException) -> bool:
     """A full disk (or quota) anywhere: our StorageError, an OSError, or SQLite's "full"."""
-    from .. import errors
+    from ..storage import StorageError
 
     for e in _chain(exc):
-        if isinstance(e, errors.StorageError):
+        if isinstance(e, StorageError):
             return True
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
@@ -59,10 +59,10 @@ def disk_full(exc: BaseException) -> bool:
 
 
 def disk_message(exc: BaseException) -> str:
-    from .. import errors
+    from ..storage import StorageError
 
     for e in _chain(exc):
-        if isinstance(e, errors.StorageError):
+        if isinstance(e, StorageError):
             return str(e)
         if isinstance(e, OSError):
             return f"the disk is full: {e.strerror}" + (f" ({e.filename})" if e.filename else "")

@@ -9,7 +9,7 @@ from dagster import AssetExecutionContext, Config, DataVersion, MetadataValue, O
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from .. import catalog as catalog_mod
-from .. import plan
+from ..generation_requests import expand
 from ..ledger import PlannedRequest
 from .jobs import PLAN_DIGEST, plan_digest
 from .metadata import GROUP, md_table, table_metadata
@@ -56,7 +56,7 @@ def generation_requests(
     what a planned partition was made from never changes: the data version is constant, and
     a new plan leaves every existing task and video in sync (new partitions show as missing)."""
     prompts, prompt_rejections = catalog_mod.valid_prompts(catalog, reference_images)
-    specs = plan.expand(prompts, reference_images.accepted, pipeline.seeds or catalog.sweep.seeds)
+    specs = expand(prompts, reference_images.accepted, pipeline.seeds or catalog.sweep.seeds)
     refused = catalog_mod.rejections_frame([*catalog.rejections, *reference_images.rejections, *prompt_rejections])
     ledger = pipeline.ledger()
     new_in_ledger = ledger.plan(

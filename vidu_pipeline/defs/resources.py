@@ -7,9 +7,9 @@ from pathlib import Path
 from dagster import ConfigurableResource, EnvVar
 from pydantic import Field, field_validator
 
-from .. import contract, runtime
-from ..client import ViduClient
-from ..contract import DEFAULT_BASE_URL
+from ..api import contract, runtime
+from ..api.client import ViduClient
+from ..api.contract import DEFAULT_BASE_URL
 from ..images import ImageCache
 from ..ledger import Ledger, SpendCaps
 from ..lineage import LineageStore

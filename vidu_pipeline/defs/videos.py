@@ -21,8 +21,9 @@ from dagster import (
     asset_check,
 )
 
-from .. import collect, plan
+from ..generation_requests import RequestSpec
 from ..ledger import FAILED, SUCCEEDED, UNKNOWN
+from ..videos import CollectedVideo, collect_video, lineage_row
 from .jobs import AFTER_VIDEOS_BATCH
 from .metadata import GROUP, relative_path, sweep_metadata
 from .partitions import REQUESTS_PARTITIONS_NAME, requests_partitions
@@ -59,7 +60,7 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
             context.log.info(f"{key}: video already stored at {row.video_path}")
             continue
         try:
-            video = collect.collect_video(
+            video = collect_video(
                 ledger,
                 client,
                 key,
@@ -101,7 +102,7 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
 def _thumbnail(pipeline: PipelineResource, path, key: str):
     """The frame at 1 s as <data_dir>/thumbnails/<key>.png (the contact sheet reuses it) and
     as a small inline JPEG for the UI."""
-    from ..video import frame_image, jpeg_data_uri
+    from ..mp4 import frame_image, jpeg_data_uri
 
     frame = frame_image(path, at_s=1.0)
     out = pipeline.root / "thumbnails" / f"{key}.png"
@@ -118,15 +119,15 @@ def sync_lineage(pipeline: PipelineResource, run_id: str | None) -> int:
     rows = ledger.needing_lineage()
     if not rows:
         return 0
-    pipeline.lineage().append([collect.lineage_row(r, run_id) for r in rows])
+    pipeline.lineage().append([lineage_row(r, run_id) for r in rows])
     ledger.mark_lineage([r.request_id for r in rows])
     return len(rows)
 
 
-def _video_metadata(pipeline: PipelineResource, row, video: collect.CollectedVideo) -> dict:
+def _video_metadata(pipeline: PipelineResource, row, video: CollectedVideo) -> dict:
     """One videos partition as the UI shows it: the clip's frame inline, what was asked
     (prompt, options, seed, subject, reference images), what came back and when."""
-    spec = plan.RequestSpec.from_json(row.spec_json)
+    spec = RequestSpec.from_json(row.spec_json)
     _, thumbnail_uri = _thumbnail(pipeline, video.path, row.request_id)
     metadata = {
         "thumbnail": MetadataValue.md(f"![{row.request_id}]({thumbnail_uri})"),
@@ -170,7 +171,7 @@ def _reference_thumbnail_uri(pipeline: PipelineResource, sha: str) -> str:
 
     from PIL import Image
 
-    from ..video import jpeg_data_uri
+    from ..mp4 import jpeg_data_uri
 
     path = pipeline.root / "thumbnails" / "references" / f"{sha[:16]}-{REFERENCE_THUMBNAIL_WIDTH}.jpg"
     if not path.exists():

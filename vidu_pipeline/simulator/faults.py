@@ -143,7 +143,7 @@ _DEFECT_IGNORES = {"same_clip_for_seeds": "seed", "ignore_amplitude": "movement_
 def pick_defect(config: FaultConfig, body: dict) -> str | None:
     """The render defect of this request, if any: a seeded draw per defect over the request's
     fingerprint (without the field the defect is about), first hit wins."""
-    from .. import contract
+    from ..api import contract
 
     for name in ("frozen", "black", "ignore_amplitude", "same_clip_for_seeds", "unrelated"):
         rate = getattr(config, f"defect_{name}")

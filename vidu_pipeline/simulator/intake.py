@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from .. import contract
+from ..api import contract
 from ..images import inspect_image_bytes
 
 FETCH_TIMEOUT_S = 5.0

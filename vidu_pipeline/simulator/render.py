@@ -30,7 +30,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from .. import contract
+from ..api import contract
 
 # (zoom change, share of the free pan range travelled, shape path radius) per amplitude.
 MOTION = {

@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from .. import contract
+from ..api import contract
 from ..images import inspect_image_bytes
 from .faults import FaultConfig, FaultDice, Roll, pick_defect
 from .intake import ImageStore, collect_images

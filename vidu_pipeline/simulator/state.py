@@ -25,7 +25,7 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
-from ..contract import TaskStatus
+from ..api.contract import TaskStatus
 
 
 @dataclasses.dataclass

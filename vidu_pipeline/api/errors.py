@@ -103,8 +103,3 @@ class SubmitRejected(ViduError):
 class ConfigurationError(ViduError):
     """The settings cannot work at all (e.g. a key with a character no HTTP header can
     carry). Said before anything is sent; nothing is recorded as attempted."""
-
-
-class StorageError(Exception):
-    """A durable local write failed (disk full, read-only folder). The message says what was
-    kept and where (e.g. a paid task id written to the recovery journal and stderr)."""

@@ -2,7 +2,7 @@
 sessions they are mounted on, and helpers that read answers and name failures without quoting
 URLs (a signed URL carries its signature).
 
-Split out of :mod:`vidu_pipeline.client`, which re-exports the public names.
+Split out of :mod:`vidu_pipeline.api.client`, which re-exports the public names.
 """
 
 from __future__ import annotations

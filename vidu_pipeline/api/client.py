@@ -8,14 +8,14 @@ of call, because the kinds differ in what is safe to repeat:
 * a submit creates a paid task, so it is retried only when it provably never reached the
   service: the connection could not be opened, or the service answered 429. A dropped
   connection, a passed deadline, or any answer that does not prove whether a task was created
-  (5xx, 202, a 3xx, a broken 200…) raise :class:`~vidu_pipeline.errors.SubmitOutcomeUnknown`
+  (5xx, 202, a 3xx, a broken 200…) raise :class:`~vidu_pipeline.api.errors.SubmitOutcomeUnknown`
   and are never resent (not even when a 5xx carries ``Retry-After``), and a submit never
   follows a redirect.
 
 Every call has a total deadline (connect, headers and body together; see
-:mod:`~vidu_pipeline.deadline`), so a server that drips bytes cannot hold it forever. No
+:mod:`~vidu_pipeline.api.deadline`), so a server that drips bytes cannot hold it forever. No
 exception of requests, urllib3 or http.client leaves a public method: each failure is a typed
-:mod:`~vidu_pipeline.errors` error, sorted by :mod:`~vidu_pipeline.answers`.
+:mod:`~vidu_pipeline.api.errors` error, sorted by :mod:`~vidu_pipeline.api.answers`.
 
 The API key goes only to the API's own endpoints (never to video download hosts) and never
 into a message, log line or ``repr``; and every text the service sends back (error words, a
@@ -133,7 +133,7 @@ class ViduClient(DownloadMixin):
 
     def validate(self, request: GenerationRequest | Mapping[str, Any]) -> dict[str, Any]:
         """The body to send, or :class:`InvalidRequest` listing every broken rule."""
-        from .images import inspect_image_bytes
+        from ..images import inspect_image_bytes
 
         body = request.to_payload() if isinstance(request, GenerationRequest) else dict(request)
         if "seed" in body and body["seed"] is None:  # "let the service pick": not sent as null
@@ -146,7 +146,7 @@ class ViduClient(DownloadMixin):
     def submit(self, request: GenerationRequest | Mapping[str, Any]) -> str:
         """Queue one paid task and return its ``task_id``. Validates first: no money is
         spent on a request the service would reject. Which answer raises what:
-        :func:`~vidu_pipeline.answers.submit_error_kind`."""
+        :func:`~vidu_pipeline.api.answers.submit_error_kind`."""
         body = self.validate(request)
         url = self.base_url + contract.SUBMIT_PATH
         with deadline(self.submit_deadline_s) as call:

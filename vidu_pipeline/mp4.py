@@ -22,7 +22,7 @@ from pathlib import Path
 import av
 from PIL import Image, ImageDraw, ImageFont
 
-from .contract import VIDEO_DURATION_S, expected_video_size
+from .api.contract import VIDEO_DURATION_S, expected_video_size
 
 DURATION_TOLERANCE_S = 0.2
 EXPECTED_CODEC = "h264"

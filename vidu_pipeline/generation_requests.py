@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from . import __version__
-from .contract import GenerationRequest, fingerprint_from_digests
+from .api.contract import GenerationRequest, fingerprint_from_digests
 
 OPTION_COLUMNS = ("aspect_ratio", "movement_amplitude", "bgm", "duration", "resolution")
 _SLUG_RE = re.compile(r"[^a-z0-9_]+")

@@ -1,7 +1,7 @@
 """Downloading a task's video: streamed to a temp file, hashed as it goes, size-capped and renamed
 into place only when complete; an expired URL is refreshed by polling the task again.
 
-Split out of :mod:`vidu_pipeline.client`: :class:`DownloadMixin` is part of ``ViduClient``,
+Split out of :mod:`vidu_pipeline.api.client`: :class:`DownloadMixin` is part of ``ViduClient``,
 which re-exports :class:`Download`.
 """
 
@@ -23,7 +23,7 @@ from .deadline import Call, deadline
 from .http_session import _TRANSFER_ERRORS, RetryPolicy, _exc_name, _int_header
 
 # The client's logger: these lines are the client's, wherever the code lives.
-log = logging.getLogger("vidu_pipeline.client")
+log = logging.getLogger("vidu_pipeline.api.client")
 
 DEFAULT_MAX_VIDEO_BYTES = 2 * 1024 * 1024 * 1024
 

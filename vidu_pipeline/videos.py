@@ -18,12 +18,13 @@ from typing import Any
 
 import pandas as pd
 
-from . import errors
-from .client import ViduClient
+from .api import errors
+from .api.client import ViduClient
+from .generation_requests import PIPELINE_VERSION, RequestSpec
 from .ledger import Ledger, TaskRow
-from .plan import PIPELINE_VERSION, RequestSpec
+from .mp4 import VideoInvalid, VideoProbe, check_against_request, probe_video
 from .quality import FrameSampler, Thresholds, VideoQuality, measure
-from .video import VideoInvalid, VideoProbe, check_against_request, probe_video
+from .storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def collect_video(
     decode), against the request's reference images as ``reference_bytes(sha256)`` gives them
     (e.g. ``ImageCache.get_bytes``); they are stored with the probe under ``"quality"``.
 
-    Raises :class:`VideoInvalid` or a :class:`~vidu_pipeline.errors.ViduError` when no good
+    Raises :class:`VideoInvalid` or a :class:`~vidu_pipeline.api.errors.ViduError` when no good
     file could be had (recorded as a video error; the next attempt downloads again).
     """
     row = ledger.get(request_id)
@@ -77,7 +78,7 @@ def collect_video(
         raise
     except OSError as exc:  # our side: disk full, folder not writable — not the video's fault
         staging.unlink(missing_ok=True)
-        raise errors.StorageError(
+        raise StorageError(
             f"could not store the video of {request_id} in {videos_dir}: {exc.strerror or exc}; "
             "the task stays succeeded and is downloaded again on the next run"
         ) from None
