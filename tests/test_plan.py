@@ -75,3 +75,20 @@ def test_expand_is_subjects_times_prompts_times_seeds_in_catalog_order_and_drops
     spec = specs[0]
     assert generation_requests.RequestSpec.from_json(spec.to_json()) == spec
     assert spec.image_sha256s == ("1" * 64,)
+
+
+def test_plan_digest_changes_exactly_when_what_a_plan_records_changes():
+    """The CLI skips the plan run when the digest equals the last plan's: it must change with
+    any request or any refused input, and only then."""
+    prompts = pd.DataFrame([{"subject_id": "cat", "prompt": "p1", **OPTIONS}])
+    images = pd.DataFrame(
+        [{"subject_id": "cat", "sent_sha256": "1" * 64, "original_sha256": "2" * 64, "mime_subtype": "png"}]
+    )
+    none_refused = pd.DataFrame({"path": [], "reason": []})
+    one_refused = pd.DataFrame({"path": ["cat/b.png"], "reason": ["too small"]})
+    digest = generation_requests.plan_digest
+    base = digest(generation_requests.expand(prompts, images, [7]), none_refused)
+    assert digest(generation_requests.expand(prompts, images, [7]), none_refused) == base
+    assert digest(generation_requests.expand(prompts, images, [8]), none_refused) != base
+    assert digest(generation_requests.expand(prompts, images, [7]), one_refused) != base
+    assert digest([], none_refused) != base

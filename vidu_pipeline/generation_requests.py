@@ -131,3 +131,13 @@ def expand(prompts: pd.DataFrame, images: pd.DataFrame, seeds: Iterable[int]) ->
 
 
 PIPELINE_VERSION = __version__
+
+
+def plan_digest(specs, rejections) -> str:
+    """A digest of what a plan run records: every request's fingerprint and every refused
+    input. The CLI makes no plan run when it equals the last plan's (nothing would change)."""
+    digest = hashlib.sha256()
+    for spec in specs:
+        digest.update(f"{spec.request_id} {spec.fingerprint()}\n".encode())
+    digest.update(rejections.to_csv(index=False).encode())
+    return digest.hexdigest()

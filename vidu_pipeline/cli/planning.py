@@ -10,10 +10,10 @@ import pandas as pd
 from dagster import AssetKey
 
 from .. import catalog as catalog_mod
-from ..defs.jobs import PLAN_DIGEST, plan_digest, plan_job
+from ..defs.jobs import PLAN_DIGEST, plan_job
 from ..defs.partitions import REQUESTS_PARTITIONS_NAME
 from ..defs.resources import PipelineResource
-from ..generation_requests import expand
+from ..generation_requests import expand, plan_digest
 from ..ledger import PLANNED
 from .driver import Driver, first_failure
 from .exit_codes import EXIT_OK

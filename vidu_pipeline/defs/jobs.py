@@ -8,8 +8,6 @@ partition-range tags). ``lineage`` also re-materializes by itself after new vide
 :data:`vidu_automation_sensor` in the daemon.
 """
 
-import hashlib
-
 from dagster import (
     AssetSelection,
     AutomationCondition,
@@ -24,16 +22,6 @@ CATALOG_TAG = "vidu/catalog"
 SEEDS_TAG = "vidu/seeds"
 
 PLAN_DIGEST = "plan_digest"  # generation_requests metadata: what the plan was made of
-
-
-def plan_digest(specs, rejections) -> str:
-    """A digest of what a plan run records: every request's fingerprint and every refused
-    input. The CLI makes no plan run when it equals the last plan's (nothing would change)."""
-    digest = hashlib.sha256()
-    for spec in specs:
-        digest.update(f"{spec.request_id} {spec.fingerprint()}\n".encode())
-    digest.update(rejections.to_csv(index=False).encode())
-    return digest.hexdigest()
 
 
 PLAN_ASSETS = ("catalog", "reference_images", "rejections", "generation_requests")

@@ -9,9 +9,9 @@ from dagster import AssetExecutionContext, Config, DataVersion, MetadataValue, O
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from .. import catalog as catalog_mod
-from ..generation_requests import expand
+from ..generation_requests import expand, plan_digest
 from ..ledger import PlannedRequest
-from .jobs import PLAN_DIGEST, plan_digest
+from .jobs import PLAN_DIGEST
 from .metadata import GROUP, md_table, table_metadata
 from .partitions import PARTITION_SOFT_LIMIT, REQUESTS_PARTITIONS_NAME
 from .resources import PipelineResource
