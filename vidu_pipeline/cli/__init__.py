@@ -80,6 +80,15 @@ def positive(text: str) -> int:
     return value
 
 
+def regeneration_rounds(text: str) -> int:
+    from ..regeneration import MAX_ROUNDS
+
+    value = positive(text)
+    if value > MAX_ROUNDS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_ROUNDS} rounds, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidu-pipeline", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-outside-paths", action="store_true", help="let catalog paths leave the catalog folder")
     g.add_argument("--timeout", type=float, default=6 * 3600, help="give up waiting after this many seconds")
     g.add_argument("--no-contact-sheet", action="store_true")
+    g.add_argument(
+        "--regenerate-failed-quality",
+        action="store_true",
+        help="pay for a new seed of each catalog clip that fails a quality gate (frozen, blank, "
+        "unlike its references, a near-duplicate seed), under the spend caps",
+    )
+    g.add_argument(
+        "--regeneration-rounds",
+        type=regeneration_rounds,
+        default=2,
+        help="replacements paid at most per failing clip, when a replacement fails too (default 2)",
+    )
 
     s = sub.add_parser("status", help="counts by ledger state, the oldest pending task, the unknown ones")
     data_dir_arg(s)

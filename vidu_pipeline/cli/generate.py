@@ -17,6 +17,7 @@ from .driver import Driver
 from .instance import dagster_instance
 from .planning import dry_run, plan_requests
 from .progress import Progress, summarize, video_problems, write_contact_sheet
+from .regenerate import plan_replacements
 from .settings import CatalogProblem, check_endpoint_settings, pipeline_from_args
 
 
@@ -48,6 +49,8 @@ def run_to_end(driver: Driver, args) -> int:
     """Plan, submit, then tick the sensor until every request of the catalog has ended."""
     pipeline, progress = driver.pipeline, Progress()
     ids, rejected = plan_requests(driver)
+    if args.regenerate_failed_quality:
+        ids += plan_replacements(driver, ids, args.regeneration_rounds)
     context = build_sensor_context(instance=driver.instance)
     ledger = pipeline.ledger()
     to_submit = unsubmitted(ledger, ids)

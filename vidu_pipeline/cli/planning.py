@@ -106,5 +106,13 @@ def dry_run(driver: Driver, args) -> int:
     cap = driver.pipeline.caps("-").per_run
     if cap is not None and cap < len(new):
         print(f"the per-run cap ({cap}) would hold back {len(new) - cap} request(s)")
+    if args.regenerate_failed_quality:
+        from .regenerate import replacements_due
+
+        due, _ = replacements_due(driver, [s.request_id for s in specs], args.regeneration_rounds)
+        price = f" (cost {len(due) * args.price_per_task:.2f})" if args.price_per_task is not None else ""
+        print(f"quality: {len(due)} failing clip(s) would be regenerated under a new seed{price}")
+        for r in due:
+            print(f"  {r.original}: {'; '.join(r.reasons)} -> {r.spec.request_id} (seed {r.spec.seed})")
     print("nothing was submitted")
     return EXIT_OK
