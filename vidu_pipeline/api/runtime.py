@@ -89,59 +89,109 @@ def resolve_endpoint(state_dir: Path, env: Mapping[str, str] = os.environ) -> En
 
 
 def ensure_local_simulator(state_dir: Path, settings: SimulatorSettings, timeout_s: float = 60.0) -> Endpoint:
-    """Reuse the simulator announced in ``state_dir`` if it answers, else start one."""
+    """Reuse the simulator announced in ``state_dir`` if it answers, else start one.
+
+    A simulator found alive is remembered: while its announcement is unchanged, its process
+    runs and it cannot have gone idle, later calls in this process skip the lock and the HTTP
+    check (every client and sensor tick asks, and the check itself is a request)."""
+    state_dir = Path(state_dir).resolve()
+    known = _known.get((state_dir, settings))
+    if known and known.still_alive(state_dir / "simulator.json", settings):
+        return known.endpoint
+    endpoint, announced = _reuse_or_start(state_dir, settings, timeout_s)
+    _known[(state_dir, settings)] = _KnownSimulator(endpoint, announced, _clock())
+    return endpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class _KnownSimulator:
+    """A simulator this process found answering: its endpoint, its announcement's text then,
+    and when (``_clock``) it answered."""
+
+    endpoint: Endpoint
+    announced: str = dataclasses.field(repr=False)
+    checked_at: float
+
+    def still_alive(self, announce: Path, settings: SimulatorSettings) -> bool:
+        """Alive without asking it: same announcement, its process runs, and less than half
+        its idle exit has passed since it answered (our check counted as a request)."""
+        if settings.idle_exit_s > 0 and _clock() - self.checked_at > settings.idle_exit_s / 2:
+            return False
+        try:
+            if announce.read_text() != self.announced:
+                return False
+            os.kill(json.loads(self.announced)["pid"], 0)
+        except PermissionError:
+            return True  # a process of another user holds the pid: it runs
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return True
+
+
+_known: dict[tuple[Path, SimulatorSettings], _KnownSimulator] = {}
+_clock = time.monotonic  # a name of our own, so a test can move this module's clock alone
+
+
+def _reuse_or_start(state_dir: Path, settings: SimulatorSettings, timeout_s: float) -> tuple[Endpoint, str]:
+    """Under the state folder's lock: the announced simulator if it answers, else a new one;
+    with the announcement's text."""
     state_dir.mkdir(parents=True, exist_ok=True)
     announce = state_dir / "simulator.json"
     with open(state_dir / "simulator.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one starter at a time across processes
-        endpoint = _live_endpoint(announce, settings)
-        if endpoint:
-            return endpoint
+        found = _live_endpoint(announce, settings)
+        if found:
+            return found
         announce.unlink(missing_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "vidu_pipeline.simulator",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--state-dir",
-            str(state_dir),
-            "--announce",
-            str(announce),
-            "--latency",
-            str(settings.latency_s),
-            "--concurrency",
-            str(settings.concurrency),
-            "--render-scale",
-            str(settings.render_scale),
-            "--idle-exit",
-            str(settings.idle_exit_s),
-        ]
-        env = {k: v for k, v in os.environ.items() if k != ENV_KEY}
-        env["VIDU_SIMULATOR_API_KEY"] = secrets.token_urlsafe(18)  # throwaway, never on argv
-        with open(state_dir / "simulator.log", "ab") as out:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                start_new_session=True,
-                env=env,
-            )
+        proc = _start_simulator(state_dir, announce, settings)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(
                     f"the local simulator exited with status {proc.returncode}; see {state_dir / 'simulator.log'}"
                 )
-            endpoint = _live_endpoint(announce, settings)
-            if endpoint:
-                return endpoint
+            found = _live_endpoint(announce, settings)
+            if found:
+                return found
             time.sleep(0.1)
         proc.kill()
         raise RuntimeError(f"the local simulator did not start within {timeout_s:.0f} s")
+
+
+def _start_simulator(state_dir: Path, announce: Path, settings: SimulatorSettings) -> subprocess.Popen:
+    """The simulator process, in its own session (it outlives us), with a throwaway key."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "vidu_pipeline.simulator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--state-dir",
+        str(state_dir),
+        "--announce",
+        str(announce),
+        "--latency",
+        str(settings.latency_s),
+        "--concurrency",
+        str(settings.concurrency),
+        "--render-scale",
+        str(settings.render_scale),
+        "--idle-exit",
+        str(settings.idle_exit_s),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != ENV_KEY}
+    env["VIDU_SIMULATOR_API_KEY"] = secrets.token_urlsafe(18)  # throwaway, never on argv
+    with open(state_dir / "simulator.log", "ab") as out:
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            env=env,
+        )
 
 
 def stop_local_simulator(state_dir: Path) -> bool:
@@ -159,9 +209,11 @@ def stop_local_simulator(state_dir: Path) -> bool:
     return True
 
 
-def _live_endpoint(announce: Path, settings: SimulatorSettings) -> Endpoint | None:
+def _live_endpoint(announce: Path, settings: SimulatorSettings) -> tuple[Endpoint, str] | None:
+    """The announced simulator and its announcement's text, if it answers with our settings."""
     try:
-        info = json.loads(announce.read_text())
+        announced = announce.read_text()
+        info = json.loads(announced)
     except (OSError, ValueError):
         return None
     wanted = {
@@ -183,4 +235,4 @@ def _live_endpoint(announce: Path, settings: SimulatorSettings) -> Endpoint | No
         return None
     if resp.status_code != 200:
         return None
-    return Endpoint(info["base_url"], info["api_key"], simulated=True, render_scale=settings.render_scale)
+    return Endpoint(info["base_url"], info["api_key"], simulated=True, render_scale=settings.render_scale), announced

@@ -38,8 +38,7 @@ def reproduce(args) -> int:
         raise CatalogProblem(f"request {args.request_id} has no video to compare (state {original.state})")
     check_endpoint_settings()
     tasks.recover_abandoned(ledger)
-    client, endpoint = vidu_resource_from_env().client(pipeline.simulator_state_dir)
-    with client:
+    with vidu_resource_from_env().get_client(pipeline.simulator_state_dir) as (client, endpoint):
         row, number = open_reproduction(ledger, original)
         if row is None or row.state == PLANNED:
             confirm_paid_submit(args, endpoint, original.request_id)

@@ -2,6 +2,8 @@
 
 import functools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from dagster import ConfigurableResource, EnvVar
@@ -135,7 +137,16 @@ class ViduResource(ConfigurableResource):
             env[runtime.ENV_BASE_URL] = _value(self.base_url) or DEFAULT_BASE_URL
         return runtime.resolve_endpoint(simulator_state_dir, env)
 
+    @contextmanager
+    def get_client(self, simulator_state_dir: Path) -> Iterator[tuple[ViduClient, runtime.Endpoint]]:
+        """One client (two pooled HTTP sessions) for a whole run or sensor tick, closed when
+        the ``with`` block ends, also on an error: an asset or a tick holds it for its body."""
+        client, endpoint = self.client(simulator_state_dir)
+        with client:
+            yield client, endpoint
+
     def client(self, simulator_state_dir: Path) -> tuple[ViduClient, runtime.Endpoint]:
+        """A client the caller closes (prefer :meth:`get_client`)."""
         endpoint = self.endpoint(simulator_state_dir)
         return ViduClient(endpoint.api_key, endpoint.base_url), endpoint
 

@@ -83,15 +83,15 @@ def lineage_run_request(rows: dict, request_ids: list[str]) -> RunRequest:
 def evaluate_tick(context: SensorEvaluationContext, pipeline: PipelineResource, vidu: ViduResource):
     """The sensor body, callable directly (the CLI drives it in-process)."""
     ledger = pipeline.ledger()
-    client, _ = vidu.client(pipeline.simulator_state_dir)
-    abandoned = tasks.recover_abandoned(ledger, journal=pipeline.task_id_journal)
-    report = tasks.poll_due(
-        ledger,
-        client,
-        time_budget_s=pipeline.poll_time_budget_s,
-        workers=pipeline.poll_workers,
-        policy=pipeline.polling(),
-    )
+    with vidu.get_client(pipeline.simulator_state_dir) as (client, _):
+        abandoned = tasks.recover_abandoned(ledger, journal=pipeline.task_id_journal)
+        report = tasks.poll_due(
+            ledger,
+            client,
+            time_budget_s=pipeline.poll_time_budget_s,
+            workers=pipeline.poll_workers,
+            policy=pipeline.polling(),
+        )
     now = time.time()
     rules = decisions.TickRules(retry_budget=pipeline.retry_budget, auto_submit=pipeline.auto_submit)
     plan = decisions.plan_tick(

@@ -36,22 +36,22 @@ def video_tasks(context: AssetExecutionContext, config: BatchConfig, pipeline: P
     out of date."""
     keys = config.select(context.partition_keys)
     ledger = pipeline.ledger()
-    client, endpoint = vidu.client(pipeline.simulator_state_dir)
-    context.log.info(f"submitting up to {len(keys)} request(s) to the {endpoint.describe()}")
-    tasks.recover_abandoned(ledger, journal=pipeline.task_id_journal)
-    outcomes = tasks.submit_requests(
-        ledger,
-        client,
-        keys,
-        data_uri_for=pipeline.image_cache().data_uri,
-        caps=pipeline.caps(context.run.tags.get(SESSION_TAG) or context.run_id),
-        owner=tasks.owner_id(context.run_id),
-        retry_budget=pipeline.retry_budget,
-        allow_unknown=pipeline.resubmit_unknown,
-        policy=pipeline.polling(),
-        workers=pipeline.submit_workers,
-        journal=pipeline.task_id_journal,
-    )
+    with vidu.get_client(pipeline.simulator_state_dir) as (client, endpoint):
+        context.log.info(f"submitting up to {len(keys)} request(s) to the {endpoint.describe()}")
+        tasks.recover_abandoned(ledger, journal=pipeline.task_id_journal)
+        outcomes = tasks.submit_requests(
+            ledger,
+            client,
+            keys,
+            data_uri_for=pipeline.image_cache().data_uri,
+            caps=pipeline.caps(context.run.tags.get(SESSION_TAG) or context.run_id),
+            owner=tasks.owner_id(context.run_id),
+            retry_budget=pipeline.retry_budget,
+            allow_unknown=pipeline.resubmit_unknown,
+            policy=pipeline.polling(),
+            workers=pipeline.submit_workers,
+            journal=pipeline.task_id_journal,
+        )
     provenance = _plan_provenance(context)
     submitted = 0
     for outcome in outcomes:

@@ -48,48 +48,48 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
     against its request, and store it at <data_dir>/videos/<request_id>.mp4. Partitions whose
     task has not succeeded are skipped (logged), not failed."""
     ledger = pipeline.ledger()
-    client, endpoint = vidu.client(pipeline.simulator_state_dir)
     broken: list[str] = []
     collected: list[str] = []
-    for key in config.select(context.partition_keys):
-        row = ledger.get(key)
-        if row is None or row.state != "succeeded":
-            context.log.info(f"{key}: task is {row.state if row else 'not planned'}; nothing to download yet")
-            continue
-        if row.video_sha256:
-            context.log.info(f"{key}: video already stored at {row.video_path}")
-            continue
-        try:
-            video = collect_video(
-                ledger,
-                client,
-                key,
-                videos_dir=pipeline.videos_dir,
-                render_scale=endpoint.render_scale,
-                run_id=context.run_id,
-                reference_bytes=pipeline.image_cache().get_bytes,
-            )
-        except Exception as exc:  # one bad video must not cost the batch its other videos
-            broken.append(f"{key}: {type(exc).__name__}: {exc}")
-            context.log.error(f"{key}: {exc}")
-            continue
-        collected.append(key)
-        stored = ledger.get(key)
-        assert stored is not None and stored.video_sha256, f"{key}: collected but not in the ledger"
-        yield AssetMaterialization(
-            asset_key=context.asset_key,
-            partition=key,
-            metadata={
-                **_video_metadata(pipeline, stored, video),
-                "quality": MetadataValue.json(video.quality.to_dict() if video.quality else {}),
-                **{
-                    f"quality/{name}": value
-                    for name, value in (video.quality.to_dict() if video.quality else {}).items()
-                    if isinstance(value, (int, float)) and not isinstance(value, bool)
+    with vidu.get_client(pipeline.simulator_state_dir) as (client, endpoint):
+        for key in config.select(context.partition_keys):
+            row = ledger.get(key)
+            if row is None or row.state != "succeeded":
+                context.log.info(f"{key}: task is {row.state if row else 'not planned'}; nothing to download yet")
+                continue
+            if row.video_sha256:
+                context.log.info(f"{key}: video already stored at {row.video_path}")
+                continue
+            try:
+                video = collect_video(
+                    ledger,
+                    client,
+                    key,
+                    videos_dir=pipeline.videos_dir,
+                    render_scale=endpoint.render_scale,
+                    run_id=context.run_id,
+                    reference_bytes=pipeline.image_cache().get_bytes,
+                )
+            except Exception as exc:  # one bad video must not cost the batch its other videos
+                broken.append(f"{key}: {type(exc).__name__}: {exc}")
+                context.log.error(f"{key}: {exc}")
+                continue
+            collected.append(key)
+            stored = ledger.get(key)
+            assert stored is not None and stored.video_sha256, f"{key}: collected but not in the ledger"
+            yield AssetMaterialization(
+                asset_key=context.asset_key,
+                partition=key,
+                metadata={
+                    **_video_metadata(pipeline, stored, video),
+                    "quality": MetadataValue.json(video.quality.to_dict() if video.quality else {}),
+                    **{
+                        f"quality/{name}": value
+                        for name, value in (video.quality.to_dict() if video.quality else {}).items()
+                        if isinstance(value, (int, float)) and not isinstance(value, bool)
+                    },
                 },
-            },
-            tags={"dagster/data_version": stored.video_sha256},
-        )
+                tags={"dagster/data_version": stored.video_sha256},
+            )
     if collected:
         sync_lineage(pipeline, context.run_id)
     if broken:
