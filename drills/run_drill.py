@@ -177,24 +177,22 @@ _WITH_LEDGER_LOG = (
 )
 STALE_MARK = "stale answer ignored"
 
-# The sensor body evaluated in a loop in its own process, as ``dagster dev``'s daemon would
-# (its run requests are not executed: what races is its polling). Args: ledger log, data dir,
-# seconds.
+# The task sensor evaluated in a loop in its own process by the CLI's driver, as ``dagster
+# dev``'s daemon would (its run requests are not executed: what races is its polling).
+# Args: ledger log, data dir, seconds.
 _SENSOR_LOOP = (
     "import sys, time\n"
-    "from dagster import DagsterInstance, build_sensor_context\n"
-    "from vidu_pipeline.defs.resources import PipelineResource, vidu_resource_from_env\n"
-    "from vidu_pipeline.defs.sensors import evaluate_tick\n"
+    "from dagster import DagsterInstance\n"
+    "from vidu_pipeline.cli.driver import Driver\n"
+    "from vidu_pipeline.defs.resources import PipelineResource\n"
     "data_dir, seconds = sys.argv[1], float(sys.argv[2])\n"
-    "pipeline = PipelineResource(data_dir=data_dir, poll_time_budget_s=10)\n"
-    "vidu = vidu_resource_from_env()\n"
-    "instance = DagsterInstance.get()\n"
+    "driver = Driver(DagsterInstance.get(), PipelineResource(data_dir=data_dir, poll_time_budget_s=10))\n"
     "ticks, end = 0, time.monotonic() + seconds\n"
     "while time.monotonic() < end:\n"
-    "    evaluate_tick(build_sensor_context(instance=instance, resources={'pipeline': pipeline, 'vidu': vidu}),\n"
-    "                  pipeline, vidu)\n"
+    "    driver.evaluate()\n"
     "    ticks += 1\n"
     "    time.sleep(0.3)\n"
+    "driver.close(interrupted=False)\n"
     "print(f'sensor ticks: {ticks}', flush=True)\n"
 )
 

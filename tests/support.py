@@ -60,36 +60,33 @@ def fill(disk: Path) -> Path:
     return filler
 
 
+SENSOR_JOBS = {"vidu_submit_job", "vidu_collect_job", "vidu_lineage_job"}
+
+
 def drive_sensor(instance, resources, pipeline, *, timeout: float = 120) -> set[str]:
-    """Evaluate the task sensor and execute the named job each request asks for, as the daemon
-    would, until every request has ended; the run keys it asked for (never one twice)."""
-    import time
+    """The CLI's driver ticking the task sensor and executing the runs it asks for, each
+    tick's runs before the next, until every request has ended; the run keys it asked for
+    (never one twice, only the sensor's named jobs, every run successful)."""
+    from vidu_pipeline.cli.driver import Driver
 
-    from dagster import build_sensor_context
-
-    from vidu_pipeline.definitions import build_definitions
-    from vidu_pipeline.defs.sensors import vidu_task_sensor
-
-    defs = build_definitions(resources=resources)
-    seen: set[str] = set()
     ledger = pipeline.ledger()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = vidu_task_sensor(build_sensor_context(instance=instance, resources=resources))
-        for req in result.run_requests or []:
-            assert req.run_key not in seen, "the sensor asked for the same batch twice"
-            assert req.job_name in {"vidu_submit_job", "vidu_collect_job", "vidu_lineage_job"}, req
-            seen.add(req.run_key)
-            defs.resolve_job_def(req.job_name).execute_in_process(
-                instance=instance, tags=dict(req.tags), run_config=req.run_config
-            )
+
+    def settled() -> bool:
         rows = ledger.rows()
-        if all(r.state in ("succeeded", "failed", "unknown") for r in rows) and all(
+        return all(r.state in ("succeeded", "failed", "unknown") for r in rows) and all(
             r.video_sha256 for r in rows if r.state == "succeeded"
-        ):
-            return seen
-        time.sleep(0.3)
-    raise AssertionError(f"not finished: {ledger.counts_by_state()}")
+        )
+
+    driver = Driver(instance, pipeline, resources["vidu"])
+    try:
+        finished = driver.drive(settled, timeout_s=timeout)
+    finally:
+        driver.close(interrupted=False)
+    assert not driver.repeated_run_keys, f"the sensor asked for the same batch twice: {driver.repeated_run_keys}"
+    assert set(driver.jobs_by_run_key.values()) <= SENSOR_JOBS, driver.jobs_by_run_key
+    assert not driver.failed_runs, driver.failed_runs
+    assert finished, f"not finished: {ledger.counts_by_state()}"
+    return set(driver.jobs_by_run_key)
 
 
 def plan_catalog(root: Path, *, prompts: int = 1):

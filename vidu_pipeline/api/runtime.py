@@ -118,14 +118,28 @@ class _KnownSimulator:
         if settings.idle_exit_s > 0 and _clock() - self.checked_at > settings.idle_exit_s / 2:
             return False
         try:
-            if announce.read_text() != self.announced:
-                return False
-            os.kill(json.loads(self.announced)["pid"], 0)
-        except PermissionError:
-            return True  # a process of another user holds the pid: it runs
-        except (OSError, ValueError, KeyError, TypeError):
+            same = announce.read_text() == self.announced
+        except OSError:
             return False
-        return True
+        return same and _runs(json.loads(self.announced).get("pid"))
+
+
+def _runs(pid: object) -> bool:
+    """The process exists and is not a zombie (a killed simulator whose starter, perhaps
+    this process, has not reaped it yet)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        pass  # another user's process holds the pid: it exists
+    except OSError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc here (or it just ended): the signal said it exists
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 _known: dict[tuple[Path, SimulatorSettings], _KnownSimulator] = {}

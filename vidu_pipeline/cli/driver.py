@@ -4,6 +4,8 @@ process, and the run failures that must stop ``generate`` turned into the CLI's 
 It runs the very definitions ``dagster dev`` loads, on the same instance (``DAGSTER_HOME``,
 default ``.dagster_home`` in the working folder), so every run it makes shows up in the UI.
 Runs execute in this process (tens of milliseconds each instead of seconds of process start).
+The tests and the drills drive the pipeline through it too (:meth:`Driver.drive`,
+:meth:`Driver.evaluate`): one loop of sensor ticks and runs, not one per caller.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import concurrent.futures as cf
 import errno
 import sys
+import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from dagster import DagsterInstance, RunRequest, build_sensor_context
@@ -19,7 +23,7 @@ from dagster import DagsterInstance, RunRequest, build_sensor_context
 from .. import tasks
 from ..api import errors
 from ..defs.jobs import CATALOG_TAG, SEEDS_TAG
-from ..defs.resources import SESSION_TAG, PipelineResource, vidu_resource_from_env
+from ..defs.resources import SESSION_TAG, PipelineResource, ViduResource, vidu_resource_from_env
 from ..defs.sensors import vidu_task_sensor
 from ..storage import StorageError
 from .instance import OWNER_TAG, reap_dead_runs
@@ -35,17 +39,19 @@ class Driver:
     CLI's stop handlers. The main thread only waits, so a signal reaches it at once.
     """
 
-    def __init__(self, instance: DagsterInstance, pipeline: PipelineResource):
+    def __init__(self, instance: DagsterInstance, pipeline: PipelineResource, vidu: ViduResource | None = None):
         from ..definitions import build_definitions
 
         self.instance = instance
         self.pipeline = pipeline
-        self.definitions = build_definitions(pipeline)
-        self.vidu = vidu_resource_from_env()
+        self.vidu = vidu or vidu_resource_from_env()
         self.session = uuid.uuid4().hex[:12]
         self.resources = {"pipeline": pipeline, "vidu": self.vidu}
+        self.definitions = build_definitions(resources=self.resources)
         reap_dead_runs(instance)
-        self.done_run_keys: set[str] = set()
+        self.jobs_by_run_key: dict[str, str] = {}  # every run the sensor asked for
+        self.repeated_run_keys: list[str] = []  # asked for again: dropped, as the daemon does
+        self.failed_runs: list[str] = []  # "<job>: <step>: <error>" of each run that failed
         self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dagster-run")
         self._ticker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sensor-tick")
         self.pending: list[cf.Future] = []
@@ -88,9 +94,10 @@ class Driver:
     def run_request(self, request) -> bool:
         """Queue what the sensor asked for, once per run key (the daemon's dedupe). The run
         executes on the runner thread while the next ticks keep polling."""
-        if request.run_key in self.done_run_keys:
+        if request.run_key in self.jobs_by_run_key:
+            self.repeated_run_keys.append(request.run_key)
             return False
-        self.done_run_keys.add(request.run_key)
+        self.jobs_by_run_key[request.run_key] = request.job_name
         self.pending.append(
             self._runner.submit(self._execute, request.job_name, dict(request.tags), request.run_config)
         )
@@ -101,7 +108,10 @@ class Driver:
         True when no run is left."""
         for future in [f for f in self.pending if f.done()]:
             self.pending.remove(future)
-            raise_for_run(future.result())
+            result = future.result()
+            if not result.success:
+                self.failed_runs.append(f"{result.job_def.name}: {first_failure(result)}")
+            raise_for_run(result)
         return not self.pending
 
     def drain(self) -> None:
@@ -111,13 +121,30 @@ class Driver:
             self.check_finished()
 
     def tick(self) -> int:
-        """Evaluate the task sensor once (on the ticker thread) and queue the runs it asks for."""
-        result = self._ticker.submit(self._evaluate_sensor).result()
-        return sum(self.run_request(r) for r in (result.run_requests or []))
+        """Evaluate the task sensor once and queue the runs it asks for."""
+        return sum(self.run_request(r) for r in (self.evaluate().run_requests or []))
+
+    def evaluate(self):
+        """Evaluate the task sensor once (on the ticker thread): it polls, records its progress
+        view, and returns the runs it asks for (not queued)."""
+        return self._ticker.submit(self._evaluate_sensor).result()
+
+    def drive(self, finished: Callable[[], bool], *, timeout_s: float, pause_s: float = 0.3) -> bool:
+        """The daemon's loop with each tick's runs done before the next tick, until
+        ``finished()`` or ``timeout_s``: True when finished. A run the sensor asks for again
+        after it ran is in ``repeated_run_keys``; a failed run in ``failed_runs``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.tick()
+            self.drain()
+            if finished():
+                return True
+            time.sleep(pause_s)
+        return False
 
     def _evaluate_sensor(self):
-        context = build_sensor_context(instance=self.instance, resources=self.resources)
-        result = vidu_task_sensor(context)
+        with build_sensor_context(instance=self.instance, resources=self.resources) as context:
+            result = vidu_task_sensor(context)
         for event in result.asset_events or []:  # the progress view, recorded as the daemon would
             self.instance.report_runless_asset_event(event)
         return result
