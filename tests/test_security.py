@@ -192,7 +192,7 @@ def test_simulator_refuses_wrong_or_missing_key_and_binds_loopback(tmp_path):
     try:
         sim.start()
         assert sim.base_url.startswith("http://127.0.0.1:"), sim.base_url
-        from vidu_pipeline.simulator.server import SimulatorConfig
+        from vidu_pipeline.simulator.service import SimulatorConfig
 
         assert SimulatorConfig().host == "127.0.0.1"
         submit = sim.base_url + "/v3/async/vidu-q1-reference2video"
