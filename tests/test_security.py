@@ -151,7 +151,7 @@ INLINE_IMAGE_RE = re.compile(r"data:image/[a-z]+;base64,[A-Za-z0-9+/=]+")
 
 def sent_payload_markers(data: Path) -> list[str]:
     """A distinctive stretch of the base64 of every image the sweep sent (from the cache)."""
-    from vidu_pipeline.images import ImageCache
+    from vidu_pipeline.image_cache import ImageCache
 
     cache = ImageCache(data / "cache" / "images")
     blobs = [p for p in (data / "cache" / "images").rglob("*") if p.is_file() and len(p.stem) == 64]
