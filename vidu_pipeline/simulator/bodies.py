@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..api import contract
+from ..api.task_result import TaskStatus
 from .state import Task
 
 
@@ -26,7 +27,7 @@ def task_result_body(
     if task.done_t is not None:
         debug["complete_time_ms"] = str(int(task.done_t * 1000))
     videos = []
-    if status == contract.TaskStatus.SUCCEED.value:
+    if status == TaskStatus.SUCCEED.value:
         videos.append({"video_url": video_url(), "video_url_ttl": str(url_ttl_s), "video_type": "mp4"})
     return {
         "task": {

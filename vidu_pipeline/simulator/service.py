@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..api import contract
+from ..api.image_refs import redact_url
 from .bodies import stats_body, task_list, task_result_body
 from .endpoints import Handler
 from .faults import FaultConfig, FaultDice, Roll, pick_defect
@@ -199,7 +200,7 @@ class Simulator:
         for i, ref in enumerate(request.images):
             entry: dict[str, Any] = {"sha256": self.images.put(images[i]) if images else None}
             if not ref.startswith("data:"):
-                entry["url"] = contract.redact_url(ref)
+                entry["url"] = redact_url(ref)
             refs.append(entry)
         fail_reason = fail_reason or _injected_failure(roll, authorization)
         defect = None if fail_reason else pick_defect(roll.config, body)
