@@ -100,20 +100,10 @@ class ImageCache:
     # indexes
     def known_files(self, keys: dict[str, tuple[int, int, int, int]]) -> dict[str, str]:
         """path → sha256 for the paths whose stored (size, mtime, ctime, inode) still match."""
-        found: dict[str, str] = {}
-        paths = list(keys)
+        sql = "SELECT path, size, mtime_ns, ctime_ns, inode, sha256 FROM files WHERE path IN ({marks})"
         with self._lock:
-            for i in range(0, len(paths), 500):
-                chunk = paths[i : i + 500]
-                rows = self._db.execute(
-                    f"SELECT path, size, mtime_ns, ctime_ns, inode, sha256 FROM files WHERE path IN"
-                    f" ({','.join('?' * len(chunk))})",
-                    chunk,
-                ).fetchall()
-                for path, *key, sha in rows:
-                    if tuple(key) == keys[path]:
-                        found[path] = sha
-        return found
+            rows = self._select_in(sql, [], list(keys))
+        return {path: sha for path, *key, sha in rows if tuple(key) == keys[path]}
 
     def remember_files(self, rows: Iterable[tuple[str, tuple[int, int, int, int], str]]) -> None:
         with self._lock, self._db:
@@ -124,18 +114,10 @@ class ImageCache:
 
     def verdicts(self, shas: Iterable[str], strict: bool) -> dict[str, ImageVerdict]:
         """Cached verdicts for these contents; an accepted one counts only if its blob is there."""
-        shas = list(dict.fromkeys(shas))
-        found: dict[str, ImageVerdict] = {}
+        sql = "SELECT sha256, verdict FROM verdicts WHERE version = ? AND strict = ? AND sha256 IN ({marks})"
         with self._lock:
-            for i in range(0, len(shas), 500):
-                chunk = shas[i : i + 500]
-                rows = self._db.execute(
-                    f"SELECT sha256, verdict FROM verdicts WHERE version = ? AND strict = ? AND"
-                    f" sha256 IN ({','.join('?' * len(chunk))})",
-                    [VALIDATION_VERSION, int(strict), *chunk],
-                ).fetchall()
-                for sha, text in rows:
-                    found[sha] = ImageVerdict.from_json(text)
+            rows = self._select_in(sql, [VALIDATION_VERSION, int(strict)], list(dict.fromkeys(shas)))
+        found = {sha: ImageVerdict.from_json(text) for sha, text in rows}
         return {s: v for s, v in found.items() if not v.ok or self.has_bytes(v.sent_sha256)}
 
     def remember_verdicts(self, verdicts: dict[str, ImageVerdict], strict: bool) -> None:
@@ -144,3 +126,12 @@ class ImageCache:
                 "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?)",
                 [(sha, VALIDATION_VERSION, int(strict), v.to_json()) for sha, v in verdicts.items()],
             )
+
+    def _select_in(self, sql: str, params: list, keys: list[str]) -> list:
+        """``sql`` with ``{marks}`` for its IN list, run over ``keys`` 500 at a time (SQLite
+        caps the parameters of one statement); the caller holds the lock."""
+        rows: list = []
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            rows += self._db.execute(sql.format(marks=",".join("?" * len(chunk))), [*params, *chunk]).fetchall()
+        return rows
