@@ -32,7 +32,8 @@ from support import IMG_A, IMG_B, body, data_uri, image_bytes
 from vidu_pipeline.api import client as client_mod
 from vidu_pipeline.api import contract, errors
 from vidu_pipeline.api.client import RetryPolicy, ViduClient
-from vidu_pipeline.api.contract import GenerationRequest, TaskResult, TaskStatus, Video
+from vidu_pipeline.api.contract import GenerationRequest
+from vidu_pipeline.api.task_result import TaskResult, TaskStatus, Video
 from vidu_pipeline.mp4 import VideoInvalid, probe_video
 from vidu_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig
 from vidu_pipeline.simulator.faults import Roll

@@ -18,7 +18,8 @@ from PIL import Image
 from support import encode, photo, png
 
 from vidu_pipeline import images as img
-from vidu_pipeline.api.contract import MAX_BASE64_DECODED_BYTES, parse_data_uri
+from vidu_pipeline.api.contract import MAX_BASE64_DECODED_BYTES
+from vidu_pipeline.api.image_refs import parse_data_uri
 
 # --- builders (also used by test_catalog) ------------------------------------------------------
 

@@ -151,7 +151,7 @@ INLINE_IMAGE_RE = re.compile(r"data:image/[a-z]+;base64,[A-Za-z0-9+/=]+")
 
 def sent_payload_markers(data: Path) -> list[str]:
     """A distinctive stretch of the base64 of every image the sweep sent (from the cache)."""
-    from vidu_pipeline.images import ImageCache
+    from vidu_pipeline.image_cache import ImageCache
 
     cache = ImageCache(data / "cache" / "images")
     blobs = [p for p in (data / "cache" / "images").rglob("*") if p.is_file() and len(p.stem) == 64]
@@ -192,7 +192,7 @@ def test_simulator_refuses_wrong_or_missing_key_and_binds_loopback(tmp_path):
     try:
         sim.start()
         assert sim.base_url.startswith("http://127.0.0.1:"), sim.base_url
-        from vidu_pipeline.simulator.server import SimulatorConfig
+        from vidu_pipeline.simulator.service import SimulatorConfig
 
         assert SimulatorConfig().host == "127.0.0.1"
         submit = sim.base_url + "/v3/async/vidu-q1-reference2video"

@@ -16,7 +16,8 @@ from urllib.parse import urlsplit
 
 import pandas as pd
 
-from .api.contract import MAX_PROMPT_CHARS, redact_url
+from .api.contract import MAX_PROMPT_CHARS
+from .api.image_refs import redact_url
 from .catalog_files import read_table
 from .catalog_images import validate_images
 from .catalog_model import (

@@ -13,7 +13,8 @@ import stat
 import threading
 from urllib.parse import urljoin, urlsplit
 
-from .api.contract import MAX_IMAGE_FILE_BYTES, redact_url
+from .api.contract import MAX_IMAGE_FILE_BYTES
+from .api.image_refs import redact_url
 
 URL_TIMEOUT = (5.0, 20.0)  # connect, read (seconds between bytes)
 URL_DEADLINE_S = 120.0  # the whole download, so a slow drip cannot hold a worker forever

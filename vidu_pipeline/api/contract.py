@@ -1,22 +1,26 @@
-"""The Vidu Q1 Reference-to-Video contract as code.
+"""The Vidu Q1 Reference-to-Video contract as code: the request side.
 
-Every limit, enum, default and response shape of ``shared/api/vidu-q1-reference2video.md``
-lives here, once. The client validates with it before spending money, the simulator answers
-400 with it, and the catalog stage uses the same limits. Nothing here does I/O except
-decoding the data URIs a request carries (to check image limits on the bytes).
+Every endpoint, limit, enum and default of ``shared/api/vidu-q1-reference2video.md`` lives
+here, once, with the request model, its fingerprint, the pipeline's seed policy and the rules
+a submit body must meet. The client validates with it before spending money, the simulator
+answers 400 with it, and the catalog stage uses the same limits. The task-result answer is in
+task_result.py and image references (data URIs, redacted URLs) in image_refs.py. Nothing here
+does I/O except decoding the data URIs a request carries (to check image limits on the bytes).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import enum
 import hashlib
 import json
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+# Reading image references and the task-result answer live in their own modules; the client,
+# the simulator and the tests reach redact_url and the task-result names through the contract.
+from .image_refs import DATA_URI_RE, describe_images, image_digest, parse_data_uri, redact_url  # noqa: F401
+from .task_result import TERMINAL_STATUSES, TaskResult, TaskStatus, Video  # noqa: F401 - re-exported
 
 # --- endpoints -------------------------------------------------------------------------------
 
@@ -62,9 +66,6 @@ def seed_problem(value: object) -> str | None:
     return None
 
 
-_DATA_URI_RE = re.compile(r"^data:image/([A-Za-z0-9.+-]+);base64,", re.ASCII)
-
-
 class AspectRatio(str, enum.Enum):
     LANDSCAPE = "16:9"
     PORTRAIT = "9:16"
@@ -78,16 +79,8 @@ class MovementAmplitude(str, enum.Enum):
     LARGE = "large"
 
 
-class TaskStatus(str, enum.Enum):
-    QUEUED = "TASK_STATUS_QUEUED"
-    PROCESSING = "TASK_STATUS_PROCESSING"
-    SUCCEED = "TASK_STATUS_SUCCEED"
-    FAILED = "TASK_STATUS_FAILED"
-
-
 ASPECT_RATIOS = tuple(a.value for a in AspectRatio)
 MOVEMENT_AMPLITUDES = tuple(m.value for m in MovementAmplitude)
-TERMINAL_STATUSES = (TaskStatus.SUCCEED.value, TaskStatus.FAILED.value)
 
 # Output frame size per aspect ratio at 1080p.
 VIDEO_SIZES: dict[str, tuple[int, int]] = {
@@ -174,14 +167,6 @@ class GenerationRequest:
     __str__ = __repr__
 
 
-def image_digest(ref: str) -> str:
-    """Identity of one image reference: sha256 of the decoded bytes for a data URI (the same
-    image gives the same digest however it was encoded), the URL itself otherwise."""
-    if _DATA_URI_RE.match(ref):
-        return "sha256:" + hashlib.sha256(parse_data_uri(ref)[1]).hexdigest()
-    return "url:" + ref
-
-
 def payload_fingerprint(body: Mapping[str, Any]) -> str:
     """sha256 of a submit body with defaults filled in, keys sorted and images reduced to
     their digests: equal requests, equal prints — computable from image hashes alone."""
@@ -210,28 +195,6 @@ def expected_video_size(aspect_ratio: str, render_scale: float = 1.0) -> tuple[i
     return max(2, round(width * render_scale / 2) * 2), max(2, round(height * render_scale / 2) * 2)
 
 
-def describe_image_ref(ref: Any) -> str:
-    """A short, payload-free description of one image reference for messages and logs."""
-    if not isinstance(ref, str):
-        return type(ref).__name__
-    m = _DATA_URI_RE.match(ref)
-    if m:
-        return f"data:image/{m.group(1)};base64 ({len(ref) - m.end()} base64 chars)"
-    if ref.startswith("data:"):
-        return f"data URI ({len(ref)} chars)"
-    return redact_url(ref)
-
-
-def describe_images(images: Sequence[Any]) -> str:
-    return ", ".join(describe_image_ref(i) for i in images)
-
-
-def redact_url(url: str) -> str:
-    """Drop the query string (signed URLs carry credentials there) and cap the length."""
-    base = url.split("?", 1)[0]
-    return base if len(base) <= 200 else base[:200] + "…"
-
-
 # --- validation ------------------------------------------------------------------------------
 
 
@@ -246,18 +209,6 @@ class ImageFacts:
 
 # An inspector decodes image bytes and returns their facts, or raises ValueError with a reason.
 ImageInspector = Callable[[bytes], ImageFacts]
-
-
-def parse_data_uri(ref: str) -> tuple[str, bytes]:
-    """``data:image/<subtype>;base64,<payload>`` → (subtype, decoded bytes); ValueError if not."""
-    m = _DATA_URI_RE.match(ref)
-    if not m:
-        raise ValueError("not a data:image/<type>;base64, URI")
-    try:
-        raw = base64.b64decode(ref[m.end() :], validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"invalid base64 payload ({exc})") from None
-    return m.group(1).lower(), raw
 
 
 def image_dimension_problems(width: int, height: int) -> list[str]:
@@ -280,7 +231,7 @@ def validate_image_ref(field: str, ref: Any, inspect: ImageInspector | None) -> 
         return [] if len(ref) > len("https://") else [f"{field}: URL has no host"]
     if not ref.startswith("data:"):
         return [f"{field}: must be an http(s):// URL or a data:image/<type>;base64, URI"]
-    m = _DATA_URI_RE.match(ref)
+    m = DATA_URI_RE.match(ref)
     if not m:
         return [f"{field}: data URI must start with data:image/<png|jpeg|jpg|webp>;base64,"]
     subtype = m.group(1).lower()
@@ -360,124 +311,3 @@ def validate_payload(body: Any, inspect: ImageInspector | None = None) -> list[s
     for name in sorted(set(body) - known):
         problems.append(f"{name}: unknown field")
     return problems
-
-
-# --- the task result -------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Video:
-    url: str
-    ttl_seconds: int | None
-    type: str
-
-    def __repr__(self) -> str:  # the signed URL is a bearer credential for the file
-        return f"Video(url={redact_url(self.url)!r}, ttl_seconds={self.ttl_seconds}, type={self.type!r})"
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskResult:
-    """A parsed task-result body. ``status`` keeps the raw string: unknown values are kept."""
-
-    task_id: str
-    status: str
-    reason: str = ""
-    eta_seconds: float | None = None
-    progress_percent: float | None = None
-    seed: int | None = None
-    videos: tuple[Video, ...] = ()
-    debug_times_ms: dict[str, int] = dataclasses.field(default_factory=dict)
-
-    @property
-    def succeeded(self) -> bool:
-        return self.status == TaskStatus.SUCCEED.value
-
-    @property
-    def failed(self) -> bool:
-        return self.status == TaskStatus.FAILED.value
-
-    @property
-    def terminal(self) -> bool:
-        """Only the two documented end states are terminal; anything unknown keeps polling."""
-        return self.status in TERMINAL_STATUSES
-
-    @property
-    def known_status(self) -> bool:
-        return self.status in {s.value for s in TaskStatus}
-
-    @classmethod
-    def from_json(cls, body: Any) -> TaskResult:
-        """Parse defensively; raise ValueError naming the field when the shape is wrong."""
-        if not isinstance(body, Mapping):
-            raise ValueError(f"task-result body is {type(body).__name__}, not an object")
-        task = body.get("task")
-        if not isinstance(task, Mapping):
-            raise ValueError("task-result body has no 'task' object")
-        task_id = task.get("task_id")
-        status = task.get("status")
-        if not isinstance(task_id, str) or not task_id:
-            raise ValueError("task.task_id is missing or not a string")
-        if not isinstance(status, str) or not status:
-            raise ValueError("task.status is missing or not a string")
-        raw_extra = body.get("extra")
-        extra: Mapping[str, Any] = raw_extra if isinstance(raw_extra, Mapping) else {}
-        videos = []
-        raw_videos = body.get("videos") or []
-        if not isinstance(raw_videos, list):
-            raise ValueError("videos is not a list")
-        for i, v in enumerate(raw_videos):
-            if not isinstance(v, Mapping) or not isinstance(v.get("video_url"), str):
-                raise ValueError(f"videos[{i}].video_url is missing or not a string")
-            videos.append(
-                Video(
-                    url=v["video_url"],
-                    ttl_seconds=_as_int(v.get("video_url_ttl")),
-                    type=str(v.get("video_type") or "mp4"),
-                )
-            )
-        raw_debug = extra.get("debug_info")
-        debug: Mapping[str, Any] = raw_debug if isinstance(raw_debug, Mapping) else {}
-        debug_times = {
-            k: n
-            for k in ("submit_time_ms", "execute_time_ms", "complete_time_ms")
-            if (n := _as_int(debug.get(k))) is not None
-        }
-        return cls(
-            task_id=task_id,
-            status=status,
-            reason=str(task.get("reason") or ""),
-            eta_seconds=_as_float(task.get("eta")),
-            progress_percent=_as_float(task.get("progress_percent")),
-            seed=_as_int(extra.get("seed")),
-            videos=tuple(videos),
-            debug_times_ms=debug_times,
-        )
-
-
-def _as_int(value: Any) -> int | None:
-    """Gateways send numbers as strings or ints; accept both, ignore anything else."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            return None
-    return None
-
-
-def _as_float(value: Any) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            return None
-    return None

@@ -18,9 +18,9 @@ from pathlib import Path
 import requests
 
 from . import contract, errors
-from .contract import TaskResult
 from .deadline import Call, deadline
 from .http_session import _TRANSFER_ERRORS, RetryPolicy, _exc_name, _int_header
+from .task_result import TaskResult
 
 # The client's logger: these lines are the client's, wherever the code lives.
 log = logging.getLogger("vidu_pipeline.api.client")

@@ -5,6 +5,6 @@ keeps its tasks on disk across restarts, and misbehaves on request for tests and
 """
 
 from .faults import FaultConfig
-from .server import Simulator, SimulatorConfig
+from .service import Simulator, SimulatorConfig
 
 __all__ = ["FaultConfig", "Simulator", "SimulatorConfig"]

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .faults import FaultConfig
-from .server import Simulator, SimulatorConfig
+from .service import Simulator, SimulatorConfig
 
 API_KEY_ENV = "VIDU_SIMULATOR_API_KEY"
 

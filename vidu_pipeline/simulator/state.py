@@ -25,7 +25,7 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
-from ..api.contract import TaskStatus
+from ..api.task_result import TaskStatus
 
 
 @dataclasses.dataclass
