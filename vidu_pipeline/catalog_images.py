@@ -82,9 +82,7 @@ def _examine_sources(
     todo = [(p, False) for p in local if p not in results] + [(u, True) for u in urls]
     session = http_session
     if urls and session is None:
-        import requests
-
-        session = requests.Session()
+        session = img.url_session()
     new_verdicts: dict[str, img.ImageVerdict] = {}
     new_files = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
