@@ -91,8 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
             help="folder for the cache, ledger, videos and lineage (default: data)",
         )
 
+    def ledger_url_arg(p):
+        p.add_argument(
+            "--ledger-url",
+            default=os.environ.get("VIDU_LEDGER_URL", "").strip(),
+            help="the ledger's SQLAlchemy URL, e.g. postgresql+psycopg://USER:PASSWORD@HOST:5432/DB "
+            "(env VIDU_LEDGER_URL; default: SQLite in the data folder)",
+        )
+
     g = sub.add_parser("generate", help="run the whole pipeline on a catalog until every request has ended")
     data_dir_arg(g)
+    ledger_url_arg(g)
     g.add_argument("--catalog", help="catalog folder (default: <data-dir>/catalog)")
     g.add_argument("--seeds", type=parse_seeds, help="override the sweep's seeds, e.g. 1-4 or 1,2,7")
     g.add_argument("--dry-run", action="store_true", help="validate and plan; submit nothing")
@@ -121,10 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="counts by ledger state, the oldest pending task, the unknown ones")
     data_dir_arg(s)
+    ledger_url_arg(s)
     s.add_argument("--json", action="store_true")
 
     r = sub.add_parser("reproduce", help="submit a finished request again (one paid task) and compare the video")
     data_dir_arg(r)
+    ledger_url_arg(r)
     r.add_argument("request_id")
     r.add_argument("--yes", action="store_true", help="submit without asking (needed when stdin is not a terminal)")
     r.add_argument("--max-tasks", type=non_negative, help="cap as for generate (env VIDU_MAX_TASKS_PER_RUN)")
