@@ -64,7 +64,7 @@ class VideosMixin(LedgerBase):
                 new = self._insert(video_claims_table).values(
                     request_id=request_id, task_id=task_id, collector=collector, claimed_at=now
                 )
-                won = conn.execute(new.on_conflict_do_nothing()).rowcount == 1
+                won = conn.execute(new.on_conflict_do_nothing().returning(c.request_id)).first() is not None
             elif held.collector == collector or _claim_expired(held, now, lease_s, collector_alive):
                 take = (
                     update(video_claims_table)
