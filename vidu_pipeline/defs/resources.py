@@ -14,6 +14,7 @@ from ..api.client import ViduClient
 from ..api.contract import DEFAULT_BASE_URL
 from ..images import ImageCache
 from ..ledger import Ledger, SpendCaps
+from ..ledger.url import ENV_LEDGER_URL
 from ..lineage import LineageStore
 from ..tasks import PollingPolicy
 
@@ -37,7 +38,12 @@ class PipelineResource(ConfigurableResource):
 
     data_dir: str = Field(default="data", description="Folder for the cache, ledger, videos and lineage.")
     catalog_dir: str = Field(default="", description="Catalog folder; default <data_dir>/catalog.")
-    ledger_url: str = Field(default="", description="SQLAlchemy URL; default SQLite in <data_dir>.")
+    ledger_url: str = Field(
+        default="",
+        repr=False,
+        description="The ledger's SQLAlchemy URL (e.g. postgresql+psycopg://…); empty: VIDU_LEDGER_URL, "
+        "else SQLite in <data_dir>. Prefer the environment variable: a password here shows in the UI.",
+    )
     strict_images: bool = Field(default=False, description="Reject images that would need fixing.")
     allow_outside_paths: bool = Field(default=False, description="Let catalog paths leave the catalog folder.")
     retry_budget: int = Field(default=3, ge=1, description="Submit attempts per request, first included.")
@@ -97,7 +103,10 @@ class PipelineResource(ConfigurableResource):
 
     @property
     def ledger_location(self) -> str:
-        return self.ledger_url or f"sqlite:///{self.root / 'ledger.sqlite'}"
+        """The field, else VIDU_LEDGER_URL (read when used, so ``dagster dev`` and its runs
+        honour it), else SQLite in the data folder."""
+        from_env = os.environ.get(ENV_LEDGER_URL, "").strip()
+        return self.ledger_url or from_env or f"sqlite:///{self.root / 'ledger.sqlite'}"
 
     def ledger(self) -> Ledger:
         self.root.mkdir(parents=True, exist_ok=True)

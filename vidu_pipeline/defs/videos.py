@@ -21,6 +21,7 @@ from dagster import (
     asset_check,
 )
 
+from .. import tasks
 from ..generation_requests import RequestSpec
 from ..ledger import FAILED, SUCCEEDED, UNKNOWN
 from ..videos import CollectedVideo, collect_video, lineage_row
@@ -50,6 +51,7 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
     ledger = pipeline.ledger()
     broken: list[str] = []
     collected: list[str] = []
+    collector = tasks.owner_id(context.run_id)  # who downloads: one worker per video
     with vidu.get_client(pipeline.simulator_state_dir) as (client, endpoint):
         for key in config.select(context.partition_keys):
             row = ledger.get(key)
@@ -58,6 +60,12 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
                 continue
             if row.video_sha256:
                 context.log.info(f"{key}: video already stored at {row.video_path}")
+                continue
+            held = ledger.claim_video(
+                key, task_id=row.task_id or "", collector=collector, collector_alive=tasks.owner_alive
+            )
+            if held:
+                context.log.info(f"{key}: not downloaded here: {held}")
                 continue
             try:
                 video = collect_video(
@@ -70,6 +78,7 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
                     reference_bytes=pipeline.image_cache().get_bytes,
                 )
             except Exception as exc:  # one bad video must not cost the batch its other videos
+                ledger.release_video_claim(key, collector=collector)
                 broken.append(f"{key}: {type(exc).__name__}: {exc}")
                 context.log.error(f"{key}: {exc}")
                 continue
