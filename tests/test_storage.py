@@ -1,0 +1,78 @@
+"""The storage root: a local folder or an fsspec URL, addressed by relative paths, written atomically."""
+
+import os
+import sys
+import uuid
+
+import fsspec.registry  # noqa: F401  (loaded before it is patched)
+import pytest
+
+from vidu_pipeline.api.errors import ConfigurationError
+from vidu_pipeline.storage import StorageRoot
+
+
+@pytest.fixture(params=["local", "memory"])
+def root(request, tmp_path) -> StorageRoot:
+    if request.param == "local":
+        return StorageRoot(tmp_path / "store")
+    return StorageRoot(f"memory://test-{uuid.uuid4().hex}/dataset")
+
+
+def test_write_read_list_delete_by_relative_path(root, tmp_path):
+    local = tmp_path / "finished.mp4"
+    local.write_bytes(b"video bytes")
+    url = root.put_file(local, "videos/a.mp4")
+    root.write_bytes("videos/b.mp4", b"other")
+    root.write_bytes("thumbnails/a.png", b"png")
+    assert local.exists()  # copied, not consumed
+    assert root.read_bytes("videos/a.mp4") == b"video bytes"
+    assert root.list("videos") == ["videos/a.mp4", "videos/b.mp4"]
+    assert root.list("videos", ".png") == []
+    assert root.list("absent") == []
+    assert root.relative(url) == "videos/a.mp4"
+    assert root.exists("videos/a.mp4") and not root.exists("videos/c.mp4")
+    root.delete("videos/a.mp4")
+    root.delete("videos/a.mp4")  # already gone: not an error
+    assert root.list("videos") == ["videos/b.mp4"]
+
+
+def test_put_file_move_consumes_the_local_file(root, tmp_path):
+    local = tmp_path / "staging.download"
+    local.write_bytes(b"x" * 1000)
+    root.put_file(local, "videos/a.mp4", move=True)
+    assert not local.exists()
+    assert root.read_bytes("videos/a.mp4") == b"x" * 1000
+
+
+def test_names_are_relative_to_the_root(root):
+    assert root.relative(root.url("videos/a.mp4")) == "videos/a.mp4"
+    assert root.relative("/elsewhere/videos/a.mp4") is None
+    assert root.relative("memory://another-bucket/videos/a.mp4") is None
+    for bad in ("", "/abs/a.mp4", "../a.mp4", "videos/../../a.mp4"):
+        with pytest.raises(ValueError, match="relative path"):
+            root.url(bad)
+
+
+def test_local_root_accepts_a_file_url_and_writes_atomically(tmp_path):
+    root = StorageRoot(f"file://{tmp_path}/store")
+    assert root.is_local and root.location == str(tmp_path / "store")
+    root.write_bytes("videos/a.mp4", b"1")
+    root.write_bytes("videos/a.mp4", b"2")  # replaced whole
+    assert (tmp_path / "store" / "videos" / "a.mp4").read_bytes() == b"2"
+    assert os.listdir(tmp_path / "store" / "videos") == ["a.mp4"]  # no temp file left
+    assert root.relative(str(tmp_path / "store" / "videos" / "a.mp4")) == "videos/a.mp4"
+    assert root.relative("s3://bucket/videos/a.mp4") is None
+
+
+def test_unknown_protocol_is_one_clear_line():
+    with pytest.raises(ConfigurationError) as caught:
+        StorageRoot("nosuchproto://bucket/x")
+    assert "unknown protocol 'nosuchproto'" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_missing_s3fs_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # import s3fs now fails
+    monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "s3", raising=False)
+    with pytest.raises(ConfigurationError) as caught:
+        StorageRoot("s3://bucket/prefix")
+    assert "pip install 'vidu-pipeline[s3]'" in str(caught.value) and "\n" not in str(caught.value)
