@@ -26,14 +26,14 @@ import shutil
 import sys
 import tarfile
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from . import card
-from .lineage import LineageStore
+from .lineage import LineageStore, LineageTable
 from .quality import Thresholds
 
 DEFAULT_SHARD_SIZE = 100  # samples per tar shard
@@ -89,7 +89,7 @@ class ExportSummary:
     missing: tuple[str, ...]  # request ids whose video file is gone from the data dir
 
 
-def current_dataset(store: LineageStore) -> pd.DataFrame:
+def current_dataset(store: LineageTable) -> pd.DataFrame:
     """One row per request with a verified video (latest state), sorted by request id.
 
     Only videos of ``<data_dir>/videos``: a reproduction (``reproduce``, stored under
@@ -98,10 +98,20 @@ def current_dataset(store: LineageStore) -> pd.DataFrame:
     table = store.read()
     if not len(table):
         return table
-    videos_dir = store.data_root / "videos"
-    in_videos = table["video_path"].map(lambda p: isinstance(p, str) and Path(p).parent == videos_dir)
+    in_videos = table["video_path"].map(
+        lambda p: isinstance(p, str) and _in_videos_folder(store.relative_video_path(p))
+    )
     ok = (table["state"] == "succeeded") & table["video_sha256"].notna() & in_videos
     return table[ok].sort_values("request_id").reset_index(drop=True)
+
+
+def _in_videos_folder(relative: str | None) -> bool:
+    """``videos/<file>`` relative to the storage root (not a reproduction, not outside)."""
+    return (
+        isinstance(relative, str)
+        and not os.path.isabs(relative)
+        and PurePosixPath(relative).parent.as_posix() == "videos"
+    )
 
 
 def plain(value: Any) -> Any:
@@ -129,7 +139,7 @@ def sample_record(row: pd.Series, thresholds: Thresholds) -> dict[str, Any]:
 
 
 def export(
-    store: LineageStore,
+    store: LineageTable,
     out_dir: str | os.PathLike,
     *,
     shard_size: int = DEFAULT_SHARD_SIZE,
@@ -185,6 +195,9 @@ def _place_video(source: Path, dest: Path, sha256: str) -> bool:
     except OSError:  # another file system, or links not allowed
         shutil.copyfile(source, tmp)
     os.replace(tmp, dest)
+    # rename(2) does nothing when both names are links to one file (another exporter linked
+    # the same source there first): the temp name is then still there.
+    tmp.unlink(missing_ok=True)
     return True
 
 
