@@ -1,5 +1,6 @@
 """The storage root: a local folder or an fsspec URL, addressed by relative paths, written atomically."""
 
+import datetime as dt
 import os
 import sys
 import uuid
@@ -8,6 +9,7 @@ import fsspec.registry  # noqa: F401  (loaded before it is patched)
 import pytest
 
 from vidu_pipeline.api.errors import ConfigurationError
+from vidu_pipeline.lineage import ObjectLineageStore, open_lineage
 from vidu_pipeline.storage import StorageRoot
 
 
@@ -76,3 +78,34 @@ def test_missing_s3fs_says_what_to_install(monkeypatch):
     with pytest.raises(ConfigurationError) as caught:
         StorageRoot("s3://bucket/prefix")
     assert "pip install 'vidu-pipeline[s3]'" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_lineage_on_an_object_store_is_put_only_and_relative():
+    storage = StorageRoot(f"memory://test-{uuid.uuid4().hex}/dataset")
+    store = open_lineage(storage)
+    assert isinstance(store, ObjectLineageStore)
+    store.append([{"request_id": "a", "state": "unknown"}])
+    store.append([{"request_id": "a", "state": "succeeded", "video_path": storage.url("videos/a.mp4")}])
+    store.append([{"request_id": "b", "state": "failed", "video_path": "/elsewhere/b.mp4"}])
+    assert len(store.parts()) == 3 and all(p.startswith("lineage/part-") for p in store.parts())
+    merged = store.compact()
+    assert store.parts() == [storage.relative(merged)]
+    raw = storage.fs.cat_file(storage.fs_path(store.parts()[0]))
+    assert b"videos/a.mp4" in raw and storage.location.encode() not in raw  # relative, not the URL
+    table = store.read().set_index("request_id")
+    assert table.loc["a", "state"] == "succeeded" and table.loc["a", "video_path"] == storage.url("videos/a.mp4")
+    assert table.loc["b", "video_path"] == "/elsewhere/b.mp4"  # outside the root: kept as given
+
+
+def test_object_store_compaction_touches_only_the_parts_it_read():
+    storage = StorageRoot(f"memory://test-{uuid.uuid4().hex}/dataset")
+    store = ObjectLineageStore(storage)
+    for i in range(3):
+        store.append([{"request_id": f"r{i}"}])
+    read_first = store.parts()
+    late = store.append([{"request_id": "late"}])  # lands after the listing a compaction made
+    merged = store._put(store._read_listed(read_first), dt.datetime.now(dt.UTC))  # a compaction's two steps
+    for part in read_first:
+        storage.delete(part)
+    assert sorted(store.parts()) == sorted([storage.relative(merged), storage.relative(late)])
+    assert sorted(store.read()["request_id"]) == ["late", "r0", "r1", "r2"]

@@ -28,8 +28,15 @@ def check_endpoint_settings() -> None:
 
 
 def pipeline_from_args(args) -> PipelineResource:
+    pipeline = _pipeline_from_args(args)
+    pipeline.storage()  # an unknown protocol or a missing s3fs: one line, before anything is recorded
+    return pipeline
+
+
+def _pipeline_from_args(args) -> PipelineResource:
     return PipelineResource(
         data_dir=str(Path(args.data_dir).resolve()),
+        storage_root=getattr(args, "storage_root", None) or "",  # else VIDU_STORAGE_ROOT, else data_dir
         catalog_dir=str(Path(args.catalog).resolve()) if getattr(args, "catalog", None) else "",
         strict_images=getattr(args, "strict_images", False),
         allow_outside_paths=getattr(args, "allow_outside_paths", False),
