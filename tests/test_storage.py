@@ -136,3 +136,31 @@ def test_export_reads_the_videos_of_an_object_store_root(tmp_path):
         assert tar.extractfile("kept.mp4").read() == b"not really a video"  # type: ignore[union-attr]
     again = export.export(store, tmp_path / "out", shard_size=2)
     assert (again.videos_written, again.shards_written) == (0, 0)  # unchanged: nothing fetched again
+
+
+def test_values_between_assets_are_kept_on_an_object_store_root(tmp_path):
+    """Another worker (here: another Dagster instance) loads what one run stored on the root."""
+    from dagster import AssetKey, DagsterInstance, asset, materialize
+
+    from vidu_pipeline.defs.resources import PipelineResource
+    from vidu_pipeline.defs.storage_io import IO_FOLDER, storage_io_managers
+
+    @asset
+    def upstream() -> dict:
+        return {"subjects": ["cat", "dog"]}
+
+    @asset
+    def downstream(upstream: dict) -> int:
+        return len(upstream["subjects"])
+
+    url = f"memory://test-{uuid.uuid4().hex}/dataset"
+    pipeline = PipelineResource(data_dir=str(tmp_path / "data"), storage_root=url)
+    resources = storage_io_managers(pipeline)
+    first = materialize([upstream], resources=resources, instance=DagsterInstance.ephemeral())
+    assert first.success and StorageRoot(url).list(IO_FOLDER) == [f"{IO_FOLDER}/upstream"]
+    second = materialize(
+        [upstream, downstream], selection=[downstream.key], resources=resources, instance=DagsterInstance.ephemeral()
+    )
+    assert second.success and second.output_for_node("downstream") == 2
+    assert StorageRoot(url).exists(f"{IO_FOLDER}/{AssetKey('downstream').path[0]}")
+    assert storage_io_managers(PipelineResource(data_dir=str(tmp_path / "data"))) == {}  # local: Dagster's default
