@@ -34,6 +34,8 @@ def test_write_read_list_delete_by_relative_path(root, tmp_path):
     assert root.list("absent") == []
     assert root.relative(url) == "videos/a.mp4"
     assert root.exists("videos/a.mp4") and not root.exists("videos/c.mp4")
+    assert root.holds(url) and not root.holds(root.url("videos/c.mp4"))
+    assert root.holds(local) and not root.holds(tmp_path / "absent.mp4")  # outside the root: the local disk
     root.delete("videos/a.mp4")
     root.delete("videos/a.mp4")  # already gone: not an error
     assert root.list("videos") == ["videos/b.mp4"]

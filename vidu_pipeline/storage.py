@@ -139,6 +139,14 @@ class StorageRoot:
     def exists(self, relative: str) -> bool:
         return bool(self.fs.exists(self._path(relative)))
 
+    def holds(self, location: str | os.PathLike[str]) -> bool:
+        """The file named by ``location`` (as a ledger or lineage row names it) is there: under
+        the root through the root's file system, elsewhere (a local reproduction) on local disk."""
+        inside = self.relative(location)
+        if inside is not None:
+            return self.exists(inside)
+        return not is_url(location) and os.path.exists(location)
+
     def list(self, folder: str, suffix: str = "") -> list[str]:
         """Relative paths of the files directly in ``folder`` whose name ends with ``suffix``,
         sorted; hidden (dot) files — temp files — excluded; [] when the folder is absent."""

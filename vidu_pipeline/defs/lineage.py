@@ -1,7 +1,6 @@
 """Stage 6: the Parquet lineage table (one row per request that reached an end) and the checks
 a dataset user reads before trusting it."""
 
-import os
 from pathlib import PurePosixPath
 
 import pandas as pd
@@ -104,8 +103,7 @@ def _files_against_rows(storage: StorageRoot, recorded_paths: set[str]) -> list[
         if rel not in recorded:
             problems.append(f"{PurePosixPath(rel).name}: file without a lineage row")
     for path in sorted(recorded_paths):
-        inside = storage.relative(path)
-        if not (storage.exists(inside) if inside is not None else os.path.exists(path)):
+        if not storage.holds(path):
             problems.append(f"{path}: lineage row without its file")
     return problems
 
