@@ -156,3 +156,48 @@ def test_values_between_assets_go_to_the_bucket(tmp_path, bucket_url):
         [upstream, downstream], selection=[downstream.key], resources=resources, instance=DagsterInstance.ephemeral()
     )
     assert again.success and again.output_for_node("downstream") == 3
+
+
+def test_appends_and_compactions_at_once_lose_no_row(bucket_url):
+    """Workers append while two others compact and one reads, with no lock: every row is read."""
+    import concurrent.futures as cf
+    import threading
+
+    writing, merges, reads = threading.Event(), [], []
+
+    def writer(w: int) -> list[str]:
+        """Appends until compactions and a read have run meanwhile (at most 100 rows)."""
+        store, written = ObjectLineageStore(StorageRoot(bucket_url)), []
+        for i in range(100):
+            store.append([{"request_id": f"w{w}-{i}", "state": "succeeded"}])
+            written.append(f"w{w}-{i}")
+            if len(merges) >= 2 and reads:
+                break
+        return written
+
+    def compactor() -> None:
+        store = ObjectLineageStore(StorageRoot(bucket_url))
+        while writing.is_set():
+            if store.compact() is not None:
+                merges.append(writing.is_set())
+
+    def reader() -> None:
+        store = ObjectLineageStore(StorageRoot(bucket_url))
+        while writing.is_set():
+            store.read()  # parts may vanish under it
+            reads.append(writing.is_set())
+
+    writing.set()
+    with cf.ThreadPoolExecutor(max_workers=7) as pool:
+        others = [pool.submit(compactor), pool.submit(compactor), pool.submit(reader)]
+        written = [row for done in [pool.submit(writer, w) for w in range(4)] for row in done.result()]
+        writing.clear()
+        for other in others:
+            other.result()
+    table = ObjectLineageStore(StorageRoot(bucket_url)).read()
+    print(
+        f"4 writers, 2 compactors, 1 reader at once: {len(written)} rows appended, "
+        f"{merges.count(True)} compactions and {reads.count(True)} reads while appending, {len(table)} rows read"
+    )
+    assert merges.count(True) >= 1 and reads.count(True) >= 1  # they really overlapped
+    assert sorted(table["request_id"]) == sorted(written)

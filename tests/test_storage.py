@@ -166,3 +166,18 @@ def test_values_between_assets_are_kept_on_an_object_store_root(tmp_path):
     assert second.success and second.output_for_node("downstream") == 2
     assert StorageRoot(url).exists(f"{IO_FOLDER}/{AssetKey('downstream').path[0]}")
     assert storage_io_managers(PipelineResource(data_dir=str(tmp_path / "data"))) == {}  # local: Dagster's default
+
+
+def test_object_store_compaction_skips_a_part_merged_away_meanwhile(monkeypatch):
+    """A part listed, then removed by another compaction before it was read: the rest merge."""
+    storage = StorageRoot(f"memory://test-{uuid.uuid4().hex}/dataset")
+    store = ObjectLineageStore(storage)
+    for i in range(3):
+        store.append([{"request_id": f"r{i}"}])
+    listed = store.parts()
+    gone = "lineage/part-00000000T000000000000Z-merged-away.parquet"
+    monkeypatch.setattr(store, "parts", lambda: [gone, *listed])
+    merged = store.compact()
+    monkeypatch.undo()
+    assert merged is not None and store.parts() == [storage.relative(merged)]
+    assert sorted(store.read()["request_id"]) == ["r0", "r1", "r2"]

@@ -316,15 +316,23 @@ class ObjectLineageStore(LineageTable):
             return self.storage.put_file(local, f"{self.folder}/{name}", move=True)
 
     def compact(self) -> str | None:
-        """Merge the parts listed now into one new part, then delete exactly those parts.
+        """Merge the parts listed now into one new part, then delete exactly the parts it read.
 
-        No lock: a part appended meanwhile is not touched, and two compactions at once only
-        leave duplicate rows, which reads resolve. Returns the merged part's URL, or None."""
-        parts = self.parts()
-        if len(parts) < 2:
+        No lock: a part appended meanwhile is not touched, a part another compaction removed
+        meanwhile is skipped (its merged part holds the rows), and two compactions reading the
+        same part only leave duplicate rows, which reads resolve. Returns the merged part's URL,
+        or None when there was nothing to merge."""
+        read = self.parts()
+        if len(read) < 2:
             return None
-        merged = self._put(self._read_listed(parts), dt.datetime.now(dt.UTC))
-        for part in parts:
+        try:
+            table = self._read_listed(read)
+        except FileNotFoundError:  # some were merged meanwhile by another compaction: take the rest
+            table, read = self._read_each(read)
+            if len(read) < 2:
+                return None
+        merged = self._put(table, dt.datetime.now(dt.UTC))
+        for part in read:
             self.storage.delete(part)
         return merged
 
@@ -337,6 +345,17 @@ class ObjectLineageStore(LineageTable):
             return SCHEMA.empty_table()
         paths = [self.storage.fs_path(p) for p in parts]
         return ds.dataset(paths, schema=SCHEMA, format="parquet", filesystem=self.storage.fs).to_table()
+
+    def _read_each(self, parts: list[str]) -> tuple[pa.Table, list[str]]:
+        """The parts still there, one by one, and which they were."""
+        tables, read = [], []
+        for part in parts:
+            try:
+                tables.append(self._read_listed([part]))
+            except FileNotFoundError:  # its rows are in another compaction's merged part
+                continue
+            read.append(part)
+        return (pa.concat_tables(tables) if tables else SCHEMA.empty_table()), read
 
     def _read_parts(self) -> pa.Table:
         for _ in range(self.READ_TRIES - 1):
