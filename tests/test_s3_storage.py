@@ -63,8 +63,10 @@ def test_generate_puts_the_dataset_in_the_bucket(tmp_path, bucket_url):
         DAGSTER_HOME=str(tmp_path / "dagster_home"),
         VIDU_SIMULATOR_RENDER_SCALE="0.1",
         VIDU_STORAGE_ROOT=bucket_url,
+        TMPDIR=str(tmp_path / "tmp"),
         **s3_settings(),
     )
+    (tmp_path / "tmp").mkdir()
     data = tmp_path / "data"
     args = ["generate", "--catalog", str(tmp_path / "catalog"), "--data-dir", str(data), "--no-contact-sheet"]
     done = subprocess.run(
@@ -86,6 +88,7 @@ def test_generate_puts_the_dataset_in_the_bucket(tmp_path, bucket_url):
     assert len(videos) == 10 and len(thumbnails) == 10 and parts
     assert not list((data / "videos").glob("*.mp4")) if (data / "videos").exists() else True
     assert not (data / "lineage").exists()  # nothing of the dataset on the local disk
+    assert not list((tmp_path / "tmp").glob("vidu-pipeline-scratch-*"))  # the local scratch copies are gone
 
     # The lineage read straight from the bucket with pyarrow: relative paths that resolve
     # under the root to the very bytes recorded; no file without a row.

@@ -181,3 +181,51 @@ def test_object_store_compaction_skips_a_part_merged_away_meanwhile(monkeypatch)
     monkeypatch.undo()
     assert merged is not None and store.parts() == [storage.relative(merged)]
     assert sorted(store.read()["request_id"]) == ["r0", "r1", "r2"]
+
+
+def test_collect_video_puts_the_verified_file_under_an_object_store_root(tmp_path, monkeypatch):
+    """The store step on a URL root: verified locally, then one PUT of the video and its
+    thumbnail; the ledger names the object; a failed PUT records nothing (downloaded again)."""
+    import time
+
+    from support import plan_catalog
+
+    from vidu_pipeline import tasks
+    from vidu_pipeline.api.client import ViduClient
+    from vidu_pipeline.ledger import SpendCaps
+    from vidu_pipeline.mp4 import probe_video
+    from vidu_pipeline.simulator import Simulator, SimulatorConfig
+    from vidu_pipeline.storage import StorageError
+    from vidu_pipeline.videos import collect_video
+
+    monkeypatch.setenv("VIDU_SIMULATOR_RENDER_SCALE", "0.1")
+    pipeline, [rid] = plan_catalog(tmp_path)
+    ledger, root = pipeline.ledger(), StorageRoot(f"memory://test-{uuid.uuid4().hex}/dataset")
+    config = SimulatorConfig(api_key="storage-test-key", latency_s=0.1, render_scale=0.1, state_dir=tmp_path / "sim")
+    with Simulator(config) as sim, ViduClient("storage-test-key", sim.base_url) as client:
+        [out] = tasks.submit_requests(
+            ledger, client, [rid], data_uri_for=pipeline.image_cache().data_uri,
+            caps=SpendCaps(None, None, "t"), owner="o:1:t", retry_budget=3,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not client.get_task_result(out.task_id).terminal and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert tasks.poll_due(ledger, client, now=10**10).succeeded == [rid]
+
+        def refused(*args, **kwargs):
+            raise PermissionError(13, "Access Denied")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(StorageRoot, "put_file", refused)
+            with pytest.raises(StorageError, match="downloaded again"):
+                collect_video(ledger, client, rid, videos_dir=root.url("videos"), render_scale=0.1)
+        row = ledger.get(rid)
+        assert row is not None and row.video_sha256 is None and root.list("videos") == []
+
+        video = collect_video(ledger, client, rid, videos_dir=root.url("videos"), render_scale=0.1)
+    row = ledger.get(rid)
+    assert row is not None and row.video_path == root.url(f"videos/{rid}.mp4")
+    assert root.list("videos") == [f"videos/{rid}.mp4"] and root.list("thumbnails") == [f"thumbnails/{rid}.png"]
+    assert hashlib.sha256(root.read_bytes(f"videos/{rid}.mp4")).hexdigest() == row.video_sha256
+    assert probe_video(video.path).sha256 == row.video_sha256  # the local verified copy the UI thumbnail reads
+    assert not (pipeline.root / "videos").exists() or not list((pipeline.root / "videos").iterdir())
