@@ -33,10 +33,12 @@ def check_endpoint_settings() -> None:
 
 
 def pipeline_from_args(args) -> PipelineResource:
-    """The resource for a command; its ledger URL checked (and reached) before anything runs."""
+    """The resource for a command; its storage root and ledger URL checked (the ledger reached)
+    before anything runs."""
     pipeline = PipelineResource(
         data_dir=str(Path(args.data_dir).resolve()),
         ledger_url=getattr(args, "ledger_url", "") or "",
+        storage_root=getattr(args, "storage_root", None) or "",  # else VIDU_STORAGE_ROOT, else data_dir
         catalog_dir=str(Path(args.catalog).resolve()) if getattr(args, "catalog", None) else "",
         strict_images=getattr(args, "strict_images", False),
         allow_outside_paths=getattr(args, "allow_outside_paths", False),
@@ -46,6 +48,7 @@ def pipeline_from_args(args) -> PipelineResource:
         resubmit_unknown=getattr(args, "resubmit_unknown", False),
         seeds=getattr(args, "seeds", None) or [],
     )
+    pipeline.storage()  # an unknown protocol or a missing s3fs: one line, before anything is recorded
     check_ledger_reachable(pipeline.ledger_location)
     return pipeline
 
