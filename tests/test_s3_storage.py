@@ -19,6 +19,7 @@ from vidu_pipeline import export
 from vidu_pipeline.defs.checks import ALL_CHECKS
 from vidu_pipeline.defs.lineage import lineage
 from vidu_pipeline.defs.resources import PipelineResource
+from vidu_pipeline.defs.videos import _video_problem
 from vidu_pipeline.lineage import SCHEMA, ObjectLineageStore
 from vidu_pipeline.storage import StorageRoot
 
@@ -114,12 +115,28 @@ def test_generate_puts_the_dataset_in_the_bucket(tmp_path, bucket_url):
     assert checks.get("lineage_complete") is True, checks
     assert len(storage.list("lineage", ".parquet")) == 1  # compacted
     assert len(pipeline.lineage().read()) == 10
+    # videos_verified's rule finds each recorded video under the root (not on the local disk).
+    rows = pipeline.ledger().rows()
+    assert len(rows) == 10 and [(r.request_id, _video_problem(r, pipeline)) for r in rows] == [
+        (r.request_id, None) for r in rows
+    ]
 
     # The export of the bucket's dataset: every clip, byte for byte.
     summary = export.export(pipeline.lineage(), tmp_path / "export")
     assert (summary.samples, summary.missing) == (10, ())
     for path in sorted((tmp_path / "export" / "videofolder").glob("*.mp4")):
         assert path.read_bytes() == storage.read_bytes(f"videos/{path.name}")
+
+    # The command line takes the root as a flag too (here without VIDU_STORAGE_ROOT).
+    env.pop("VIDU_STORAGE_ROOT")
+    out = tmp_path / "export-cli"
+    exported = subprocess.run(
+        [sys.executable, "-m", "vidu_pipeline.cli", "export", "--data-dir", str(data), "--out", str(out),
+         "--storage-root", bucket_url],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert len(list((out / "videofolder").glob("*.mp4"))) == 10
 
 
 def test_lineage_compaction_on_s3_loses_no_row(bucket_url):

@@ -308,10 +308,13 @@ def _temp_beside(path: Path) -> Path:
 # --- command line ---------------------------------------------------------------------------
 
 
-def command(data_dir: str, out: str | None, shard_size: int, catalog: str | None) -> int:
-    """``vidu-pipeline export``: export the data dir's current dataset, print what was written."""
+def command(
+    data_dir: str, out: str | None, shard_size: int, catalog: str | None, storage_root: str | None = None
+) -> int:
+    """``vidu-pipeline export``: export the data dir's current dataset, print what was written.
+    ``storage_root``: where the dataset is (default ``VIDU_STORAGE_ROOT``, else the data dir)."""
     root = Path(data_dir).resolve()
-    storage = StorageRoot(os.environ.get(ENV_STORAGE_ROOT, "").strip() or root)
+    storage = StorageRoot(storage_root or os.environ.get(ENV_STORAGE_ROOT, "").strip() or root)
     lineage_url = storage.url("lineage")
     if storage.is_local and not Path(lineage_url).is_dir():  # checked before the store makes the folder
         raise ExportProblem(f"{lineage_url}: no lineage table; run `vidu-pipeline generate` first")

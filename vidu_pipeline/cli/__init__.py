@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from ..export import command as export_command
 
-            return export_command(args.data_dir, args.out, args.shard_size, args.catalog)
+            return export_command(args.data_dir, args.out, args.shard_size, args.catalog, args.storage_root)
         return reproduce(args)
     except (CatalogProblem, errors.ConfigurationError, ExportProblem) as exc:
         return fail(str(exc), EXIT_USAGE)

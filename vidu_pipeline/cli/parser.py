@@ -93,11 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _common(p: argparse.ArgumentParser, *, ledger: bool = True) -> None:
-    """The data folder, and the ledger's URL for the commands that read or write the ledger."""
+    """The data folder and the storage root, and the ledger's URL for the commands that read
+    or write the ledger."""
     p.add_argument(
         "--data-dir",
         default=os.environ.get("VIDU_DATA_DIR", "data"),
         help="folder for the cache, ledger, videos and lineage (default: data)",
+    )
+    p.add_argument(
+        "--storage-root",
+        default=os.environ.get("VIDU_STORAGE_ROOT", "").strip(),
+        help="where the dataset goes (videos, thumbnails, lineage): a folder or an fsspec URL such as "
+        "s3://bucket/prefix (env VIDU_STORAGE_ROOT; default: the data folder)",
     )
     if ledger:
         p.add_argument(

@@ -244,6 +244,6 @@ def _video_problem(row, pipeline: PipelineResource) -> str | None:
     problems = (row.probe or {}).get("problems")
     if problems:
         return "mismatched: " + "; ".join(problems)
-    if not row.video_path or not os.path.exists(row.video_path):
+    if not row.video_path or not pipeline.storage().holds(row.video_path):
         return f"video file missing: {row.video_path}"
     return None
