@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from postgres_db import fresh_database
+from s3_bucket import fresh_bucket, s3_settings
 from sqlalchemy.engine import make_url
 
 from vidu_pipeline.ledger import PLANNED, SUBMITTING, SUCCEEDED, Ledger
@@ -46,9 +47,12 @@ telemetry:
 """
 
 
-def start_worker(work: Path, sim: SimulatorProcess, ledger_url: str, storage_url: str = "") -> subprocess.Popen:
+def start_worker(
+    work: Path, sim: SimulatorProcess, ledger_url: str, storage_url: str = "", bucket_url: str = ""
+) -> subprocess.Popen:
     """One worker: its own folders; the ledger URL from the environment, as a deployment sets it.
-    Given ``storage_url``, its Dagster instance keeps runs and events in that database."""
+    Given ``storage_url``, its Dagster instance keeps runs and events in that database; given
+    ``bucket_url``, the dataset goes there (VIDU_STORAGE_ROOT) instead of its data folder."""
     shutil.copytree(SAMPLE, work / "catalog")
     (work / "tmp").mkdir()
     if storage_url:
@@ -56,6 +60,8 @@ def start_worker(work: Path, sim: SimulatorProcess, ledger_url: str, storage_url
         (work / "dagster_home" / "dagster.yaml").write_text(dagster_yaml(storage_url))
     env = sim.env(work / "dagster_home")
     env.update({"VIDU_LEDGER_URL": ledger_url, "TMPDIR": str(work / "tmp")})
+    if bucket_url:
+        env.update({"VIDU_STORAGE_ROOT": bucket_url, **s3_settings()})
     args = ["generate", "--catalog", str(work / "catalog"), "--data-dir", str(work / "data"), "--no-contact-sheet"]
     return subprocess.Popen(
         [sys.executable, "-m", "vidu_pipeline.cli", *args],
@@ -107,26 +113,71 @@ def test_workers_sharing_a_postgres_ledger_pay_and_download_each_video_once(work
         run_workers(tmp_path, workers, start, url)
 
 
+@pytest.mark.s3
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("workers", [2, 4])
-def test_workers_on_a_dagster_instance_with_postgres_storage(workers, tmp_path):
-    """The deployment of issue 13: Dagster's runs and events in PostgreSQL too (dagster-postgres),
-    one fresh instance database all workers start on at once (its first-start migration raced)."""
+def test_workers_sharing_the_database_and_the_bucket(workers, tmp_path, monkeypatch):
+    """The deployment of issue 13: workers with their own folders and temp dirs share only the
+    ledger and Dagster's runs and events on PostgreSQL (dagster-postgres; one fresh instance
+    database all start on at once, its first-start migration raced) and the dataset in one
+    bucket. The dataset is whole: one lineage row per video, lineage_complete passing, no
+    object in the bucket without a row, nothing of it on a worker's disk."""
+    bucket_url = fresh_bucket(monkeypatch)
     with fresh_database() as url, fresh_database() as storage_url:
-        run_workers(tmp_path, workers, "together", url, storage_url)
+        run_workers(tmp_path, workers, "together", url, storage_url, bucket_url)
+        check_shared_dataset(tmp_path, workers, url, bucket_url)
 
 
-def run_workers(tmp_path: Path, workers: int, start: str, url: str, storage_url: str = "") -> None:
+def check_shared_dataset(tmp_path: Path, workers: int, ledger_url: str, bucket_url: str) -> None:
+    from dagster import DagsterInstance, materialize
+
+    from vidu_pipeline.defs.checks import ALL_CHECKS
+    from vidu_pipeline.defs.lineage import lineage
+    from vidu_pipeline.defs.resources import PipelineResource
+    from vidu_pipeline.storage import StorageRoot
+
+    pipeline = PipelineResource(
+        data_dir=str(tmp_path / "worker0" / "data"),
+        catalog_dir=str(SAMPLE),
+        ledger_url=ledger_url,
+        storage_root=bucket_url,
+    )
+    result = materialize(
+        [lineage, *ALL_CHECKS],
+        selection=[lineage.key],
+        resources={"pipeline": pipeline},
+        instance=DagsterInstance.ephemeral(),
+    )
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    table = pipeline.lineage().read()
+    storage = StorageRoot(bucket_url)
+    objects = [storage.url(name) for name in storage.list("videos", ".mp4")]
+    print(
+        f"{workers} workers, one bucket: {len(objects)} videos in the bucket, {len(table)} lineage rows, "
+        f"lineage_complete {'passed' if checks.get('lineage_complete') else 'FAILED'}"
+    )
+    assert result.success and checks.get("lineage_complete") is True, checks
+    assert len(table) == 10 and set(table["state"]) == {"succeeded"}
+    assert sorted(objects) == sorted(table["video_path"])  # no object without a row, no row without an object
+    for n in range(workers):  # the dataset is in the bucket (a local export is a copy, by design)
+        data = tmp_path / f"worker{n}" / "data"
+        assert not list((data / "videos").glob("*.mp4")) if (data / "videos").exists() else True
+        assert not (data / "lineage").exists()
+
+
+def run_workers(
+    tmp_path: Path, workers: int, start: str, url: str, storage_url: str = "", bucket_url: str = ""
+) -> None:
     """``workers`` generates on the sample catalog sharing the ledger at ``url``; the figures
     printed, and every video paid for once and downloaded once."""
     with SimulatorProcess(tmp_path / "sim", latency=0.5) as sim:
         folders = [tmp_path / f"worker{n}" for n in range(workers)]
         for folder in folders:
             folder.mkdir()
-        procs = [start_worker(folders[0], sim, url, storage_url)]
+        procs = [start_worker(folders[0], sim, url, storage_url, bucket_url)]
         if start == "joining":
             join_while_downloading(url, procs[0], sim)
-        procs += [start_worker(folder, sim, url, storage_url) for folder in folders[1:]]
+        procs += [start_worker(folder, sim, url, storage_url, bucket_url) for folder in folders[1:]]
         outcomes = [proc.communicate(timeout=1200) for proc in procs]
         for folder, proc, (out, err) in zip(folders, procs, outcomes):
             assert proc.returncode == 0, f"{folder.name} exited {proc.returncode}:\n{out[-2000:]}\n{err[-4000:]}"
@@ -136,14 +187,19 @@ def run_workers(tmp_path: Path, workers: int, start: str, url: str, storage_url:
         rows = ledger.rows()
     finally:
         ledger.close()
-    files = Counter(p.stem for folder in folders for p in (folder / "data" / "videos").glob("*.mp4"))
-    per_worker = [len(list((folder / "data" / "videos").glob("*.mp4"))) for folder in folders]
+    if bucket_url:  # one shared folder: the simulator's download count says who fetched twice
+        files = Counter(Path(r.video_path).stem for r in rows if r.video_path)
+        per_worker: object = "all in one bucket"
+    else:
+        files = Counter(p.stem for folder in folders for p in (folder / "data" / "videos").glob("*.mp4"))
+        per_worker = [len(list((folder / "data" / "videos").glob("*.mp4"))) for folder in folders]
     submits = stats["submits"]["accepted"]
     duplicate_submits = sum(n - 1 for n in stats["submits"]["accepted_by_fingerprint"].values())
     downloads = stats["downloads"]["ok"]
     succeeded = [r for r in rows if r.state == SUCCEEDED and r.video_sha256]
     print(
-        f"\n{workers} workers ({start}, Dagster storage: {'postgres' if storage_url else 'sqlite per worker'}): "
+        f"\n{workers} workers ({start}, Dagster storage: {'postgres' if storage_url else 'sqlite per worker'}, "
+        f"dataset: {'one bucket' if bucket_url else 'each worker its folder'}): "
         f"{len(rows)} requests, {submits} submits ({duplicate_submits} duplicate), "
         f"{downloads} downloads ({downloads - len(files)} duplicate; videos per worker {per_worker}), "
         f"{len(succeeded)} ledger rows succeeded with a video"

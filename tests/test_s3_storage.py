@@ -8,12 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
 from dagster import DagsterInstance, materialize
+from s3_bucket import fresh_bucket, s3_settings
 
 from vidu_pipeline import export
 from vidu_pipeline.defs.checks import ALL_CHECKS
@@ -29,31 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "catalog"
 
 
-def s3_settings() -> dict[str, str]:
-    endpoint = os.environ.get("VIDU_TEST_S3_ENDPOINT", "").strip()
-    if not endpoint:
-        why = "VIDU_TEST_S3_ENDPOINT is not set: no S3-compatible server (.ci/run starts moto's)"
-        if os.environ.get("CI", "").lower() in ("1", "true"):
-            pytest.fail(f"{why}; in CI the s3 tests must run")
-        pytest.skip(why)
-    return {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
-        "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
-        "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-    }
-
-
 @pytest.fixture
 def bucket_url(monkeypatch) -> str:
-    """A fresh bucket on the test server; the AWS settings also apply in this process."""
-    for name, value in s3_settings().items():
-        monkeypatch.setenv(name, value)
-    import s3fs
-
-    bucket = f"vidu-{uuid.uuid4().hex[:12]}"
-    s3fs.S3FileSystem().mkdir(bucket)
-    return f"s3://{bucket}/dataset"
+    return fresh_bucket(monkeypatch)
 
 
 @pytest.mark.slow

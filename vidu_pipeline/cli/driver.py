@@ -25,7 +25,6 @@ from ..api import errors
 from ..defs.jobs import CATALOG_TAG, SEEDS_TAG
 from ..defs.resources import SESSION_TAG, PipelineResource, ViduResource, vidu_resource_from_env
 from ..defs.sensors import vidu_task_sensor
-from ..defs.storage_io import storage_io_managers
 from ..storage import StorageError
 from .instance import OWNER_TAG, reap_dead_runs
 
@@ -47,7 +46,10 @@ class Driver:
         self.pipeline = pipeline
         self.vidu = vidu or vidu_resource_from_env()
         self.session = uuid.uuid4().hex[:12]
-        self.resources = {"pipeline": pipeline, "vidu": self.vidu, **storage_io_managers(pipeline)}
+        # Dagster's default IO manager (this DAGSTER_HOME): a generate runs every step in this
+        # process, and two generates sharing one object-store root must not overwrite each
+        # other's catalog values mid-read (see docs/deploy.md).
+        self.resources = {"pipeline": pipeline, "vidu": self.vidu}
         self.definitions = build_definitions(resources=self.resources)
         reap_dead_runs(instance)
         self.jobs_by_run_key: dict[str, str] = {}  # every run the sensor asked for
