@@ -72,7 +72,7 @@ def race(url: str, what: str, processes: int, tmp: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("processes", [2, 4])
-def test_processes_creating_the_schema_at_once_all_succeed(processes, tmp_path):
+def test_processes_creating_the_schema_at_once_all_succeed(processes, tmp_path, figure):
     for _ in range(ROUNDS):
         with fresh_database() as url:
             answers = race(url, "create", processes, tmp_path)
@@ -82,11 +82,11 @@ def test_processes_creating_the_schema_at_once_all_succeed(processes, tmp_path):
                 assert ledger.exists() and ledger.counts_by_state()[SUCCEEDED] == 0
             finally:
                 ledger.close()
-    print(f"\nschema race: {processes} processes x {ROUNDS} fresh databases, 0 errors")
+    figure(f"schema race: {processes} processes x {ROUNDS} fresh databases, 0 errors")
 
 
 @pytest.mark.parametrize("processes", [2, 4])
-def test_processes_planning_the_same_catalog_at_once_insert_each_row_once(processes, tmp_path):
+def test_processes_planning_the_same_catalog_at_once_insert_each_row_once(processes, tmp_path, figure):
     for _ in range(ROUNDS):
         with fresh_database() as url:
             answers = race(url, "plan", processes, tmp_path)
@@ -98,7 +98,7 @@ def test_processes_planning_the_same_catalog_at_once_insert_each_row_once(proces
             assert [a["errors"] for a in answers] == [[]] * processes  # not even one retried error
             assert sum(a["new"] for a in answers) == ROWS, answers  # each row new for exactly one
             assert rows == ROWS
-    print(f"\nplanning race: {processes} processes, {ROWS} requests, {rows} rows, 0 errors")
+    figure(f"planning race: {processes} processes, {ROWS} requests, {rows} rows, 0 errors")
 
 
 class OtherProcessFirst:

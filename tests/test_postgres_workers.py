@@ -108,15 +108,15 @@ def join_while_downloading(url: str, first: subprocess.Popen, sim: SimulatorProc
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("start", ["together", "joining"])
 @pytest.mark.parametrize("workers", [2, 4])
-def test_workers_sharing_a_postgres_ledger_pay_and_download_each_video_once(workers, start, tmp_path):
+def test_workers_sharing_a_postgres_ledger_pay_and_download_each_video_once(workers, start, tmp_path, figure):
     with fresh_database() as url:
-        run_workers(tmp_path, workers, start, url)
+        run_workers(tmp_path, workers, start, url, figure=figure)
 
 
 @pytest.mark.s3
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("workers", [2, 4])
-def test_workers_sharing_the_database_and_the_bucket(workers, tmp_path, monkeypatch):
+def test_workers_sharing_the_database_and_the_bucket(workers, tmp_path, monkeypatch, figure):
     """The deployment of issue 13: workers with their own folders and temp dirs share only the
     ledger and Dagster's runs and events on PostgreSQL (dagster-postgres; one fresh instance
     database all start on at once, its first-start migration raced) and the dataset in one
@@ -124,11 +124,11 @@ def test_workers_sharing_the_database_and_the_bucket(workers, tmp_path, monkeypa
     object in the bucket without a row, nothing of it on a worker's disk."""
     bucket_url = fresh_bucket(monkeypatch)
     with fresh_database() as url, fresh_database() as storage_url:
-        run_workers(tmp_path, workers, "together", url, storage_url, bucket_url)
-        check_shared_dataset(tmp_path, workers, url, bucket_url)
+        run_workers(tmp_path, workers, "together", url, storage_url, bucket_url, figure=figure)
+        check_shared_dataset(tmp_path, workers, url, bucket_url, figure)
 
 
-def check_shared_dataset(tmp_path: Path, workers: int, ledger_url: str, bucket_url: str) -> None:
+def check_shared_dataset(tmp_path: Path, workers: int, ledger_url: str, bucket_url: str, figure) -> None:
     from dagster import DagsterInstance, materialize
 
     from vidu_pipeline.defs.checks import ALL_CHECKS
@@ -152,7 +152,7 @@ def check_shared_dataset(tmp_path: Path, workers: int, ledger_url: str, bucket_u
     table = pipeline.lineage().read()
     storage = StorageRoot(bucket_url)
     objects = [storage.url(name) for name in storage.list("videos", ".mp4")]
-    print(
+    figure(
         f"{workers} workers, one bucket: {len(objects)} videos in the bucket, {len(table)} lineage rows, "
         f"lineage_complete {'passed' if checks.get('lineage_complete') else 'FAILED'}"
     )
@@ -166,7 +166,7 @@ def check_shared_dataset(tmp_path: Path, workers: int, ledger_url: str, bucket_u
 
 
 def run_workers(
-    tmp_path: Path, workers: int, start: str, url: str, storage_url: str = "", bucket_url: str = ""
+    tmp_path: Path, workers: int, start: str, url: str, storage_url: str = "", bucket_url: str = "", *, figure
 ) -> None:
     """``workers`` generates on the sample catalog sharing the ledger at ``url``; the figures
     printed, and every video paid for once and downloaded once."""
@@ -197,7 +197,7 @@ def run_workers(
     duplicate_submits = sum(n - 1 for n in stats["submits"]["accepted_by_fingerprint"].values())
     downloads = stats["downloads"]["ok"]
     succeeded = [r for r in rows if r.state == SUCCEEDED and r.video_sha256]
-    print(
+    figure(
         f"\n{workers} workers ({start}, Dagster storage: {'postgres' if storage_url else 'sqlite per worker'}, "
         f"dataset: {'one bucket' if bucket_url else 'each worker its folder'}): "
         f"{len(rows)} requests, {submits} submits ({duplicate_submits} duplicate), "

@@ -35,7 +35,7 @@ def bucket_url(monkeypatch) -> str:
 
 
 @pytest.mark.slow
-def test_generate_puts_the_dataset_in_the_bucket(tmp_path, bucket_url):
+def test_generate_puts_the_dataset_in_the_bucket(tmp_path, bucket_url, figure):
     shutil.copytree(SAMPLE, tmp_path / "catalog")
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIDU_")}
     env.update(
@@ -63,7 +63,7 @@ def test_generate_puts_the_dataset_in_the_bucket(tmp_path, bucket_url):
     videos = storage.list("videos", ".mp4")
     thumbnails = storage.list("thumbnails", ".png")
     parts = storage.list("lineage", ".parquet")
-    print(f"bucket {bucket_url}: {len(videos)} videos, {len(thumbnails)} thumbnails, {len(parts)} lineage parts")
+    figure(f"bucket {bucket_url}: {len(videos)} videos, {len(thumbnails)} thumbnails, {len(parts)} lineage parts")
     assert len(videos) == 10 and len(thumbnails) == 10 and parts
     assert not list((data / "videos").glob("*.mp4")) if (data / "videos").exists() else True
     assert not (data / "lineage").exists()  # nothing of the dataset on the local disk
@@ -156,7 +156,7 @@ def test_values_between_assets_go_to_the_bucket(tmp_path, bucket_url):
     assert again.success and again.output_for_node("downstream") == 3
 
 
-def test_appends_and_compactions_at_once_lose_no_row(bucket_url):
+def test_appends_and_compactions_at_once_lose_no_row(bucket_url, figure):
     """Workers append while two others compact and one reads, with no lock: every row is read."""
     import concurrent.futures as cf
     import threading
@@ -193,7 +193,7 @@ def test_appends_and_compactions_at_once_lose_no_row(bucket_url):
         for other in others:
             other.result()
     table = ObjectLineageStore(StorageRoot(bucket_url)).read()
-    print(
+    figure(
         f"4 writers, 2 compactors, 1 reader at once: {len(written)} rows appended, "
         f"{merges.count(True)} compactions and {reads.count(True)} reads while appending, {len(table)} rows read"
     )
