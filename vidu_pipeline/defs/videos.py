@@ -54,6 +54,9 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
     collector = tasks.owner_id(context.run_id)  # who downloads: one worker per video
     with vidu.get_client(pipeline.simulator_state_dir) as (client, endpoint):
         for key in config.select(context.partition_keys):
+            if tasks.STOP.is_set():  # Ctrl-C / SIGTERM: the rest are collected by the next run
+                context.log.warning(f"stopping: {key} and the partitions after it are left for the next run")
+                break
             row = ledger.get(key)
             if row is None or row.state != "succeeded":
                 context.log.info(f"{key}: task is {row.state if row else 'not planned'}; nothing to download yet")
