@@ -7,7 +7,7 @@ gate lists every failing clip by request id with its figures. Clips collected be
 figures existed have none and are not judged.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import pandas as pd
 from dagster import (
@@ -22,6 +22,7 @@ from dagster import (
 
 from .. import export as export_mod
 from .. import quality
+from ..regeneration import near_duplicate_pairs
 from .jobs import WITH_ITS_ASSET
 from .lineage import lineage
 from .metadata import GROUP
@@ -136,14 +137,9 @@ def seeds_not_near_duplicates(pipeline: PipelineResource) -> AssetCheckResult:
     table, limits = _measured(pipeline), thresholds_for(pipeline)
     ids: set[str] = set()
     notes: list[str] = []
-    keys = ["subject_id", "prompt", "aspect_ratio", "movement_amplitude", "bgm", "duration", "resolution"]
-    for _, group in table.groupby(keys, dropna=False) if len(table) else []:
-        hashes: dict[str, Sequence[str]] = {
-            str(row.request_id): [str(h) for h in row.phash] for row in group.itertuples() if len(row.phash)
-        }
-        for a, b, distance in quality.near_duplicates(hashes, limits):
-            ids.update((a, b))
-            notes.append(f"{a} and {b}: {distance:.1f} bits apart (at least {limits.duplicate_bits})")
+    for a, b, distance in near_duplicate_pairs(table, limits):
+        ids.update((a, b))
+        notes.append(f"{a} and {b}: {distance:.1f} bits apart (at least {limits.duplicate_bits})")
     failing = table[table["request_id"].isin(ids)] if len(table) else table
     return _result(failing, len(table), notes)
 
