@@ -375,11 +375,25 @@ def test_lineage_marks(ledger, clock):
     assert [r.request_id for r in ledger.needing_lineage()] == ["req-00001"]  # no video yet
     ledger.record_video("req-00000", path="p", sha256="s", size_bytes=1, probe={})
     assert {r.request_id for r in ledger.needing_lineage()} == {"req-00000", "req-00001"}
-    ledger.mark_lineage(["req-00000", "req-00001"])
+    ledger.mark_lineage(ledger.needing_lineage())
     assert ledger.needing_lineage() == []
     ledger.claim_for_submit("req-00001", owner="o", retry_budget=3, caps=NO_CAPS)
     assert ledger.needing_lineage() == []  # submitting again: nothing final to record
     assert ledger.get("req-00001").lineage_state == "failed"
+
+
+def test_a_row_that_moved_on_while_its_lineage_was_written_is_not_marked(ledger, clock):
+    """The lineage sync read a failure; before it marked the row, the request was resubmitted
+    and succeeded. Marking it must not swallow the success: it still needs its lineage row."""
+    submit(ledger, "req-00000", clock=clock)
+    ledger.record_failed("req-00000", "x", task_id="task-1")
+    (read,) = ledger.needing_lineage()  # the sync reads the failure and writes it to the table
+    clock.t += 1
+    submit(ledger, "req-00000", task="task-2", clock=clock)
+    ledger.record_succeeded("req-00000", task_id="task-2", effective_seed=7, finished_at=clock.t)
+    ledger.record_video("req-00000", path="p", sha256="s", size_bytes=1, probe={})
+    ledger.mark_lineage([read])  # the sync marks what it wrote
+    assert [(r.request_id, r.state) for r in ledger.needing_lineage()] == [("req-00000", "succeeded")]
 
 
 def test_reading(ledger, clock):

@@ -72,7 +72,7 @@ def reproduce(args) -> int:
                 return EXIT_FAILED
         row = _must_get(ledger, row.request_id)
     pipeline.lineage().append([lineage_row(row)])
-    ledger.mark_lineage([row.request_id])
+    ledger.mark_lineage([row])
     same = row.video_sha256 == original.video_sha256
     for problem in video_problems(row):
         print(f"{row.request_id}: video does not match its request: {problem}", file=sys.stderr)

@@ -132,7 +132,7 @@ def sync_lineage(pipeline: PipelineResource, run_id: str | None) -> int:
     if not rows:
         return 0
     pipeline.lineage().append([lineage_row(r, run_id) for r in rows])
-    ledger.mark_lineage([r.request_id for r in rows])
+    ledger.mark_lineage(rows)
     return len(rows)
 
 

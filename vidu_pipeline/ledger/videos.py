@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, bindparam, delete, or_, select, update
 from sqlalchemy.engine import Connection
 
 from .engine import LedgerBase
@@ -136,16 +136,21 @@ class VideosMixin(LedgerBase):
             stmt = stmt.limit(limit)
         return self._select(stmt)
 
-    def mark_lineage(self, request_ids: Sequence[str]) -> None:
-        """Note that the lineage table now holds each row's current state."""
+    def mark_lineage(self, rows: Sequence[TaskRow]) -> None:
+        """Note that the lineage table now holds these rows, as they were read. A row that has
+        moved on since (resubmitted and succeeded while its failure was being written) is left
+        unmarked, so its new outcome gets a lineage row of its own."""
         r = requests_table.c
+        stmt = (
+            update(requests_table)
+            .where(r.request_id == bindparam("rid"), r.state == bindparam("seen_state"))
+            .where(r.updated_at == bindparam("seen_at"))
+            .values(lineage_state=bindparam("seen_state"))
+        )
+        params = [{"rid": row.request_id, "seen_state": row.state, "seen_at": row.updated_at} for row in rows]
         with self._write() as conn:
-            for i in range(0, len(request_ids), _IN_CHUNK):
-                conn.execute(
-                    update(requests_table)
-                    .where(r.request_id.in_(request_ids[i : i + _IN_CHUNK]))
-                    .values(lineage_state=r.state)
-                )
+            for i in range(0, len(params), _IN_CHUNK):
+                conn.execute(stmt, params[i : i + _IN_CHUNK])
 
 
 def _drop_claim(conn: Connection, request_id: str) -> None:
