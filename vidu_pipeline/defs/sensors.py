@@ -12,6 +12,7 @@ far less. Each tick that changed something also records a progress view on ``vid
 
 import hashlib
 import json
+import threading
 import time
 
 from dagster import (
@@ -57,7 +58,7 @@ def batch_run_requests(
 ) -> list[RunRequest]:
     """Runs of the asset's job over partition ranges holding ``request_ids``, each narrowed to
     them by config (see :func:`decisions.split_batches` for where a batch is cut)."""
-    order = {k: i for i, k in enumerate(context.instance.get_dynamic_partitions(REQUESTS_PARTITIONS_NAME))}
+    order = partition_order(context.instance).positions(context.instance, request_ids)
     digest = hashlib.sha256(key_material.encode()).hexdigest()[:20]
     return [
         RunRequest(
@@ -68,6 +69,76 @@ def batch_run_requests(
         )
         for n, group in enumerate(decisions.split_batches(request_ids, order, MAX_RANGE_GAP))
     ]
+
+
+class PartitionOrder:
+    """Where each request partition stands in Dagster's order, kept between ticks: a tick
+    reads only the keys added since the last one (one indexed query past a storage-id cursor)
+    and checks the ends and the batch's own keys, instead of reading every key of a dataset
+    that grows with each plan. Keys are only ever appended by planning; should the storage
+    change under it otherwise (a key deleted, the instance wiped), it reads everything again."""
+
+    PAGE = 10_000
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._forget()
+
+    def positions(self, instance, request_ids: list[str]) -> dict[str, int]:
+        """The position of each of ``request_ids`` that has a partition."""
+        with self.lock:
+            self._catch_up(instance)
+            if not self._holds(instance, request_ids):
+                self._catch_up(instance)  # keys planned meanwhile
+                if not self._holds(instance, request_ids):
+                    self._forget()
+                    self._catch_up(instance)
+            return {r: self.index[r] for r in request_ids if r in self.index}
+
+    def _forget(self) -> None:
+        self.keys: list[str] = []
+        self.index: dict[str, int] = {}
+        self.cursor: str | None = None
+
+    def _catch_up(self, instance) -> None:
+        """Append the keys added since the cursor, in storage order."""
+        while True:
+            page = instance.get_paginated_dynamic_partitions(
+                REQUESTS_PARTITIONS_NAME, limit=self.PAGE, ascending=True, cursor=self.cursor
+            )
+            for key in page.results:
+                self.index[key] = len(self.keys)
+                self.keys.append(key)
+            self.cursor = page.cursor
+            if not page.has_more:
+                return
+
+    def _holds(self, instance, request_ids: list[str]) -> bool:
+        """The storage still starts and ends where the kept order does, and every kept key of
+        this batch still exists."""
+        ends = [
+            instance.get_paginated_dynamic_partitions(REQUESTS_PARTITIONS_NAME, limit=1, ascending=up).results
+            for up in (True, False)
+        ]
+        if ends != [self.keys[:1], self.keys[-1:]]:
+            return False
+        kept = [r for r in dict.fromkeys(request_ids) if r in self.index]
+        return len(instance.get_existing_dynamic_partitions(REQUESTS_PARTITIONS_NAME, kept)) == len(kept)
+
+
+_ORDERS: dict[object, PartitionOrder] = {}
+_ORDERS_LOCK = threading.Lock()
+
+
+def partition_order(instance) -> PartitionOrder:
+    """The kept order of this instance's event storage (the daemon builds a new instance object
+    every tick, so it is keyed by the storage's configuration); a fresh one for an ephemeral
+    instance, which has nothing stable to key on."""
+    if instance.is_ephemeral:
+        return PartitionOrder()
+    key = instance.get_ref().event_storage_data
+    with _ORDERS_LOCK:
+        return _ORDERS.setdefault(key, PartitionOrder())
 
 
 def lineage_run_request(rows: dict, request_ids: list[str]) -> RunRequest:

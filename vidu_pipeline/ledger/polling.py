@@ -117,7 +117,7 @@ class PollingMixin(LedgerBase):
         """Each request's state, attempt and task, read (and on Postgres row-locked) inside
         the write transaction: what the answers are checked against."""
         r = requests_table.c
-        found = {}
+        found: dict[str, Any] = {}
         for i in range(0, len(request_ids), _IN_CHUNK):
             stmt = select(r.request_id, r.state, r.attempts, r.task_id).where(
                 r.request_id.in_(request_ids[i : i + _IN_CHUNK])
