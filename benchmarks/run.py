@@ -462,7 +462,7 @@ def _history_tick(data: Path, n: int, finished: int, base: str) -> float:
 
     from vidu_pipeline.defs.partitions import REQUESTS_PARTITIONS_NAME
     from vidu_pipeline.defs.resources import PipelineResource, ViduResource, _ledger
-    from vidu_pipeline.defs.sensors import evaluate_tick
+    from vidu_pipeline.defs.sensors import evaluate_tick, partition_order
 
     (data / "dagster").mkdir(parents=True)
     prefill_ledger(data / "ledger.sqlite", n, finished=finished).close()
@@ -472,6 +472,7 @@ def _history_tick(data: Path, n: int, finished: int, base: str) -> float:
     with DagsterInstance.local_temp(tempdir=str(data / "dagster")) as instance:
         for i in range(0, len(keys), 5_000):
             instance.add_dynamic_partitions(REQUESTS_PARTITIONS_NAME, keys[i : i + 5_000])
+        partition_order(instance).positions(instance, [])  # the steady state: the sensor ticked before
         ctx = build_sensor_context(instance=instance)
         t = time.perf_counter()
         result = evaluate_tick(ctx, pipeline, vidu)

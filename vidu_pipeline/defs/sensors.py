@@ -74,9 +74,9 @@ def batch_run_requests(
 class PartitionOrder:
     """Where each request partition stands in Dagster's order, kept between ticks: a tick
     reads only the keys added since the last one (one indexed query past a storage-id cursor)
-    and checks the ends and the batch's own keys, instead of reading every key of a dataset
-    that grows with each plan. Keys are only ever appended by planning; should the storage
-    change under it otherwise (a key deleted, the instance wiped), it reads everything again."""
+    and checks its batch's keys, instead of reading every key of a dataset that grows with
+    each plan. Keys are only ever appended by planning; should the storage change under it
+    otherwise (a key deleted, the instance wiped and planned again), it reads everything again."""
 
     PAGE = 10_000
 
@@ -89,10 +89,8 @@ class PartitionOrder:
         with self.lock:
             self._catch_up(instance)
             if not self._holds(instance, request_ids):
-                self._catch_up(instance)  # keys planned meanwhile
-                if not self._holds(instance, request_ids):
-                    self._forget()
-                    self._catch_up(instance)
+                self._forget()
+                self._catch_up(instance)
             return {r: self.index[r] for r in request_ids if r in self.index}
 
     def _forget(self) -> None:
@@ -114,16 +112,13 @@ class PartitionOrder:
                 return
 
     def _holds(self, instance, request_ids: list[str]) -> bool:
-        """The storage still starts and ends where the kept order does, and every kept key of
-        this batch still exists."""
-        ends = [
-            instance.get_paginated_dynamic_partitions(REQUESTS_PARTITIONS_NAME, limit=1, ascending=up).results
-            for up in (True, False)
-        ]
-        if ends != [self.keys[:1], self.keys[-1:]]:
+        """Every id of the batch is kept, and each of them and the first key ever kept still
+        exist (one query): else the storage changed under the kept order."""
+        wanted = list(dict.fromkeys(request_ids))
+        if any(r not in self.index for r in wanted):
             return False
-        kept = [r for r in dict.fromkeys(request_ids) if r in self.index]
-        return len(instance.get_existing_dynamic_partitions(REQUESTS_PARTITIONS_NAME, kept)) == len(kept)
+        probe = list(dict.fromkeys(wanted + self.keys[:1]))
+        return len(instance.get_existing_dynamic_partitions(REQUESTS_PARTITIONS_NAME, probe)) == len(probe)
 
 
 _ORDERS: dict[object, PartitionOrder] = {}
