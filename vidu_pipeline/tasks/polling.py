@@ -9,6 +9,7 @@ A crash loses at most one chunk of answers, which costs a re-poll, never a payme
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import logging
 import statistics
@@ -79,8 +80,9 @@ def poll_due(
             try:
                 for future in cf.as_completed(futures):
                     poller.keep(future.result())
-            except errors.AuthError:
-                poller.write()  # what was read before the key was refused is true
+            except Exception:  # e.g. the key was refused: what was read before it is still true
+                with contextlib.suppress(StorageError):
+                    poller.write()
                 raise
         poller.write()
     report = poller.report
