@@ -343,8 +343,8 @@ _BENCH_SPEC = json.dumps(
 
 def prefill_ledger(path: Path, n: int, *, finished: int = 0):
     """A ledger with ``n`` submitted tasks, all due for a poll now; and before them ``finished``
-    older requests that are done (succeeded, video and lineage recorded), as a long-lived
-    dataset holds."""
+    older requests that are done, as a long-lived dataset holds: 9 in 10 succeeded (video and
+    lineage recorded), 1 in 10 failed for good."""
     from vidu_pipeline.ledger import Ledger, PlannedRequest
 
     ledger = Ledger(f"sqlite:///{path}")
@@ -358,6 +358,11 @@ def prefill_ledger(path: Path, n: int, *, finished: int = 0):
                 "video_path='videos/' || request_id || '.mp4', video_sha256='a' || substr(request_id, 6), "
                 "video_bytes=1000, polls=2",
                 (now - 86_400, now - 3_600, now - 86_000, now - 85_900),
+            )
+            conn.exec_driver_sql(  # 1 in 10 failed for good: its retry budget (3) is spent
+                "UPDATE requests SET state='failed', lineage_state='failed', attempts=3, video_path=NULL, "
+                "video_sha256=NULL, video_bytes=NULL, last_error='TASK_STATUS_FAILED' "
+                "WHERE CAST(substr(request_id, 6) AS INTEGER) % 10 = 0"
             )
     ledger.plan(PlannedRequest(f"req-{i:05d}", "s", 1, "f" * 64, _BENCH_SPEC) for i in range(n))
     with ledger.engine.begin() as conn:

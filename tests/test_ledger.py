@@ -109,6 +109,21 @@ def test_spec_json_stored_verbatim(ledger):
     assert "data:" not in "".join(r.spec_json for r in ledger.rows())
 
 
+def test_retryable_failed_leaves_out_failures_that_are_final(ledger, clock):
+    """Only failed requests within the retry budget and once accepted (a task id) come back,
+    oldest first, and the limit counts those only: final failures ahead of them take no room."""
+    for rid, failures in (("req-00000", 3), ("req-00001", 1), ("req-00002", 2), ("req-00003", 1)):
+        for n in range(1, failures + 1):
+            submit(ledger, rid, task=f"task-{rid}-{n}", clock=clock)
+            assert ledger.record_failed(rid, "TASK_STATUS_FAILED", task_id=f"task-{rid}-{n}")
+    refused = claim(ledger, "req-00004")
+    ledger.record_submit_rejected("req-00004", refused.attempt, "400: bad image")  # failed, no task id
+    assert (ledger.get("req-00004").state, ledger.get("req-00004").attempts) == ("failed", 1)
+    assert [r.request_id for r in ledger.retryable_failed(3, limit=10)] == ["req-00001", "req-00002", "req-00003"]
+    assert [r.request_id for r in ledger.retryable_failed(2, limit=10)] == ["req-00001", "req-00003"]
+    assert [r.request_id for r in ledger.retryable_failed(3, limit=1)] == ["req-00001"]
+
+
 def test_plan_100k_rows(tmp_path):
     led = Ledger(f"sqlite:///{tmp_path / 'big.sqlite'}")
     rows = [PlannedRequest(f"r{i}", f"s{i % 100}", i, "f" * 64, "{}") for i in range(100_000)]

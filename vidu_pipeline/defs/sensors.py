@@ -31,7 +31,7 @@ from dagster import (
 )
 
 from .. import decisions, tasks
-from ..ledger import FAILED, PLANNED, SUBMITTED, SUBMITTING
+from ..ledger import PLANNED, SUBMITTED, SUBMITTING
 from .jobs import BATCH_SIZE_TAG, collect_job, lineage_job, submit_job
 from .partitions import REQUESTS_PARTITIONS_NAME
 from .resources import PipelineResource, ViduResource
@@ -165,7 +165,7 @@ def evaluate_tick(context: SensorEvaluationContext, pipeline: PipelineResource, 
         succeeded_now=set(report.succeeded),
         failed_now=set(report.failed),
         needing_video=ledger.needing_video(max_video_attempts=pipeline.video_attempts),
-        failed=ledger.rows(states=[FAILED], limit=10 * rules.max_batch),
+        failed=ledger.retryable_failed(rules.retry_budget, limit=10 * rules.max_batch),
         planned=ledger.rows(states=[PLANNED], updated_before=now - rules.auto_submit_after_s, limit=rules.max_batch)
         if pipeline.auto_submit
         else [],
