@@ -11,6 +11,32 @@ import pytest
 from support import png
 
 
+@pytest.fixture
+def figure(record_property):
+    """Report a measured figure (workers, submits, downloads, rows…): printed, kept with the
+    test's report and listed in a "figures" section at the end of the run — also under
+    pytest-xdist, where a passing test's own output is not shown."""
+
+    def report(text: str) -> None:
+        print(text)
+        record_property("figure", text.strip())
+
+    return report
+
+
+def pytest_terminal_summary(terminalreporter):
+    figures = [
+        (report.nodeid.split("::")[-1], value)
+        for report in terminalreporter.stats.get("passed", [])
+        for name, value in getattr(report, "user_properties", [])
+        if name == "figure"
+    ]
+    if figures:
+        terminalreporter.section("figures")
+        for test, text in sorted(figures):
+            terminalreporter.write_line(f"{text}  [{test}]")
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     routes: dict = {}
 

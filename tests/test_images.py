@@ -263,18 +263,18 @@ def test_cache_round_trip(tmp_path):
     ],
 )
 def test_failed_fetches_name_their_rule(http_images, path, rule):
-    with requests.Session() as s, pytest.raises(img.SourceError) as err:
+    with img.url_session() as s, pytest.raises(img.SourceError) as err:
         img.fetch_url(http_images + path, s)
     assert err.value.rule == rule
 
 
 def test_fetch_follows_http_redirects(http_images):
-    with requests.Session() as s:
+    with img.url_session() as s:
         assert img.fetch_url(http_images + "/to-ok", s) == png(seed=7)
 
 
 def test_unreachable_host_is_a_fetch_error():
-    with requests.Session() as s, pytest.raises(img.SourceError) as err:
+    with img.url_session() as s, pytest.raises(img.SourceError) as err:
         img.fetch_url("http://127.0.0.1:9/x.png", s, timeout=(0.5, 0.5))
     assert err.value.rule == "url_fetch"
 
@@ -327,7 +327,7 @@ def drip_server():
 def test_a_dripping_server_is_cut_at_the_total_deadline(drip_server, path):
     # Each byte comes well within the read timeout, so only a deadline on the whole download
     # stops it (before: iter_content waited for a full 64 KB chunk, ~3.6 h at this rate).
-    with requests.Session() as s, pytest.raises(img.SourceError) as err:
+    with img.url_session() as s, pytest.raises(img.SourceError) as err:
         img.fetch_url(drip_server + path, s, timeout=(2, 2), deadline_s=1)
     assert err.value.rule == "url_fetch" and "longer than 1 s" in err.value.reason
 
@@ -369,3 +369,9 @@ def test_a_fifo_swapped_in_after_the_stat_is_caught_by_fstat(tmp_path, monkeypat
     with pytest.raises(img.SourceError) as err:
         img.read_local(tmp_path / "x.png")
     assert (err.value.rule, err.value.reason) == ("unreadable", "it is a FIFO (named pipe), not a regular file")
+
+
+def test_fetch_url_refuses_a_session_whose_sockets_ignore_the_deadline(http_images):
+    """A plain session would silently drop the total deadline: refused before anything is sent."""
+    with requests.Session() as plain, pytest.raises(TypeError, match="url_session"):
+        img.fetch_url(http_images + "/to-ok", plain)

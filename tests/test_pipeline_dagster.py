@@ -114,3 +114,36 @@ def test_catalog_to_lineage_through_dagster(setup, sim):
 
 def task_materializations(instance) -> int:
     return len(instance.fetch_materializations(AssetKey("video_tasks"), limit=10_000).records)
+
+
+def test_a_stop_leaves_the_rest_of_a_videos_batch_for_the_next_run(setup, sim):
+    """After Ctrl-C / SIGTERM (tasks.STOP) the videos step downloads nothing more: its run
+    ends at once and the next run collects every video (nothing is lost, nothing paid again)."""
+    import time
+
+    from vidu_pipeline import tasks
+    from vidu_pipeline.api.client import ViduClient
+
+    instance, resources, pipeline = setup
+    run(instance, resources, ["catalog", "reference_images", "rejections", "generation_requests"])
+    keys = instance.get_dynamic_partitions(REQUESTS_PARTITIONS_NAME)
+    run(instance, resources, ["video_tasks"], tags=range_tags(keys))
+    ledger = pipeline.ledger()
+    with ViduClient("test-key", sim.base_url) as client:
+        deadline = time.monotonic() + 120
+        while ledger.counts_by_state()["succeeded"] < len(keys) and time.monotonic() < deadline:
+            tasks.poll_due(ledger, client, now=10**10)
+            time.sleep(0.3)
+    assert ledger.counts_by_state()["succeeded"] == len(keys)
+
+    tasks.STOP.set()
+    try:
+        stopped = run(instance, resources, ["videos"], tags=range_tags(keys))
+    finally:
+        tasks.STOP.clear()
+    assert stopped.success
+    assert stats(sim)["downloads"]["ok"] == 0 and not any(r.video_sha256 for r in ledger.rows())
+
+    run(instance, resources, ["videos"], tags=range_tags(keys))
+    assert stats(sim)["downloads"]["ok"] == len(keys) and all(r.video_sha256 for r in ledger.rows())
+    assert stats(sim)["submits"]["accepted"] == len(keys)

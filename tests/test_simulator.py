@@ -22,6 +22,7 @@ import requests
 from support import IMG_A, body, data_uri, image_bytes
 
 from vidu_pipeline.api import contract
+from vidu_pipeline.api.task_result import TERMINAL_STATUSES, TaskResult
 from vidu_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig, cli
 
 KEY = "test-key"
@@ -78,7 +79,7 @@ def wait_done(sim, task_id, timeout=60.0) -> dict:
     while time.monotonic() < deadline:
         r = poll(sim, task_id)
         assert r.status_code == 200, r.text
-        if r.json()["task"]["status"] in contract.TERMINAL_STATUSES:
+        if r.json()["task"]["status"] in TERMINAL_STATUSES:
             return r.json()
         time.sleep(0.05)
     raise AssertionError(f"task {task_id} did not finish")
@@ -187,7 +188,7 @@ def test_lifecycle_with_sane_eta_and_progress(make_sim):
         if not seen or seen[-1] != task["status"]:
             seen.append(task["status"])
         progress.append(task["progress_percent"])
-        if task["status"] in contract.TERMINAL_STATUSES:
+        if task["status"] in TERMINAL_STATUSES:
             break
         assert result["videos"] == [] and task["eta"] >= 1
         time.sleep(0.05)
@@ -198,7 +199,7 @@ def test_lifecycle_with_sane_eta_and_progress(make_sim):
     debug = result["extra"]["debug_info"]
     assert all(isinstance(v, str) for v in debug.values())
     assert int(debug["submit_time_ms"]) <= int(debug["execute_time_ms"]) < int(debug["complete_time_ms"])
-    parsed = contract.TaskResult.from_json(result)
+    parsed = TaskResult.from_json(result)
     assert parsed.succeeded and parsed.seed == 7 and parsed.videos[0].ttl_seconds == 3600
     # a fresh signed URL on every poll
     assert poll(sim, task_id).json()["videos"][0]["video_url"].startswith(sim.base_url)

@@ -51,9 +51,22 @@ def validate_images(
     """
     rows = catalog.images
     sources = rows.drop_duplicates("location")[["location", "is_url"]]
+    results, hits = _examine_sources(sources, cache, strict, http_session, workers)
+    rejections: list[Rejection] = []
+    accepted = _accepted_rows(rows, results, rejections)
+    items = dict(zip(rows["row"], rows["item"]))
+    accepted = _choose_per_subject(accepted, catalog.sweep.max_images_per_subject, items, rejections)
+    frame = pd.DataFrame(accepted, columns=list(ACCEPTED_COLUMNS))
+    rejections += _subjects_without_images(catalog, rejections, set(frame["subject_id"]))
+    return ValidatedImages(accepted=frame, rejections=rejections, cache_hits=hits, cache_misses=len(sources) - hits)
+
+
+def _examine_sources(
+    sources: pd.DataFrame, cache: img.ImageCache, strict: bool, http_session, workers: int
+) -> tuple[dict[str, tuple[str | None, img.ImageVerdict]], int]:
+    """Source → (sha256, verdict) for every distinct source, and how many came from the cache."""
     local = [s for s, u in zip(sources["location"], sources["is_url"]) if not u]
     urls = [s for s, u in zip(sources["location"], sources["is_url"]) if u]
-
     stats: dict[str, tuple[int, int, int, int]] = {}
     for path in local:
         try:
@@ -69,9 +82,7 @@ def validate_images(
     todo = [(p, False) for p in local if p not in results] + [(u, True) for u in urls]
     session = http_session
     if urls and session is None:
-        import requests
-
-        session = requests.Session()
+        session = img.url_session()
     new_verdicts: dict[str, img.ImageVerdict] = {}
     new_files = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -88,43 +99,40 @@ def validate_images(
     cache.remember_files(new_files)
     if session is not None and http_session is None:
         session.close()
+    return results, hits
 
-    rejections: list[Rejection] = []
+
+def _accepted_rows(rows: pd.DataFrame, results, rejections: list[Rejection]) -> list[tuple]:
+    """The rows whose image passed (in ACCEPTED_COLUMNS order); each problem of the others is
+    appended to ``rejections``."""
     accepted = []
     for r in rows.itertuples(index=False):
         sha, verdict = results[r.location]
         for rule, reason in verdict.problems:
             rejections.append(Rejection("image", r.subject_id, r.item, rule, f"{r.item}: {reason}"))
-        if verdict.ok:
-            notes = list(verdict.notes)
-            claimed = _claimed_format(r.image)
-            if claimed and claimed != verdict.format:
-                notes.insert(0, f"extension says {claimed} but the content is {verdict.format}")
-            accepted.append(
-                (
-                    r.subject_id,
-                    r.image,
-                    r.view,
-                    sha,
-                    verdict.sent_sha256,
-                    verdict.mime_subtype,
-                    verdict.width,
-                    verdict.height,
-                    verdict.sent_bytes,
-                    "; ".join(notes),
-                    r.row,
-                )
-            )
-    items = dict(zip(rows["row"], rows["item"]))
-    accepted = _choose_per_subject(accepted, catalog.sweep.max_images_per_subject, items, rejections)
-    frame = pd.DataFrame(accepted, columns=list(ACCEPTED_COLUMNS))
-    subjects = set(rows["subject_id"]) | {
+        if not verdict.ok:
+            continue
+        notes = list(verdict.notes)
+        claimed = _claimed_format(r.image)
+        if claimed and claimed != verdict.format:
+            notes.insert(0, f"extension says {claimed} but the content is {verdict.format}")
+        accepted.append(
+            (r.subject_id, r.image, r.view, sha, verdict.sent_sha256, verdict.mime_subtype, verdict.width,
+             verdict.height, verdict.sent_bytes, "; ".join(notes), r.row)
+        )  # fmt: skip
+    return accepted
+
+
+def _subjects_without_images(catalog: Catalog, rejections: list[Rejection], kept: set[str]) -> list[Rejection]:
+    """One rejection per subject left with no valid image, summing up why."""
+    subjects = set(catalog.images["subject_id"]) | {
         r.subject_id for r in catalog.rejections if r.kind == "image" and r.subject_id
     }
-    for subject in sorted(subjects - set(frame["subject_id"])):
+    out = []
+    for subject in sorted(subjects - kept):
         reasons = [r for r in catalog.rejections + rejections if r.kind == "image" and r.subject_id == subject]
         summary = "; ".join(f"{r.item.split(':')[0]}: {r.rule}" for r in reasons) or "no image rows"
-        rejections.append(
+        out.append(
             Rejection(
                 "subject",
                 subject,
@@ -133,7 +141,7 @@ def validate_images(
                 f"subject {subject!r} has no valid reference image ({summary})",
             )
         )
-    return ValidatedImages(accepted=frame, rejections=rejections, cache_hits=hits, cache_misses=len(sources) - hits)
+    return out
 
 
 _EXTENSIONS = {

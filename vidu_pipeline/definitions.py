@@ -11,6 +11,7 @@ from .defs.jobs import ALL_JOBS, vidu_automation_sensor
 from .defs.resources import PipelineResource, vidu_resource_from_env
 from .defs.schedules import generation_schedule
 from .defs.sensors import vidu_task_sensor
+from .defs.storage_io import storage_io_managers
 
 
 def build_definitions(pipeline: PipelineResource | None = None, resources: dict | None = None) -> Definitions:
@@ -24,12 +25,14 @@ def build_definitions(pipeline: PipelineResource | None = None, resources: dict 
         executor=in_process_executor,
         sensors=[vidu_task_sensor, vidu_automation_sensor],
         schedules=[generation_schedule],
-        resources=resources
-        or {
-            "pipeline": pipeline or PipelineResource(data_dir=os.environ.get("VIDU_DATA_DIR", "data")),
-            "vidu": vidu_resource_from_env(),
-        },
+        resources=resources or default_resources(pipeline),
     )
+
+
+def default_resources(pipeline: PipelineResource | None = None) -> dict:
+    """The pipeline's settings, the API, and (on an object-store root) an IO manager there."""
+    pipeline = pipeline or PipelineResource(data_dir=os.environ.get("VIDU_DATA_DIR", "data"))
+    return {"pipeline": pipeline, "vidu": vidu_resource_from_env(), **storage_io_managers(pipeline)}
 
 
 defs = build_definitions()

@@ -26,15 +26,18 @@ import shutil
 import sys
 import tarfile
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import fsspec
 import numpy as np
 import pandas as pd
 
 from . import card
-from .lineage import LineageStore
+from .lineage import LineageStore as LineageStore  # re-exported: callers build one for export()
+from .lineage import LineageTable, open_lineage
 from .quality import Thresholds
+from .storage import ENV_STORAGE_ROOT, StorageRoot, is_url
 
 DEFAULT_SHARD_SIZE = 100  # samples per tar shard
 # Lineage columns that describe the clip; recorded_at/dagster_run_id describe the bookkeeping
@@ -89,7 +92,7 @@ class ExportSummary:
     missing: tuple[str, ...]  # request ids whose video file is gone from the data dir
 
 
-def current_dataset(store: LineageStore) -> pd.DataFrame:
+def current_dataset(store: LineageTable) -> pd.DataFrame:
     """One row per request with a verified video (latest state), sorted by request id.
 
     Only videos of ``<data_dir>/videos``: a reproduction (``reproduce``, stored under
@@ -98,10 +101,20 @@ def current_dataset(store: LineageStore) -> pd.DataFrame:
     table = store.read()
     if not len(table):
         return table
-    videos_dir = store.data_root / "videos"
-    in_videos = table["video_path"].map(lambda p: isinstance(p, str) and Path(p).parent == videos_dir)
+    in_videos = table["video_path"].map(
+        lambda p: isinstance(p, str) and _in_videos_folder(store.relative_video_path(p))
+    )
     ok = (table["state"] == "succeeded") & table["video_sha256"].notna() & in_videos
     return table[ok].sort_values("request_id").reset_index(drop=True)
+
+
+def _in_videos_folder(relative: str | None) -> bool:
+    """``videos/<file>`` relative to the storage root (not a reproduction, not outside)."""
+    return (
+        isinstance(relative, str)
+        and not os.path.isabs(relative)
+        and PurePosixPath(relative).parent.as_posix() == "videos"
+    )
 
 
 def plain(value: Any) -> Any:
@@ -129,7 +142,7 @@ def sample_record(row: pd.Series, thresholds: Thresholds) -> dict[str, Any]:
 
 
 def export(
-    store: LineageStore,
+    store: LineageTable,
     out_dir: str | os.PathLike,
     *,
     shard_size: int = DEFAULT_SHARD_SIZE,
@@ -142,13 +155,15 @@ def export(
     limits = thresholds or Thresholds()
     out = Path(out_dir)
     table = current_dataset(store)
-    present = table["video_path"].map(os.path.exists).astype(bool) if len(table) else pd.Series(dtype=bool)
+    present = table["video_path"].map(_exists).astype(bool) if len(table) else pd.Series(dtype=bool)
     missing = tuple(table.loc[~present, "request_id"]) if len(table) else ()
     table = table[present].reset_index(drop=True) if len(table) else table
     records = [sample_record(row, limits) for _, row in table.iterrows()]
-    sources = [Path(p) for p in table["video_path"]] if len(table) else []
+    sources = [str(p) for p in table["video_path"]] if len(table) else []
     videos_written = _write_videofolder(out / "videofolder", records, sources)
-    shards, shards_written = _write_shards(out / "webdataset", records, sources, shard_size)
+    # A video on an object store is read once, into the videofolder; the shards take that copy.
+    local = [out / "videofolder" / f"{r['request_id']}.mp4" if is_url(s) else Path(s) for r, s in zip(records, sources)]
+    shards, shards_written = _write_shards(out / "webdataset", records, local, shard_size)
     _write_if_changed(out / "README.md", card.dataset_card(records, limits, catalog_dir, shard_size).encode())
     return ExportSummary(out, len(records), tuple(shards), videos_written, shards_written, missing)
 
@@ -156,7 +171,7 @@ def export(
 # --- videofolder ------------------------------------------------------------------------------
 
 
-def _write_videofolder(folder: Path, records: list[dict], sources: list[Path]) -> int:
+def _write_videofolder(folder: Path, records: list[dict], sources: list[str]) -> int:
     """The clips plus ``metadata.jsonl``; stale clips (no longer in the dataset) are removed."""
     folder.mkdir(parents=True, exist_ok=True)
     written = 0
@@ -175,20 +190,40 @@ def _write_videofolder(folder: Path, records: list[dict], sources: list[Path]) -
     return written
 
 
-def _place_video(source: Path, dest: Path, sha256: str) -> bool:
-    """Hard-link (or copy) ``source`` to ``dest`` unless ``dest`` already holds those bytes."""
+def _exists(path: str) -> bool:
+    """A video file is there: on the local disk, or at its URL (an object-store root)."""
+    if not is_url(path):
+        return os.path.exists(path)
+    fs, inner = fsspec.core.url_to_fs(path)
+    return bool(fs.exists(inner))
+
+
+def _place_video(source: str, dest: Path, sha256: str) -> bool:
+    """Hard-link (or copy, or download) ``source`` to ``dest`` unless ``dest`` already holds
+    those bytes."""
     if dest.exists() and (_same_file(source, dest) or _sha256(dest) == sha256):
         return False
     tmp = _temp_beside(dest)
     try:
-        os.link(source, tmp)
-    except OSError:  # another file system, or links not allowed
-        shutil.copyfile(source, tmp)
+        if is_url(source):
+            fs, inner = fsspec.core.url_to_fs(source)
+            fs.get_file(inner, str(tmp))
+        else:
+            try:
+                os.link(source, tmp)
+            except OSError:  # another file system, or links not allowed
+                shutil.copyfile(source, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, dest)
+    # rename(2) does nothing when both names are links to one file (another exporter linked
+    # the same source there first): the temp name is then still there.
+    tmp.unlink(missing_ok=True)
     return True
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def _same_file(a: str | Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -273,14 +308,22 @@ def _temp_beside(path: Path) -> Path:
 # --- command line ---------------------------------------------------------------------------
 
 
-def command(data_dir: str, out: str | None, shard_size: int, catalog: str | None) -> int:
-    """``vidu-pipeline export``: export the data dir's current dataset, print what was written."""
+def command(
+    data_dir: str, out: str | None, shard_size: int, catalog: str | None, storage_root: str | None = None
+) -> int:
+    """``vidu-pipeline export``: export the data dir's current dataset, print what was written.
+    ``storage_root``: where the dataset is (default ``VIDU_STORAGE_ROOT``, else the data dir)."""
     root = Path(data_dir).resolve()
-    if not (root / "lineage").is_dir():
-        raise ExportProblem(f"{root / 'lineage'}: no lineage table; run `vidu-pipeline generate` first")
+    storage = StorageRoot(storage_root or os.environ.get(ENV_STORAGE_ROOT, "").strip() or root)
+    lineage_url = storage.url("lineage")
+    if storage.is_local and not Path(lineage_url).is_dir():  # checked before the store makes the folder
+        raise ExportProblem(f"{lineage_url}: no lineage table; run `vidu-pipeline generate` first")
+    store = open_lineage(storage, root / "state")
+    if not storage.is_local and not store.parts():
+        raise ExportProblem(f"{lineage_url}: no lineage table; run `vidu-pipeline generate` first")
     catalog_dir = Path(catalog).resolve() if catalog else root / "catalog"
     summary = export(
-        LineageStore(root / "lineage"),
+        store,
         Path(out) if out else root / "export",
         shard_size=shard_size,
         thresholds=thresholds_for(catalog_dir),

@@ -40,6 +40,7 @@ from .sources import (  # noqa: F401 - re-exported
     fetch_url,
     not_regular_reason,
     read_local,
+    url_session,
 )
 
 # Explicit decompression-bomb guard: an image whose header claims more pixels than this is refused

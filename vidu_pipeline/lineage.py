@@ -15,6 +15,13 @@ The folder holds nothing but Parquet parts, so it is readable as is by
 data dir (the lineage folder's parent), so the data dir can move; :meth:`LineageStore.read`
 gives it back absolute, and rows written before (absolute paths, no quality columns) read as
 they were, with nulls for the missing columns.
+
+On an object store (:class:`ObjectLineageStore`, a storage root such as ``s3://bucket/prefix``)
+there is no ``flock`` and no rename: a part is written to a local temp file and PUT whole (an
+object appears complete or not at all), and compaction needs no lock — it writes one merged
+part, then deletes only the parts it read. Two compactions at once leave duplicate rows for a
+while, which every read resolves (latest ``recorded_at`` wins, as for any request). The ledger,
+not the file system, coordinates the workers.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -32,6 +40,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+
+from .storage import StorageRoot
 
 TS = pa.timestamp("us", tz="UTC")
 
@@ -123,9 +133,68 @@ def normalize_row(row: Mapping[str, Any], now: dt.datetime) -> dict[str, Any]:
     return out
 
 
-class LineageStore:
+class LineageTable:
+    """What every lineage store reads the same way: the full history and the current table."""
+
+    location: str  # where the parts are, for messages and the UI
+
+    def parts(self) -> list:
+        raise NotImplementedError
+
+    def append(self, rows: Iterable[Mapping[str, Any]]) -> Any:
+        raise NotImplementedError
+
+    def compact(self) -> Any:
+        raise NotImplementedError
+
+    def relative_video_path(self, path: str | None) -> str | None:
+        raise NotImplementedError
+
+    def absolute_video_path(self, path: str | None) -> str | None:
+        raise NotImplementedError
+
+    def _read_parts(self) -> pa.Table:
+        raise NotImplementedError
+
+    def read_all(self) -> pd.DataFrame:
+        """Every row ever appended (the full history), in file order; ``video_path`` absolute."""
+        df = self._read_parts().to_pandas()
+        df["video_path"] = df["video_path"].map(self.absolute_video_path)
+        return df
+
+    def read(self) -> pd.DataFrame:
+        """The current table: one row per request_id, the latest ``recorded_at`` winning."""
+        df = self.read_all()
+        df = df.sort_values("recorded_at", kind="stable")
+        return df.drop_duplicates("request_id", keep="last").sort_values("request_id").reset_index(drop=True)
+
+
+def _normalized_table(rows: Iterable[Mapping[str, Any]], store: LineageTable, now: dt.datetime) -> pa.Table:
+    normalized = [normalize_row(r, now) for r in rows]
+    for row in normalized:
+        row["video_path"] = store.relative_video_path(row["video_path"])
+    table = pa.Table.from_pylist(normalized, schema=SCHEMA)
+    if table.num_rows == 0:
+        raise ValueError("nothing to append")
+    return table
+
+
+def _part_name(now: dt.datetime) -> str:
+    return f"part-{now:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex}.parquet"
+
+
+def open_lineage(storage: StorageRoot, state_dir: str | os.PathLike | None = None) -> LineageTable:
+    """The lineage table under ``<storage root>/lineage``: local parts (flock, os.replace) on a
+    folder, PUT-only parts on an object store."""
+    if storage.is_local:
+        return LineageStore(Path(storage.location) / "lineage", state_dir)
+    return ObjectLineageStore(storage)
+
+
+class LineageStore(LineageTable):
     def __init__(self, root: str | os.PathLike, state_dir: str | os.PathLike | None = None):
         self.root = Path(root)
+        self.location = str(self.root)
         self.data_root = self.root.resolve().parent  # what video_path is relative to
         self.state_dir = Path(state_dir) if state_dir is not None else self.data_root / "state"
         self.lock_path = self.state_dir / LOCK_NAME
@@ -153,16 +222,10 @@ class LineageStore:
     def append(self, rows: Iterable[Mapping[str, Any]]) -> Path:
         """Write ``rows`` as one new immutable part file; returns its path."""
         now = dt.datetime.now(dt.UTC)
-        normalized = [normalize_row(r, now) for r in rows]
-        for row in normalized:
-            row["video_path"] = self.relative_video_path(row["video_path"])
-        table = pa.Table.from_pylist(normalized, schema=SCHEMA)
-        if table.num_rows == 0:
-            raise ValueError("nothing to append")
-        return self._write_atomic(table, now)
+        return self._write_atomic(_normalized_table(rows, self, now), now)
 
     def _write_atomic(self, table: pa.Table, now: dt.datetime) -> Path:
-        name = f"part-{now:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex}.parquet"
+        name = _part_name(now)
         final = self.root / name
         tmp = self.tmp_dir / f".{name}{TMP_SUFFIX}"  # same file system: os.replace stays atomic
         try:
@@ -214,17 +277,93 @@ class LineageStore:
         """The visible part files, oldest name first (temp and lock files excluded)."""
         return sorted(self.root.glob("part-*.parquet"))
 
-    def read_all(self) -> pd.DataFrame:
-        """Every row ever appended (the full history), in file order; ``video_path`` absolute."""
-        df = _read(self.parts()).to_pandas()
-        df["video_path"] = df["video_path"].map(self.absolute_video_path)
-        return df
+    def _read_parts(self) -> pa.Table:
+        return _read(self.parts())
 
-    def read(self) -> pd.DataFrame:
-        """The current table: one row per request_id, the latest ``recorded_at`` winning."""
-        df = self.read_all()
-        df = df.sort_values("recorded_at", kind="stable")
-        return df.drop_duplicates("request_id", keep="last").sort_values("request_id").reset_index(drop=True)
+
+class ObjectLineageStore(LineageTable):
+    """The lineage parts under ``<root>/lineage`` on an object store: PUT-only, no lock."""
+
+    READ_TRIES = 5  # a compaction may delete a listed part before it is read: list again
+
+    def __init__(self, storage: StorageRoot, folder: str = "lineage"):
+        self.storage = storage
+        self.folder = folder
+        self.location = storage.url(folder)
+
+    def relative_video_path(self, path: str | None) -> str | None:
+        """``path`` relative to the storage root when it lies under it (else unchanged)."""
+        if not path:
+            return path
+        return self.storage.relative(path) or path
+
+    def absolute_video_path(self, path: str | None) -> str | None:
+        """A stored relative ``video_path`` as its URL under the root."""
+        if not isinstance(path, str) or not path or os.path.isabs(path) or "://" in path:
+            return path
+        return self.storage.url(path)
+
+    def append(self, rows: Iterable[Mapping[str, Any]]) -> str:
+        """Write ``rows`` as one new part: a finished local file, then one PUT; returns its URL."""
+        now = dt.datetime.now(dt.UTC)
+        return self._put(_normalized_table(rows, self, now), now)
+
+    def _put(self, table: pa.Table, now: dt.datetime) -> str:
+        name = _part_name(now)
+        with tempfile.TemporaryDirectory(prefix="vidu-lineage-") as tmp:
+            local = Path(tmp) / name
+            pq.write_table(table, local, compression="zstd")
+            return self.storage.put_file(local, f"{self.folder}/{name}", move=True)
+
+    def compact(self) -> str | None:
+        """Merge the parts listed now into one new part, then delete exactly the parts it read.
+
+        No lock: a part appended meanwhile is not touched, a part another compaction removed
+        meanwhile is skipped (its merged part holds the rows), and two compactions reading the
+        same part only leave duplicate rows, which reads resolve. Returns the merged part's URL,
+        or None when there was nothing to merge."""
+        read = self.parts()
+        if len(read) < 2:
+            return None
+        try:
+            table = self._read_listed(read)
+        except FileNotFoundError:  # some were merged meanwhile by another compaction: take the rest
+            table, read = self._read_each(read)
+            if len(read) < 2:
+                return None
+        merged = self._put(table, dt.datetime.now(dt.UTC))
+        for part in read:
+            self.storage.delete(part)
+        return merged
+
+    def parts(self) -> list[str]:
+        """The part files (relative to the storage root), oldest name first."""
+        return [p for p in self.storage.list(self.folder, ".parquet") if Path(p).name.startswith("part-")]
+
+    def _read_listed(self, parts: list[str]) -> pa.Table:
+        if not parts:
+            return SCHEMA.empty_table()
+        paths = [self.storage.fs_path(p) for p in parts]
+        return ds.dataset(paths, schema=SCHEMA, format="parquet", filesystem=self.storage.fs).to_table()
+
+    def _read_each(self, parts: list[str]) -> tuple[pa.Table, list[str]]:
+        """The parts still there, one by one, and which they were."""
+        tables, read = [], []
+        for part in parts:
+            try:
+                tables.append(self._read_listed([part]))
+            except FileNotFoundError:  # its rows are in another compaction's merged part
+                continue
+            read.append(part)
+        return (pa.concat_tables(tables) if tables else SCHEMA.empty_table()), read
+
+    def _read_parts(self) -> pa.Table:
+        for _ in range(self.READ_TRIES - 1):
+            try:
+                return self._read_listed(self.parts())
+            except FileNotFoundError:  # compacted away between the listing and the read
+                continue
+        return self._read_listed(self.parts())
 
 
 def _read(parts: list[Path]) -> pa.Table:

@@ -8,9 +8,7 @@ these names.
 from __future__ import annotations
 
 import os
-import socket
 import stat
-import threading
 from urllib.parse import urljoin, urlsplit
 
 from .api.contract import MAX_IMAGE_FILE_BYTES
@@ -74,44 +72,19 @@ def read_local(path: str | os.PathLike) -> bytes:
         raise SourceError("unreadable", f"cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
 
 
-class _Download:
-    """One URL fetch run in a daemon thread, so the caller can stop waiting at the deadline.
+def url_session():
+    """A session for catalog URLs: no retries, and sockets the total deadline of
+    :func:`fetch_url` can cut (the API client's deadline mechanism, see ``api/deadline.py``)."""
+    import requests
 
-    At the deadline the caller calls :meth:`abort`, which shuts the socket of the response
-    being read: a body dripping slower than the read timeout ends at once. (A server dripping
-    its *headers* is only cut by the read timeout; the caller has stopped waiting by then.)
-    """
+    from .api.deadline import DeadlineAdapter
 
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.response = None
-        self.aborted = False
-        self.result: bytes | None = None
-        self.error: BaseException | None = None
-
-    def watch(self, resp) -> None:
-        with self.lock:
-            self.response = resp
-            aborted = self.aborted
-        if aborted:
-            self._shut(resp)
-
-    def abort(self) -> None:
-        with self.lock:
-            self.aborted = True
-            resp = self.response
-        if resp is not None:
-            self._shut(resp)
-
-    @staticmethod
-    def _shut(resp) -> None:
-        conn = getattr(resp.raw, "connection", None)  # urllib3 2: the HTTPConnection being read
-        sock = getattr(conn, "sock", None)
-        try:
-            if sock is not None:
-                sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+    session = requests.Session()
+    adapter = DeadlineAdapter(max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers["User-Agent"] = "vidu-pipeline"
+    return session
 
 
 def fetch_url(url: str, session, *, timeout=URL_TIMEOUT, deadline_s: float = URL_DEADLINE_S) -> bytes:
@@ -119,30 +92,27 @@ def fetch_url(url: str, session, *, timeout=URL_TIMEOUT, deadline_s: float = URL
 
     Streamed with the 50 MB cap (Content-Length is checked first, then the running total), so a
     huge or endless body never lands in memory, and bounded by ``deadline_s`` for the whole
-    download, however slowly the server sends. Every failure is a SourceError, never a crash.
+    download — connect, headers and body — however slowly the server sends: at the deadline
+    its socket is shut down. ``session`` must come from :func:`url_session`. Every failure is a
+    SourceError, never a crash.
     """
-    download = _Download()
+    from .api.deadline import DeadlineAdapter, deadline
 
-    def run() -> None:
+    if not all(isinstance(session.get_adapter(prefix), DeadlineAdapter) for prefix in ("http://", "https://")):
+        raise TypeError("fetch_url needs a session from url_session(): only its sockets obey the deadline")
+    with deadline(deadline_s) as call:
         try:
-            download.result = _fetch(url, session, timeout, download)
-        except BaseException as exc:  # handed to the waiting caller
-            download.error = exc
-
-    worker = threading.Thread(target=run, name="fetch-url", daemon=True)
-    worker.start()
-    worker.join(deadline_s)
-    if worker.is_alive():
-        download.abort()
+            data = _fetch(url, session, timeout)
+        except SourceError:
+            if not call.expired:
+                raise
+            data = None
+    if call.expired or data is None:  # a cut body can also end as a short "success"
         raise SourceError("url_fetch", f"download took longer than {deadline_s:g} s")
-    if download.error is not None:
-        raise download.error
-    if download.result is None:  # the worker ends with a result or an error; never neither
-        raise SourceError("url_fetch", "download ended without a body")
-    return download.result
+    return data
 
 
-def _fetch(url: str, session, timeout, download: _Download) -> bytes:
+def _fetch(url: str, session, timeout) -> bytes:
     import requests  # only URL catalogs pay for the import
 
     for _ in range(MAX_REDIRECTS + 1):
@@ -152,7 +122,6 @@ def _fetch(url: str, session, timeout, download: _Download) -> bytes:
             resp = session.get(url, stream=True, timeout=timeout, allow_redirects=False)
         except requests.RequestException as exc:
             raise SourceError("url_fetch", f"request failed ({type(exc).__name__})") from None
-        download.watch(resp)
         with resp:
             if resp.is_redirect:
                 url = urljoin(url, resp.headers.get("Location", ""))

@@ -7,10 +7,15 @@ fails loudly instead of the dataset silently holding a wrong clip.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import io
 import json
 import logging
 import os
+import shutil
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,11 +27,12 @@ from .api import errors
 from .api.client import ViduClient
 from .generation_requests import PIPELINE_VERSION, RequestSpec
 from .ledger import Ledger, TaskRow
-from .mp4 import VideoInvalid, VideoProbe, check_against_request, probe_video
+from .mp4 import VideoInvalid, VideoProbe, check_against_request, frame_image, probe_video
 from .quality import FrameSampler, Thresholds, VideoQuality, measure
-from .storage import StorageError
+from .storage import StorageError, StorageRoot, is_url
 
 log = logging.getLogger(__name__)
+_SCRATCH = threading.local()  # .path: this thread's last scratch download (object-store roots)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +48,55 @@ def video_path(videos_dir: Path, request_id: str) -> Path:
     return Path(videos_dir) / f"{request_id}.mp4"
 
 
+def scratch_file(request_id: str) -> Path:
+    """Where a video bound for an object store is downloaded and verified, on local disk.
+
+    The last one of each thread stays until that thread collects its next video (the caller
+    makes the UI thumbnail from :attr:`CollectedVideo.path`), and the folder goes at exit."""
+    previous = getattr(_SCRATCH, "path", None)
+    if previous is not None:
+        previous.unlink(missing_ok=True)
+    folder = Path(tempfile.gettempdir()) / f"vidu-pipeline-scratch-{os.getpid()}"
+    if not folder.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    _SCRATCH.path = folder / f"{request_id}.{threading.get_ident()}.mp4"
+    return _SCRATCH.path
+
+
+def store_remote(local: Path, videos_dir: str, request_id: str) -> str:
+    """PUT the verified video (one finished file: the object appears whole or not at all) and
+    its thumbnail (``thumbnails/`` beside ``videos/``); returns the video's URL."""
+    videos = StorageRoot(videos_dir)
+    try:
+        url = videos.put_file(local, f"{request_id}.mp4")
+    except Exception as exc:  # the store's errors (s3fs/botocore) are not all OSErrors
+        raise StorageError(
+            f"could not store the video of {request_id} in {videos_dir}: {exc}; "
+            "the task stays succeeded and is downloaded again on the next run"
+        ) from None
+    try:
+        StorageRoot(videos_dir.rsplit("/", 1)[0]).write_bytes(f"thumbnails/{request_id}.png", thumbnail_png(local))
+    except (VideoInvalid, OSError) as exc:  # the video is stored; a thumbnail is a convenience
+        log.warning("%s: no thumbnail stored: %s", request_id, exc)
+    return url
+
+
+def thumbnail_png(path: Path) -> bytes:
+    """The frame at 1 s, longest side 320 px, as PNG (what the contact sheet reuses)."""
+    frame = frame_image(path, at_s=1.0)
+    frame.thumbnail((320, 320))
+    out = io.BytesIO()
+    frame.save(out, format="PNG")
+    return out.getvalue()
+
+
 def collect_video(
     ledger: Ledger,
     client: ViduClient,
     request_id: str,
     *,
-    videos_dir: Path,
+    videos_dir: Path | str,
     render_scale: float = 1.0,
     run_id: str | None = None,
     reference_bytes: Callable[[str], bytes] | None = None,
@@ -66,7 +115,10 @@ def collect_video(
     if row is None or row.state != "succeeded" or not row.task_id:
         raise ValueError(f"{request_id}: no succeeded task to collect (state {row.state if row else 'absent'})")
     spec = RequestSpec.from_json(row.spec_json)
-    final = video_path(videos_dir, request_id)
+    remote = is_url(videos_dir) and not str(videos_dir).startswith("file://")
+    final = (
+        scratch_file(request_id) if remote else video_path(Path(str(videos_dir).removeprefix("file://")), request_id)
+    )
     staging = final.with_name(f".{final.name}.{os.getpid()}.download")
     try:
         download = client.download(row.task_id, staging)
@@ -93,10 +145,11 @@ def collect_video(
     )
     quality = _measure(request_id, sampler, _references(spec, reference_bytes), thresholds)
     staging.replace(final)
+    stored = store_remote(final, str(videos_dir), request_id) if remote else str(final)
     ledger.record_video(
         request_id,
         task_id=row.task_id,
-        path=str(final),
+        path=stored,
         sha256=download.sha256,
         size_bytes=download.size_bytes,
         probe={

@@ -34,7 +34,7 @@ from typing import Any
 import requests
 
 from . import answers, contract, errors
-from .contract import GenerationRequest, TaskResult
+from .contract import GenerationRequest
 from .deadline import Call, deadline
 from .download import DEFAULT_MAX_VIDEO_BYTES, Download, DownloadMixin
 from .http_session import (
@@ -48,6 +48,7 @@ from .http_session import (
     _retry_after,
     _session,
 )
+from .task_result import TaskResult, TaskStatus
 
 __all__ = [
     "DEFAULT_MAX_VIDEO_BYTES",
@@ -359,7 +360,7 @@ def poll_delay(result: TaskResult, min_s: float, max_s: float) -> float:
     from its progress; clamped to [min_s, max_s]."""
     if result.eta_seconds is not None and result.eta_seconds > 0:
         delay = result.eta_seconds
-    elif result.status == contract.TaskStatus.QUEUED.value:
+    elif result.status == TaskStatus.QUEUED.value:
         delay = max_s / 2
     else:
         delay = min_s * 4

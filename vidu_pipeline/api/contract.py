@@ -17,10 +17,8 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-# Reading image references and the task-result answer live in their own modules; the client,
-# the simulator and the tests reach redact_url and the task-result names through the contract.
-from .image_refs import DATA_URI_RE, describe_images, image_digest, parse_data_uri, redact_url  # noqa: F401
-from .task_result import TERMINAL_STATUSES, TaskResult, TaskStatus, Video  # noqa: F401 - re-exported
+# Image references (data URIs, digests) and the task-result answer have modules of their own.
+from .image_refs import DATA_URI_RE, describe_images, image_digest, parse_data_uri
 
 # --- endpoints -------------------------------------------------------------------------------
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import requests
 
-from . import contract, errors
+from . import errors
 from .deadline import Call, deadline
 from .http_session import _TRANSFER_ERRORS, RetryPolicy, _exc_name, _int_header
+from .image_refs import redact_url
 from .task_result import TaskResult
 
 # The client's logger: these lines are the client's, wherever the code lives.
@@ -94,7 +95,7 @@ class DownloadMixin:
             result, refreshed = self.get_task_result(result.task_id), True
 
     def _fetch(self, url: str, dest: Path, task_id: str) -> tuple[str, int]:
-        where = contract.redact_url(url)
+        where = redact_url(url)
         with deadline(self.download_deadline_s) as call:
             try:
                 # identity: the size check and the hash are about the bytes of the file as stored.

@@ -46,6 +46,9 @@ class Driver:
         self.pipeline = pipeline
         self.vidu = vidu or vidu_resource_from_env()
         self.session = uuid.uuid4().hex[:12]
+        # Dagster's default IO manager (this DAGSTER_HOME): a generate runs every step in this
+        # process, and two generates sharing one object-store root must not overwrite each
+        # other's catalog values mid-read (see docs/deploy.md).
         self.resources = {"pipeline": pipeline, "vidu": self.vidu}
         self.definitions = build_definitions(resources=self.resources)
         reap_dead_runs(instance)

@@ -3,6 +3,7 @@ overrides, and the runs a killed ``generate`` left behind."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from dagster import DagsterInstance
 from dagster._core.instance.ref import InstanceRef
 
 from .. import tasks
+from ..defs.partitions import REQUESTS_PARTITIONS_NAME
 
 DAGSTER_YAML = """\
 # Written by vidu-pipeline. Pools cap how many API-calling steps run at once across runs.
@@ -28,10 +30,19 @@ def dagster_instance() -> DagsterInstance:
     # batch run does not mark its partitions failed; the ledger and asset checks do.
     os.environ.setdefault("DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS", "true")
     home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text(DAGSTER_YAML)
-    return DagsterInstance.from_ref(InstanceRef.from_dir(str(home), overrides=CLI_INSTANCE_OVERRIDES))
+    # Dagster creates and migrates its SQLite storage when an instance first opens it, and two
+    # processes doing that at once on a fresh home fail ("table … already exists", an alembic
+    # version mismatch): the first open of each process is serialized by a lock in the home.
+    with open(home / ".vidu-instance.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        config = home / "dagster.yaml"
+        if not config.exists():
+            config.write_text(DAGSTER_YAML)
+        instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(home), overrides=CLI_INSTANCE_OVERRIDES))
+        instance.get_runs(limit=1)  # every storage created and migrated before the lock is let go
+        instance.get_dynamic_partitions(REQUESTS_PARTITIONS_NAME)
+        instance.all_instigator_state()
+    return instance
 
 
 # Runs executed by the CLI do not capture stdout/stderr (Dagster's documented way to turn

@@ -94,7 +94,7 @@ def summarize(pipeline: PipelineResource, rows, rejected, sheet: Path | None, *,
         + (f" (see {pipeline.reports_dir / 'rejections.csv'})" if len(rejected) else "")
     )
     print(f"  videos: {pipeline.videos_dir}")
-    print(f"  lineage: {pipeline.root / 'lineage'}")
+    print(f"  lineage: {pipeline.lineage().location}")
     if sheet:
         print(f"  contact sheet: {sheet}")
     if failed:

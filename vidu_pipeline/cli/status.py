@@ -9,15 +9,20 @@ from pathlib import Path
 from ..defs.resources import PipelineResource
 from ..ledger import UNKNOWN
 from .exit_codes import EXIT_OK
+from .settings import check_ledger_reachable
 
 
 def status(args) -> int:
-    pipeline = PipelineResource(data_dir=str(Path(args.data_dir).resolve()))
-    if not (pipeline.root / "ledger.sqlite").exists() and not pipeline.ledger_url:
+    pipeline = PipelineResource(data_dir=str(Path(args.data_dir).resolve()), ledger_url=args.ledger_url or "")
+    if not pipeline.ledger_url and not (pipeline.root / "ledger.sqlite").exists():
         print(f"no ledger in {pipeline.root}: nothing generated yet")
         return EXIT_OK
+    check_ledger_reachable(pipeline.ledger_location)
     ledger = pipeline.read_only_ledger()  # looking writes nothing: works on a read-only folder
     try:
+        if not ledger.exists():
+            print(f"no ledger at {ledger.url}: nothing generated yet")
+            return EXIT_OK
         counts = ledger.counts_by_state()
         oldest = ledger.oldest_pending()
         unknown = ledger.rows(states=[UNKNOWN])

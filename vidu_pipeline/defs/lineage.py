@@ -1,7 +1,7 @@
 """Stage 6: the Parquet lineage table (one row per request that reached an end) and the checks
 a dataset user reads before trusting it."""
 
-import os
+from pathlib import PurePosixPath
 
 import pandas as pd
 from dagster import (
@@ -18,6 +18,7 @@ from dagster import (
 
 from .. import lineage as lineage_mod
 from ..ledger import SUCCEEDED, UNKNOWN
+from ..storage import StorageRoot
 from .jobs import LINEAGE_AFTER_VIDEOS, WITH_ITS_ASSET
 from .metadata import GROUP, md_table, relative_path
 from .resources import PipelineResource
@@ -49,10 +50,10 @@ def lineage(context: AssetExecutionContext, pipeline: PipelineResource) -> Mater
     states = table["state"].value_counts().to_dict() if len(table) else {}
     return MaterializeResult(
         metadata={
-            "path": MetadataValue.path(relative_path(pipeline, store.root)),
+            "path": MetadataValue.path(relative_path(pipeline, store.location)),
             "dagster/row_count": len(table),
             "dagster/column_schema": LINEAGE_TABLE_SCHEMA,
-            "parquet_files": len(list(store.root.glob("*.parquet"))),
+            "parquet_files": len(store.parts()),
             "appended": appended,
             "by_state": MetadataValue.json(states),
             "preview": md_table(
@@ -82,13 +83,7 @@ def lineage_complete(pipeline: PipelineResource) -> AssetCheckResult:
     if len(table):
         dupes = table["video_path"].dropna().duplicated()
         problems += [f"{p}: in more than one lineage row" for p in table["video_path"].dropna()[dupes]]
-    recorded_paths = set(table["video_path"].dropna()) if len(table) else set()
-    for path in sorted(pipeline.videos_dir.glob("*.mp4")) if pipeline.videos_dir.exists() else []:
-        if str(path) not in recorded_paths:
-            problems.append(f"{path.name}: file without a lineage row")
-    for path in recorded_paths:
-        if not pd.isna(path) and not os.path.exists(path):
-            problems.append(f"{path}: lineage row without its file")
+    problems += _files_against_rows(pipeline.storage(), set(table["video_path"].dropna()) if len(table) else set())
     return AssetCheckResult(
         passed=not problems,
         metadata={
@@ -97,6 +92,20 @@ def lineage_complete(pipeline: PipelineResource) -> AssetCheckResult:
             "problems": MetadataValue.md("\n".join(f"- {p}" for p in problems[:100]) or "_none_"),
         },
     )
+
+
+def _files_against_rows(storage: StorageRoot, recorded_paths: set[str]) -> list[str]:
+    """Every video file under the storage root has a row, and every row's file is there (a
+    row outside the root, e.g. a local reproduction, is looked up on the local disk)."""
+    problems = []
+    recorded = {storage.relative(p) or p for p in recorded_paths}
+    for rel in storage.list("videos", ".mp4"):
+        if rel not in recorded:
+            problems.append(f"{PurePosixPath(rel).name}: file without a lineage row")
+    for path in sorted(recorded_paths):
+        if not storage.holds(path):
+            problems.append(f"{path}: lineage row without its file")
+    return problems
 
 
 @asset_check(

@@ -5,6 +5,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from dagster import ConfigurableResource, EnvVar
 from pydantic import Field, field_validator
@@ -14,7 +15,9 @@ from ..api.client import ViduClient
 from ..api.contract import DEFAULT_BASE_URL
 from ..images import ImageCache
 from ..ledger import Ledger, SpendCaps
-from ..lineage import LineageStore
+from ..ledger.url import ENV_LEDGER_URL
+from ..lineage import LineageTable, open_lineage
+from ..storage import ENV_STORAGE_ROOT, StorageRoot
 from ..tasks import PollingPolicy
 
 # Runs that share this tag share one per-run spend cap (the CLI tags every run of a generate).
@@ -36,8 +39,18 @@ class PipelineResource(ConfigurableResource):
     """Paths, budgets and caps. Every field can be set in run config or the environment."""
 
     data_dir: str = Field(default="data", description="Folder for the cache, ledger, videos and lineage.")
+    storage_root: str = Field(
+        default="",
+        description="Where the dataset goes (videos, thumbnails, lineage, export): a folder or an fsspec URL "
+        "such as s3://bucket/prefix; default $VIDU_STORAGE_ROOT, else <data_dir>.",
+    )
     catalog_dir: str = Field(default="", description="Catalog folder; default <data_dir>/catalog.")
-    ledger_url: str = Field(default="", description="SQLAlchemy URL; default SQLite in <data_dir>.")
+    ledger_url: str = Field(
+        default="",
+        repr=False,
+        description="The ledger's SQLAlchemy URL (e.g. postgresql+psycopg://…); empty: VIDU_LEDGER_URL, "
+        "else SQLite in <data_dir>. Prefer the environment variable: a password here shows in the UI.",
+    )
     strict_images: bool = Field(default=False, description="Reject images that would need fixing.")
     allow_outside_paths: bool = Field(default=False, description="Let catalog paths leave the catalog folder.")
     retry_budget: int = Field(default=3, ge=1, description="Submit attempts per request, first included.")
@@ -77,8 +90,22 @@ class PipelineResource(ConfigurableResource):
         return Path(self.catalog_dir).resolve() if self.catalog_dir else self.root / "catalog"
 
     @property
-    def videos_dir(self) -> Path:
-        return self.root / "videos"
+    def storage_location(self) -> str:
+        """The storage root as set (field, then VIDU_STORAGE_ROOT), else the data folder."""
+        return self.storage_root or os.environ.get(ENV_STORAGE_ROOT, "").strip() or str(self.root)
+
+    def storage(self) -> StorageRoot:
+        """The dataset's storage root (one per call: cheap; fsspec caches the file system)."""
+        return StorageRoot(self.storage_location)
+
+    @property
+    def videos_dir(self) -> Any:
+        """A local folder (Path), or the videos folder's URL (str) on an object store.
+
+        Any, not ``Path | str``, while callers written for a local Path (sheets.current_rows)
+        are not widened; new code should use :meth:`storage`."""
+        storage = self.storage()
+        return Path(storage.location) / "videos" if storage.is_local else storage.url("videos")
 
     @property
     def reports_dir(self) -> Path:
@@ -97,7 +124,10 @@ class PipelineResource(ConfigurableResource):
 
     @property
     def ledger_location(self) -> str:
-        return self.ledger_url or f"sqlite:///{self.root / 'ledger.sqlite'}"
+        """The field, else VIDU_LEDGER_URL (read when used, so ``dagster dev`` and its runs
+        honour it), else SQLite in the data folder."""
+        from_env = os.environ.get(ENV_LEDGER_URL, "").strip()
+        return self.ledger_url or from_env or f"sqlite:///{self.root / 'ledger.sqlite'}"
 
     def ledger(self) -> Ledger:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -110,8 +140,8 @@ class PipelineResource(ConfigurableResource):
     def image_cache(self) -> ImageCache:
         return ImageCache(self.root / "cache" / "images")
 
-    def lineage(self) -> LineageStore:
-        return LineageStore(self.root / "lineage")
+    def lineage(self) -> LineageTable:
+        return open_lineage(self.storage(), self.root / "state")
 
     def caps(self, run_id: str) -> SpendCaps:
         per_run = self.max_tasks_per_run if self.max_tasks_per_run is not None else _env_int("VIDU_MAX_TASKS_PER_RUN")

@@ -21,6 +21,7 @@ from dagster import (
     asset_check,
 )
 
+from .. import tasks
 from ..generation_requests import RequestSpec
 from ..ledger import FAILED, SUCCEEDED, UNKNOWN
 from ..videos import CollectedVideo, collect_video, lineage_row
@@ -50,14 +51,24 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
     ledger = pipeline.ledger()
     broken: list[str] = []
     collected: list[str] = []
+    collector = tasks.owner_id(context.run_id)  # who downloads: one worker per video
     with vidu.get_client(pipeline.simulator_state_dir) as (client, endpoint):
         for key in config.select(context.partition_keys):
+            if tasks.STOP.is_set():  # Ctrl-C / SIGTERM: the rest are collected by the next run
+                context.log.warning(f"stopping: {key} and the partitions after it are left for the next run")
+                break
             row = ledger.get(key)
             if row is None or row.state != "succeeded":
                 context.log.info(f"{key}: task is {row.state if row else 'not planned'}; nothing to download yet")
                 continue
             if row.video_sha256:
                 context.log.info(f"{key}: video already stored at {row.video_path}")
+                continue
+            held = ledger.claim_video(
+                key, task_id=row.task_id or "", collector=collector, collector_alive=tasks.owner_alive
+            )
+            if held:
+                context.log.info(f"{key}: not downloaded here: {held}")
                 continue
             try:
                 video = collect_video(
@@ -70,6 +81,7 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
                     reference_bytes=pipeline.image_cache().get_bytes,
                 )
             except Exception as exc:  # one bad video must not cost the batch its other videos
+                ledger.release_video_claim(key, collector=collector)
                 broken.append(f"{key}: {type(exc).__name__}: {exc}")
                 context.log.error(f"{key}: {exc}")
                 continue
@@ -235,6 +247,6 @@ def _video_problem(row, pipeline: PipelineResource) -> str | None:
     problems = (row.probe or {}).get("problems")
     if problems:
         return "mismatched: " + "; ".join(problems)
-    if not row.video_path or not os.path.exists(row.video_path):
+    if not row.video_path or not pipeline.storage().holds(row.video_path):
         return f"video file missing: {row.video_path}"
     return None

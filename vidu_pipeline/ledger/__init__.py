@@ -20,7 +20,13 @@ opened, a refused key — counts against nothing).
 SQLAlchemy Core, so the same code runs on SQLite (the default: WAL, ``busy_timeout``, and
 ``BEGIN IMMEDIATE`` for every write transaction so concurrent processes serialize instead of
 failing on a lock upgrade) and on Postgres (row locks with ``SELECT … FOR UPDATE``; claims
-additionally lock one row of ``ledger_locks`` so spend caps hold across concurrent claimers).
+additionally lock one row of ``ledger_locks`` so spend caps hold across concurrent claimers;
+the schema is created under an advisory lock; planning is ``INSERT … ON CONFLICT DO NOTHING``).
+The URL is checked up front (:mod:`.url`) and shown with its password masked.
+
+A succeeded task's video is downloaded by one worker: ``claim_video`` records the collector
+(``video_claims``) before the download; the claim ends with the video or its error, and one of
+a dead collector or older than a lease may be taken over.
 
 Every update that follows a service answer is conditioned on the task it is about (or, for
 submit outcomes, on the attempt): two pollers may read one task, and an answer about a task the
@@ -54,6 +60,7 @@ from .schema import (
     SUBMITTING,
     SUCCEEDED,
     UNKNOWN,
+    VIDEO_CLAIM_LEASE_S,
     AttemptRow,
     Claim,
     LedgerStateError,
@@ -65,6 +72,7 @@ from .schema import (
     locks_table,
     metadata,
     requests_table,
+    video_claims_table,
 )
 from .submitting import SubmittingMixin
 from .videos import VideosMixin
@@ -84,6 +92,7 @@ __all__ = [
     "SUBMITTING",
     "SUCCEEDED",
     "UNKNOWN",
+    "VIDEO_CLAIM_LEASE_S",
     "AttemptRow",
     "Claim",
     "Ledger",
@@ -96,6 +105,7 @@ __all__ = [
     "locks_table",
     "metadata",
     "requests_table",
+    "video_claims_table",
 ]
 
 

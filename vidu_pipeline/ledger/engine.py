@@ -1,6 +1,7 @@
 """Opening the ledger's database and its transactions: SQLite (WAL, ``BEGIN IMMEDIATE`` for
-writes, a read-only mode) or Postgres (row locks), plus the guarded single-row update every
-transition uses. :class:`LedgerBase` is what the ledger's concern mixins build on.
+writes, a read-only mode) or Postgres (row locks; the schema created under an advisory lock),
+plus the guarded single-row update every transition uses. :class:`LedgerBase` is what the
+ledger's concern mixins build on.
 """
 
 from __future__ import annotations
@@ -10,11 +11,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, insert, select, update
+from sqlalchemy import Table, create_engine, event, inspect, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from .schema import _CLAIM_LOCK, LedgerStateError, TaskRow, locks_table, metadata, requests_table
+from .url import check_ledger_url, shown
+
+# The key of the Postgres advisory lock held while the schema is created ("vidu" in ASCII):
+# two processes starting on a fresh database take turns instead of one failing (DuplicateTable).
+SCHEMA_LOCK_KEY = 0x76696475
 
 
 def _configure_sqlite(engine: Engine, *, read_only: bool = False) -> None:
@@ -74,7 +81,8 @@ class LedgerBase:
         ``read_only``: open an existing ledger for reading only (``vidu-pipeline status`` on a
         read-only folder): no table creation, no write, no PRAGMA that writes.
         """
-        self.url = url
+        check_ledger_url(url)
+        self.url = shown(url)  # what messages may say: the password masked (SQLite's is the same)
         self.clock = clock
         self.read_only = read_only
         kw = {}
@@ -89,14 +97,16 @@ class LedgerBase:
 
     def _create(self) -> None:
         """Tables and the claim lock row; idempotent, also when several processes start at
-        once on a fresh ledger (on SQLite the write lock serializes them; elsewhere a lost
-        race shows as an error and the next look finds everything there)."""
+        once on a fresh ledger: SQLite's write lock serializes them, on Postgres a
+        transaction-scoped advisory lock does (DDL is transactional there, so the second
+        creator sees the first one's tables once it gets the lock)."""
         for tries_left in (2, 1, 0):
             try:
                 with self._write() as conn:
+                    if not self._sqlite:
+                        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
                     metadata.create_all(conn)
-                    if conn.execute(select(locks_table).where(locks_table.c.name == _CLAIM_LOCK)).first() is None:
-                        conn.execute(insert(locks_table).values(name=_CLAIM_LOCK))
+                    conn.execute(self._insert(locks_table).values(name=_CLAIM_LOCK).on_conflict_do_nothing())
                 return
             except (IntegrityError, ProgrammingError, OperationalError):
                 if not tries_left:
@@ -105,6 +115,14 @@ class LedgerBase:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def exists(self) -> bool:
+        """Whether the ledger's tables are there (``status`` on a database nothing wrote yet)."""
+        return inspect(self.engine).has_table(requests_table.name)
+
+    def _insert(self, table: Table):
+        """The dialect's INSERT, which has ``on_conflict_do_nothing`` on SQLite and Postgres."""
+        return (sqlite.insert if self._sqlite else postgresql.insert)(table)
 
     # --- transactions -------------------------------------------------------------------------
 

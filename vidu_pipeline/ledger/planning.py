@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import insert, select
-from sqlalchemy.exc import IntegrityError
-
 from .engine import LedgerBase
-from .schema import _IN_CHUNK, _PLAN_CHUNK, PLANNED, PlannedRequest, requests_table
+from .schema import _PLAN_CHUNK, PLANNED, PlannedRequest, requests_table
 
 
 class PlanningMixin(LedgerBase):
@@ -31,41 +28,27 @@ class PlanningMixin(LedgerBase):
         return new
 
     def _plan_chunk(self, rows: list[PlannedRequest]) -> int:
-        """Insert the rows not yet present. SQLite's write lock serializes planners; elsewhere a
-        planner that loses the race to insert the same ids reads again and inserts the rest."""
-        for tries_left in (2, 1, 0):
-            try:
-                return self._insert_new(rows)
-            except IntegrityError:
-                if not tries_left:
-                    raise
-        raise AssertionError("unreachable")
-
-    def _insert_new(self, rows: list[PlannedRequest]) -> int:
+        """Insert the rows not yet present, in one statement that skips the ids already there
+        (``INSERT … ON CONFLICT DO NOTHING``): planners racing on the same ids, on SQLite or
+        Postgres, each insert what nobody else has and none fails. Returns how many were new."""
         now = self.clock()
         r = requests_table.c
+        values = [
+            {
+                "request_id": p.request_id,
+                "subject_id": p.subject_id,
+                "seed": p.seed,
+                "fingerprint": p.fingerprint,
+                "spec_json": p.spec_json,
+                "state": PLANNED,
+                "attempts": 0,
+                "polls": 0,
+                "video_attempts": 0,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for p in rows
+        ]
+        stmt = self._insert(requests_table).on_conflict_do_nothing(index_elements=[r.request_id])
         with self._write() as conn:
-            existing: set[str] = set()
-            for i in range(0, len(rows), _IN_CHUNK):
-                ids = [p.request_id for p in rows[i : i + _IN_CHUNK]]
-                existing.update(conn.scalars(select(r.request_id).where(r.request_id.in_(ids))))
-            fresh = [
-                {
-                    "request_id": p.request_id,
-                    "subject_id": p.subject_id,
-                    "seed": p.seed,
-                    "fingerprint": p.fingerprint,
-                    "spec_json": p.spec_json,
-                    "state": PLANNED,
-                    "attempts": 0,
-                    "polls": 0,
-                    "video_attempts": 0,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for p in rows
-                if p.request_id not in existing
-            ]
-            if fresh:
-                conn.execute(insert(requests_table), fresh)
-        return len(fresh)
+            return len(conn.execute(stmt.returning(r.request_id), values).all())

@@ -86,6 +86,18 @@ attempts_table = Table(
 # One row per named lock; claims lock the "claim" row so caps are checked serially on Postgres.
 locks_table = Table("ledger_locks", metadata, Column("name", String(64), primary_key=True))
 
+# Who is downloading a succeeded task's video: one collector per video across workers. A table
+# of its own (not columns of ``requests``), so ledgers written before it need no migration.
+video_claims_table = Table(
+    "video_claims",
+    metadata,
+    Column("request_id", String(200), primary_key=True),
+    Column("task_id", String(200), nullable=False),
+    Column("collector", String(300), nullable=False),
+    Column("claimed_at", Float, nullable=False),
+)
+VIDEO_CLAIM_LEASE_S = 900.0  # a claim this old is abandoned: another worker may take it over
+
 
 @dataclasses.dataclass(frozen=True)
 class PlannedRequest:

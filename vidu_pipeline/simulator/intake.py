@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from ..api import contract
+from ..api.image_refs import parse_data_uri, redact_url
 from ..images import inspect_image_bytes
 
 FETCH_TIMEOUT_S = 5.0
@@ -45,7 +46,7 @@ def is_loopback_host(host: str | None) -> bool:
 
 def fetch_image(url: str) -> bytes:
     """GET a loopback image URL; ValueError with a payload-free reason otherwise."""
-    shown = contract.redact_url(url)
+    shown = redact_url(url)
     host = urllib.parse.urlsplit(url).hostname
     if not is_loopback_host(host):
         raise ValueError(f"cannot fetch {shown}: the simulator only fetches images from loopback hosts")
@@ -69,7 +70,7 @@ def collect_images(refs: list[str]) -> tuple[list[bytes], str]:
     for i, ref in enumerate(refs):
         try:
             if ref.startswith("data:"):
-                images.append(contract.parse_data_uri(ref)[1])
+                images.append(parse_data_uri(ref)[1])
             else:
                 images.append(fetch_image(ref))
         except ValueError as exc:
