@@ -7,11 +7,12 @@ import multiprocessing
 import sqlite3
 
 import pytest
-from sqlalchemy import create_mock_engine
+from sqlalchemy import create_mock_engine, event
 from sqlalchemy.exc import OperationalError
 
 from vidu_pipeline import ledger as L
 from vidu_pipeline.ledger import Claim, Ledger, LedgerStateError, PlannedRequest, Skip, SpendCaps
+from vidu_pipeline.ledger.polling import PollAnswer
 
 NO_CAPS = SpendCaps(per_run=None, per_day=None, run_id="run-1")
 
@@ -106,6 +107,21 @@ def test_spec_json_stored_verbatim(ledger):
     for i in range(5):
         assert ledger.get(f"req-{i:05d}").spec_json == spec(i)
     assert "data:" not in "".join(r.spec_json for r in ledger.rows())
+
+
+def test_retryable_failed_leaves_out_failures_that_are_final(ledger, clock):
+    """Only failed requests within the retry budget and once accepted (a task id) come back,
+    oldest first, and the limit counts those only: final failures ahead of them take no room."""
+    for rid, failures in (("req-00000", 3), ("req-00001", 1), ("req-00002", 2), ("req-00003", 1)):
+        for n in range(1, failures + 1):
+            submit(ledger, rid, task=f"task-{rid}-{n}", clock=clock)
+            assert ledger.record_failed(rid, "TASK_STATUS_FAILED", task_id=f"task-{rid}-{n}")
+    refused = claim(ledger, "req-00004")
+    ledger.record_submit_rejected("req-00004", refused.attempt, "400: bad image")  # failed, no task id
+    assert (ledger.get("req-00004").state, ledger.get("req-00004").attempts) == ("failed", 1)
+    assert [r.request_id for r in ledger.retryable_failed(3, limit=10)] == ["req-00001", "req-00002", "req-00003"]
+    assert [r.request_id for r in ledger.retryable_failed(2, limit=10)] == ["req-00001", "req-00003"]
+    assert [r.request_id for r in ledger.retryable_failed(3, limit=1)] == ["req-00001"]
 
 
 def test_plan_100k_rows(tmp_path):
@@ -543,6 +559,92 @@ def test_a_late_failure_between_record_and_resubmit_is_a_no_op(ledger, clock):
     assert not ledger.record_unknown("req-00000", "late", task_id="task-1")
     assert ledger.get("req-00000").state == "submitting"
     assert ledger.record_submitted("req-00000", c.attempt, "task-2", first_poll_at=0)
+
+
+# --- poll answers recorded in batches (issue 15) -------------------------------------------------
+
+
+def commits(led: Ledger) -> list[int]:
+    """A list that grows by one for every transaction the ledger commits."""
+    seen: list[int] = []
+    event.listen(led.engine, "commit", lambda conn: seen.append(1))
+    return seen
+
+
+def test_a_batch_of_poll_answers_applies_each_like_a_single_answer_in_one_commit(ledger, clock):
+    """Succeeded, failed and still-processing rows in one batch, beside a stale answer (the
+    request moved on to task 2), an ``unknown`` row a late poll finds done, and a request the
+    ledger does not hold: each gets the verdict and the write a single call would give."""
+    for i in range(4):
+        submit(ledger, f"req-{i:05d}", task="task-1", clock=clock)
+    assert ledger.record_failed("req-00003", "TASK_STATUS_FAILED: first", task_id="task-1")
+    submit(ledger, "req-00003", task="task-2", clock=clock)  # resubmitted: answers about task 1 are stale
+    submit(ledger, "req-00004", task="task-4", clock=clock)
+    assert ledger.record_unknown("req-00004", "deadline", task_id="task-4")
+    stale_before = ledger.get("req-00003")
+    clock.t += 60
+    written = commits(ledger)
+    verdicts = ledger.record_poll_answers(
+        [
+            PollAnswer("req-00000", "task-1", "succeeded", effective_seed=7, finished_at=clock.t - 1),
+            PollAnswer("req-00001", "task-1", "failed", reason="TASK_STATUS_FAILED: moderation"),
+            PollAnswer("req-00002", "task-1", "submitted", "TASK_STATUS_PROCESSING", 9.0, 50.0, clock.t + 9),
+            PollAnswer("req-00003", "task-1", "failed", reason="stale"),
+            PollAnswer("req-00004", "task-4", "succeeded", effective_seed=3, finished_at=clock.t),
+            PollAnswer("nope", "task-1", "succeeded", effective_seed=1, finished_at=clock.t),
+        ]
+    )
+    assert verdicts == [True, True, True, False, True, None]
+    assert len(written) == 1
+
+    done, failed, running = (ledger.get(f"req-{i:05d}") for i in range(3))
+    assert (done.state, done.effective_seed, done.finished_at, done.next_poll_at) == ("succeeded", 7, clock.t - 1, None)
+    assert (failed.state, failed.last_error, failed.finished_at) == (
+        "failed",
+        "TASK_STATUS_FAILED: moderation",
+        clock.t,
+    )
+    assert ledger.attempts_for("req-00001")[0].error == "TASK_STATUS_FAILED: moderation"
+    assert (running.state, running.last_status, running.eta_s, running.progress, running.polls) == (
+        "submitted",
+        "TASK_STATUS_PROCESSING",
+        9.0,
+        50.0,
+        1,
+    )
+    assert (running.next_poll_at, running.updated_at) == (clock.t + 9, clock.t)
+    assert ledger.get("req-00003") == stale_before  # the stale answer wrote nothing
+    assert [a.error for a in ledger.attempts_for("req-00003")] == ["TASK_STATUS_FAILED: first", None]
+    assert ledger.get("req-00004").state == "succeeded"
+
+
+def test_a_batch_of_only_stale_answers_changes_nothing(ledger, clock):
+    """Another poller recorded these tasks' ends first: the whole batch is a reported no-op."""
+    for i in range(3):
+        submit(ledger, f"req-{i:05d}", task=f"task-{i}", clock=clock)
+        assert ledger.record_succeeded(f"req-{i:05d}", task_id=f"task-{i}", effective_seed=i, finished_at=clock.t)
+    before = [ledger.get(f"req-{i:05d}") for i in range(3)]
+    clock.t += 5
+    answers = [
+        PollAnswer("req-00000", "task-0", "failed", reason="late"),
+        PollAnswer("req-00001", "task-1", "succeeded", effective_seed=99, finished_at=clock.t),
+        PollAnswer("req-00002", "task-2", "submitted", "TASK_STATUS_PROCESSING", 1.0, 1.0, clock.t),
+    ]
+    assert ledger.record_poll_answers(answers) == [False, False, False]
+    assert [ledger.get(f"req-{i:05d}") for i in range(3)] == before
+    assert all(a.error is None for i in range(3) for a in ledger.attempts_for(f"req-{i:05d}"))
+
+
+def test_a_batch_takes_one_answer_per_request_each_naming_its_task(ledger, clock):
+    submit(ledger, "req-00000", task="task-1", clock=clock)
+    submit(ledger, "req-00001", task="task-1", clock=clock)
+    twice = PollAnswer("req-00000", "task-1", "failed", reason="x")
+    with pytest.raises(ValueError, match="one answer per request"):
+        ledger.record_poll_answers([twice, twice])
+    with pytest.raises(LedgerStateError, match="no task id"):
+        ledger.record_poll_answers([twice, PollAnswer("req-00001", None, "failed", reason="x")])  # type: ignore[arg-type]
+    assert ledger.counts_by_state()["submitted"] == 2
+    assert ledger.record_poll_answers([]) == []
 
 
 def test_record_submitted_never_replaces_a_task_id(ledger, clock):

@@ -12,6 +12,7 @@ far less. Each tick that changed something also records a progress view on ``vid
 
 import hashlib
 import json
+import threading
 import time
 
 from dagster import (
@@ -30,7 +31,7 @@ from dagster import (
 )
 
 from .. import decisions, tasks
-from ..ledger import FAILED, PLANNED, SUBMITTED, SUBMITTING
+from ..ledger import PLANNED, SUBMITTED, SUBMITTING
 from .jobs import BATCH_SIZE_TAG, collect_job, lineage_job, submit_job
 from .partitions import REQUESTS_PARTITIONS_NAME
 from .resources import PipelineResource, ViduResource
@@ -57,7 +58,7 @@ def batch_run_requests(
 ) -> list[RunRequest]:
     """Runs of the asset's job over partition ranges holding ``request_ids``, each narrowed to
     them by config (see :func:`decisions.split_batches` for where a batch is cut)."""
-    order = {k: i for i, k in enumerate(context.instance.get_dynamic_partitions(REQUESTS_PARTITIONS_NAME))}
+    order = partition_order(context.instance).positions(context.instance, request_ids)
     digest = hashlib.sha256(key_material.encode()).hexdigest()[:20]
     return [
         RunRequest(
@@ -68,6 +69,71 @@ def batch_run_requests(
         )
         for n, group in enumerate(decisions.split_batches(request_ids, order, MAX_RANGE_GAP))
     ]
+
+
+class PartitionOrder:
+    """Where each request partition stands in Dagster's order, kept between ticks: a tick
+    reads only the keys added since the last one (one indexed query past a storage-id cursor)
+    and checks its batch's keys, instead of reading every key of a dataset that grows with
+    each plan. Keys are only ever appended by planning; should the storage change under it
+    otherwise (a key deleted, the instance wiped and planned again), it reads everything again."""
+
+    PAGE = 10_000
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._forget()
+
+    def positions(self, instance, request_ids: list[str]) -> dict[str, int]:
+        """The position of each of ``request_ids`` that has a partition."""
+        with self.lock:
+            self._catch_up(instance)
+            if not self._holds(instance, request_ids):
+                self._forget()
+                self._catch_up(instance)
+            return {r: self.index[r] for r in request_ids if r in self.index}
+
+    def _forget(self) -> None:
+        self.keys: list[str] = []
+        self.index: dict[str, int] = {}
+        self.cursor: str | None = None
+
+    def _catch_up(self, instance) -> None:
+        """Append the keys added since the cursor, in storage order."""
+        while True:
+            page = instance.get_paginated_dynamic_partitions(
+                REQUESTS_PARTITIONS_NAME, limit=self.PAGE, ascending=True, cursor=self.cursor
+            )
+            for key in page.results:
+                self.index[key] = len(self.keys)
+                self.keys.append(key)
+            self.cursor = page.cursor
+            if not page.has_more:
+                return
+
+    def _holds(self, instance, request_ids: list[str]) -> bool:
+        """Every id of the batch is kept, and each of them and the first key ever kept still
+        exist (one query): else the storage changed under the kept order."""
+        wanted = list(dict.fromkeys(request_ids))
+        if any(r not in self.index for r in wanted):
+            return False
+        probe = list(dict.fromkeys(wanted + self.keys[:1]))
+        return len(instance.get_existing_dynamic_partitions(REQUESTS_PARTITIONS_NAME, probe)) == len(probe)
+
+
+_ORDERS: dict[object, PartitionOrder] = {}
+_ORDERS_LOCK = threading.Lock()
+
+
+def partition_order(instance) -> PartitionOrder:
+    """The kept order of this instance's event storage (the daemon builds a new instance object
+    every tick, so it is keyed by the storage's configuration); a fresh one for an ephemeral
+    instance, which has nothing stable to key on."""
+    if instance.is_ephemeral:
+        return PartitionOrder()
+    key = instance.get_ref().event_storage_data
+    with _ORDERS_LOCK:
+        return _ORDERS.setdefault(key, PartitionOrder())
 
 
 def lineage_run_request(rows: dict, request_ids: list[str]) -> RunRequest:
@@ -99,7 +165,7 @@ def evaluate_tick(context: SensorEvaluationContext, pipeline: PipelineResource, 
         succeeded_now=set(report.succeeded),
         failed_now=set(report.failed),
         needing_video=ledger.needing_video(max_video_attempts=pipeline.video_attempts),
-        failed=ledger.rows(states=[FAILED], limit=10 * rules.max_batch),
+        failed=ledger.retryable_failed(rules.retry_budget, limit=10 * rules.max_batch),
         planned=ledger.rows(states=[PLANNED], updated_before=now - rules.auto_submit_after_s, limit=rules.max_batch)
         if pipeline.auto_submit
         else [],

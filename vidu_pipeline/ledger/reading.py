@@ -7,7 +7,17 @@ from collections.abc import Iterable, Sequence
 from sqlalchemy import func, select
 
 from .engine import LedgerBase
-from .schema import _IN_CHUNK, PENDING_STATES, STATES, AttemptRow, TaskRow, _billable, attempts_table, requests_table
+from .schema import (
+    _IN_CHUNK,
+    FAILED,
+    PENDING_STATES,
+    STATES,
+    AttemptRow,
+    TaskRow,
+    _billable,
+    attempts_table,
+    requests_table,
+)
 
 
 class ReadingMixin(LedgerBase):
@@ -46,6 +56,19 @@ class ReadingMixin(LedgerBase):
             stmt = stmt.where(r.updated_at < updated_before)
         if limit is not None:
             stmt = stmt.limit(limit)
+        return self._select(stmt)
+
+    def retryable_failed(self, retry_budget: int, limit: int) -> list[TaskRow]:
+        """Failed requests a resubmission may still follow, oldest first: within the retry
+        budget and accepted by the service once (a task id). Filtered in SQL, so a dataset
+        full of failures that are final costs the sensor nothing per tick."""
+        r = requests_table.c
+        stmt = (
+            select(requests_table)
+            .where(r.state == FAILED, r.attempts < retry_budget, r.task_id.is_not(None))
+            .order_by(r.created_at, r.request_id)
+            .limit(limit)
+        )
         return self._select(stmt)
 
     def counts_by_state(self) -> dict[str, int]:

@@ -1,10 +1,15 @@
 """Following submitted tasks to their end: poll those due, record each answer against the task
 that was polled, and stop at the time budget so a sensor tick ends in time.
+
+The pool's threads only ask; the calling thread records the answers in chunks, one ledger
+transaction each (a commit per answer serialized every thread behind the ledger's write lock).
+A crash loses at most one chunk of answers, which costs a re-poll, never a payment.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import logging
 import statistics
@@ -15,11 +20,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..api import errors
 from ..api.client import ViduClient, poll_delay
 from ..api.task_result import TaskResult
-from ..ledger import Ledger, LedgerStateError
+from ..ledger import FAILED, SUBMITTED, SUCCEEDED, Ledger, LedgerStateError
+from ..ledger.polling import PollAnswer
 from ..storage import StorageError
 from .halting import STOP, db_reason
 
 log = logging.getLogger(__name__)
+
+ANSWERS_PER_WRITE = 250  # poll answers recorded in one ledger transaction, at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +76,15 @@ def poll_due(
     rows = ledger.due_for_poll(now, limit)
     if rows:
         with cf.ThreadPoolExecutor(max_workers=max(1, min(workers, len(rows)))) as pool:
-            for future in [pool.submit(poller.one, row) for row in rows]:
-                future.result()
+            futures = [pool.submit(poller.one, row) for row in rows]
+            try:
+                for future in cf.as_completed(futures):
+                    poller.keep(future.result())
+            except Exception:  # e.g. the key was refused: what was read before it is still true
+                with contextlib.suppress(StorageError):
+                    poller.write()
+                raise
+        poller.write()
     report = poller.report
     if report.errors:
         log.warning(
@@ -82,17 +97,20 @@ def poll_due(
 
 
 class _Poller:
-    """One call of :func:`poll_due`: what its polls share — the report and the time budget."""
+    """One call of :func:`poll_due`: what its polls share — the report, the time budget, and
+    the answers waiting to be recorded."""
 
     def __init__(self, ledger: Ledger, client: ViduClient, policy: PollingPolicy, time_budget_s: float) -> None:
         self.started = time.monotonic()
         self.ledger, self.client, self.policy = ledger, client, policy
         self.time_budget_s = time_budget_s
         self.report = PollReport()
+        self.answers: list[PollAnswer] = []
 
-    def one(self, row) -> None:
+    def one(self, row) -> PollAnswer | None:
+        """Poll one task (in a pool thread): its answer to record, or None."""
         try:
-            self._record(row)
+            return self._poll(row)
         except LedgerStateError as exc:
             log.debug("%s moved on while polling: %s", row.request_id, exc)
         except SQLAlchemyError as exc:  # e.g. disk full: nothing is lost, the task is polled again
@@ -100,6 +118,34 @@ class _Poller:
                 f"could not record the poll of task {row.task_id} (request {row.request_id}) in the ledger "
                 f"({db_reason(exc)}); it will be polled again"
             ) from None
+        return None
+
+    def keep(self, answer: PollAnswer | None) -> None:
+        """Queue an answer; record the queue once it is a full chunk."""
+        if answer is not None:
+            self.answers.append(answer)
+        if len(self.answers) >= ANSWERS_PER_WRITE:
+            self.write()
+
+    def write(self) -> None:
+        """Record the queued answers in one transaction and note what each one did."""
+        chunk, self.answers = self.answers, []
+        if not chunk:
+            return
+        try:
+            applied = self.ledger.record_poll_answers(chunk)
+        except SQLAlchemyError as exc:  # e.g. disk full: nothing is lost, the tasks are polled again
+            first = chunk[0]
+            raise StorageError(
+                f"could not record {len(chunk)} poll answer(s) (e.g. task {first.task_id} of request "
+                f"{first.request_id}) in the ledger ({db_reason(exc)}); they will be polled again"
+            ) from None
+        buckets = {SUCCEEDED: self.report.succeeded, FAILED: self.report.failed}
+        for answer, done in zip(chunk, applied):
+            if done is None:
+                log.debug("%s moved on while polling: it is no longer in the ledger", answer.request_id)
+            elif answer.outcome in buckets:  # a non-terminal answer that was overtaken is not counted
+                (buckets[answer.outcome] if done else self.report.stale).append(answer.request_id)
 
     def _noted(self, applied: bool, bucket: list[str], row) -> None:
         """Another poller (a second generate, the daemon's sensor) may have recorded this task
@@ -109,12 +155,12 @@ class _Poller:
         else:
             self.report.stale.append(row.request_id)
 
-    def _record(self, row) -> None:
+    def _poll(self, row) -> PollAnswer | None:
         if STOP.is_set():
-            return
+            return None
         if time.monotonic() - self.started > self.time_budget_s:
             self.report.out_of_time = True
-            return
+            return None
         t = time.time()
         if row.submitted_at and t - row.submitted_at > self.policy.deadline_s:
             reason = (
@@ -124,66 +170,61 @@ class _Poller:
             self._noted(
                 self.ledger.record_unknown(row.request_id, reason, task_id=row.task_id), self.report.unknown, row
             )
-            return
-        result = self._ask(row, t)
-        if result is not None:
-            self._apply(row, result)
-
-    def _ask(self, row, t: float) -> TaskResult | None:
-        """The task's result, or None when the poll told nothing (already recorded)."""
-        task = row.task_id
+            return None
         try:
-            return self.client.get_task_result(task)
-        except errors.RateLimited as exc:
-            _reschedule(self.ledger, row, t + (exc.retry_after or self.policy.max_interval_s / 2))
-            self.report.errors.append(f"{row.request_id}: rate limited")
-        except errors.TaskNotFound as exc:
-            reason = f"the service no longer knows task {task}: {exc}"
-            self._noted(self.ledger.record_unknown(row.request_id, reason, task_id=task), self.report.unknown, row)
-        except errors.AuthError:
-            raise
+            result = self.client.get_task_result(row.task_id)
         except errors.ViduError as exc:
-            backoff = min(self.policy.max_interval_s, self.policy.min_interval_s * 2 ** min(6, row.polls or 0))
-            _reschedule(self.ledger, row, t + backoff)
-            self.report.errors.append(f"{row.request_id}: {exc}")
+            return self._not_answered(row, t, exc)
         finally:
             self.report.polled += 1
-        return None
+        return _answer(row, result, self.policy)
 
-    def _apply(self, row, result: TaskResult) -> None:
-        """Record a terminal answer, or when to look again."""
-        task, ledger = row.task_id, self.ledger
-        if result.succeeded:
-            finished = _finished_at(result) or time.time()
-            applied = ledger.record_succeeded(
-                row.request_id, task_id=task, effective_seed=result.seed, finished_at=finished
-            )
-            self._noted(applied, self.report.succeeded, row)
-        elif result.failed:
-            applied = ledger.record_failed(row.request_id, result.reason or "the service gave no reason", task_id=task)
-            self._noted(applied, self.report.failed, row)
-        else:
-            if not result.known_status:
-                log.warning(
-                    "task %s reports unfamiliar status %r; still polling until its deadline", task, result.status
-                )
-            delay = poll_delay(result, self.policy.min_interval_s, self.policy.max_interval_s)
-            ledger.record_poll(
-                row.request_id,
-                task_id=task,
-                status=result.status,
-                eta_s=result.eta_seconds,
-                progress=result.progress_percent,
-                next_poll_at=time.time() + delay,
-            )
+    def _not_answered(self, row, t: float, exc: errors.ViduError) -> PollAnswer | None:
+        """A poll that told nothing new: look again later, keeping what we last knew of the
+        task; or the service no longer knows the task (recorded as unknown at once)."""
+        if isinstance(exc, errors.RateLimited):
+            self.report.errors.append(f"{row.request_id}: rate limited")
+            return _again(row, t + (exc.retry_after or self.policy.max_interval_s / 2))
+        if isinstance(exc, errors.TaskNotFound):
+            reason = f"the service no longer knows task {row.task_id}: {exc}"
+            applied = self.ledger.record_unknown(row.request_id, reason, task_id=row.task_id)
+            self._noted(applied, self.report.unknown, row)
+            return None
+        if isinstance(exc, errors.AuthError):
+            raise exc
+        self.report.errors.append(f"{row.request_id}: {exc}")
+        backoff = min(self.policy.max_interval_s, self.policy.min_interval_s * 2 ** min(6, row.polls or 0))
+        return _again(row, t + backoff)
 
 
-def _reschedule(ledger: Ledger, row, at: float) -> None:
-    """A poll that told us nothing new (rate limited, a transient error): look again at ``at``,
-    keeping what we last knew of the task."""
-    ledger.record_poll(
+def _answer(row, result: TaskResult, policy: PollingPolicy) -> PollAnswer:
+    """A terminal answer, or when to look again."""
+    task = row.task_id
+    if result.succeeded:
+        finished = _finished_at(result) or time.time()
+        return PollAnswer(row.request_id, task, SUCCEEDED, effective_seed=result.seed, finished_at=finished)
+    if result.failed:
+        return PollAnswer(row.request_id, task, FAILED, reason=result.reason or "the service gave no reason")
+    if not result.known_status:
+        log.warning("task %s reports unfamiliar status %r; still polling until its deadline", task, result.status)
+    delay = poll_delay(result, policy.min_interval_s, policy.max_interval_s)
+    return PollAnswer(
         row.request_id,
-        task_id=row.task_id,
+        task,
+        SUBMITTED,
+        status=result.status,
+        eta_s=result.eta_seconds,
+        progress=result.progress_percent,
+        next_poll_at=time.time() + delay,
+    )
+
+
+def _again(row, at: float) -> PollAnswer:
+    """Look again at ``at``, keeping what we last knew of the task."""
+    return PollAnswer(
+        row.request_id,
+        row.task_id,
+        SUBMITTED,
         status=row.last_status,
         eta_s=row.eta_s,
         progress=row.progress,
