@@ -412,6 +412,37 @@ def test_a_row_that_moved_on_while_its_lineage_was_written_is_not_marked(ledger,
     assert [(r.request_id, r.state) for r in ledger.needing_lineage()] == [("req-00000", "succeeded")]
 
 
+def test_the_sensors_reads_use_indexes_also_on_a_ledger_made_before_them(url, tmp_path):
+    """needing_video, needing_lineage and retryable_failed run every tick: they must search an
+    index, never scan every request (the dataset may hold 20,000 finished ones). A ledger
+    created before these indexes existed gets them when it is opened."""
+    from sqlalchemy import event
+
+    led = Ledger(url)
+    led.plan(planned(i) for i in range(5))
+    led.close()
+    con = sqlite3.connect(tmp_path / "ledger.sqlite")
+    for name in ("ix_requests_state_video", "ix_requests_lineage_due", "ix_requests_state_attempts"):
+        con.execute(f"DROP INDEX {name}")
+    con.commit()
+
+    led = Ledger(url)  # reopened: the missing indexes are made
+    statements: list[tuple[str, tuple]] = []
+    event.listen(
+        led.engine, "before_cursor_execute", lambda c, cur, sql, params, ctx, many: statements.append((sql, params))
+    )
+    led.needing_video(max_video_attempts=3)
+    led.needing_lineage()
+    led.retryable_failed(retry_budget=3, limit=100)
+    led.close()
+    selects = [(sql, params) for sql, params in statements if sql.lstrip().upper().startswith("SELECT")]
+    assert len(selects) == 3
+    for sql, params in selects:
+        plan = " | ".join(row[3] for row in con.execute("EXPLAIN QUERY PLAN " + sql, params))
+        assert "USING INDEX" in plan and "SCAN requests" not in plan, f"{sql}\n{plan}"
+    con.close()
+
+
 def test_reading(ledger, clock):
     assert ledger.get("missing") is None
     assert ledger.oldest_pending().request_id == "req-00000"

@@ -106,6 +106,8 @@ class LedgerBase:
                     if not self._sqlite:
                         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
                     metadata.create_all(conn)
+                    for index in requests_table.indexes:  # a ledger made before an index existed
+                        index.create(conn, checkfirst=True)
                     conn.execute(self._insert(locks_table).values(name=_CLAIM_LOCK).on_conflict_do_nothing())
                 return
             except (IntegrityError, ProgrammingError, OperationalError):

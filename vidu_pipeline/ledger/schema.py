@@ -8,7 +8,7 @@ import dataclasses
 import json
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table, Text, or_
+from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table, Text, or_, text
 
 PLANNED = "planned"
 SUBMITTING = "submitting"
@@ -32,6 +32,7 @@ _IN_CHUNK = 500  # ids per "IN (…)" query: far below every backend's parameter
 _CLAIM_LOCK = "claim"
 
 metadata = MetaData()
+_LINEAGE_DUE = "lineage_state IS NULL OR lineage_state != state"
 
 requests_table = Table(
     "requests",
@@ -65,6 +66,17 @@ requests_table = Table(
     Column("lineage_state", String(16)),
     Index("ix_requests_state_next_poll", "state", "next_poll_at"),
     Index("ix_requests_fingerprint", "fingerprint"),
+    # The sensor's per-tick reads, kept proportional to the work due, not to the dataset:
+    # needing_video, needing_lineage (a partial index of the rows whose outcome the lineage
+    # lacks) and retryable_failed.
+    Index("ix_requests_state_video", "state", "video_sha256"),
+    Index(
+        "ix_requests_lineage_due",
+        "state",
+        sqlite_where=text(_LINEAGE_DUE),
+        postgresql_where=text(_LINEAGE_DUE),
+    ),
+    Index("ix_requests_state_attempts", "state", "attempts"),
 )
 
 attempts_table = Table(
