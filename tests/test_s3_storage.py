@@ -16,6 +16,7 @@ from dagster import DagsterInstance, materialize
 from s3_bucket import fresh_bucket, s3_settings
 
 from vidu_pipeline import export
+from vidu_pipeline.api import runtime
 from vidu_pipeline.defs.checks import ALL_CHECKS
 from vidu_pipeline.defs.lineage import lineage
 from vidu_pipeline.defs.resources import PipelineResource
@@ -41,6 +42,7 @@ def test_generate_puts_the_dataset_in_the_bucket(tmp_path, bucket_url, figure):
     env.update(
         DAGSTER_HOME=str(tmp_path / "dagster_home"),
         VIDU_SIMULATOR_RENDER_SCALE="0.1",
+        VIDU_SIMULATOR_IDLE_EXIT="60",  # the embedded simulator, stopped below, never outlives the run long
         VIDU_STORAGE_ROOT=bucket_url,
         TMPDIR=str(tmp_path / "tmp"),
         **s3_settings(),
@@ -48,14 +50,17 @@ def test_generate_puts_the_dataset_in_the_bucket(tmp_path, bucket_url, figure):
     (tmp_path / "tmp").mkdir()
     data = tmp_path / "data"
     args = ["generate", "--catalog", str(tmp_path / "catalog"), "--data-dir", str(data), "--no-contact-sheet"]
-    done = subprocess.run(
-        [sys.executable, "-m", "vidu_pipeline.cli", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "vidu_pipeline.cli", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        runtime.stop_local_simulator(data / "state" / "simulator")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "requests: 10  succeeded: 10" in done.stdout
 
