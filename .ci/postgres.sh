@@ -20,6 +20,7 @@ find_bin() {
     found=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
     if [ -z "$found" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
         echo "postgres.sh: installing Debian's postgresql package" >&2
+        export DEBIAN_FRONTEND=noninteractive
         apt-get install -y -q postgresql >&2 || { apt-get update -q >&2 && apt-get install -y -q postgresql >&2; }
         found=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
     fi
