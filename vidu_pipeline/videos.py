@@ -120,20 +120,7 @@ def collect_video(
         scratch_file(request_id) if remote else video_path(Path(str(videos_dir).removeprefix("file://")), request_id)
     )
     staging = final.with_name(f".{final.name}.{os.getpid()}.download")
-    try:
-        download = client.download(row.task_id, staging)
-        sampler = FrameSampler()
-        probe = probe_video(staging, on_frame=sampler.offer)
-    except (VideoInvalid, errors.ViduError) as exc:
-        staging.unlink(missing_ok=True)
-        ledger.record_video_error(request_id, f"{type(exc).__name__}: {exc}", task_id=row.task_id)
-        raise
-    except OSError as exc:  # our side: disk full, folder not writable — not the video's fault
-        staging.unlink(missing_ok=True)
-        raise StorageError(
-            f"could not store the video of {request_id} in {videos_dir}: {exc.strerror or exc}; "
-            "the task stays succeeded and is downloaded again on the next run"
-        ) from None
+    download, probe, sampler = _download_and_decode(ledger, client, row, staging, videos_dir)
     problems = tuple(
         check_against_request(
             probe,
@@ -162,6 +149,27 @@ def collect_video(
     if problems:
         log.error("%s: video does not match its request: %s", request_id, "; ".join(problems))
     return CollectedVideo(request_id, final, probe, problems, quality)
+
+
+def _download_and_decode(ledger: Ledger, client: ViduClient, row, staging: Path, videos_dir: Path | str):
+    """The task's video downloaded to ``staging`` and decoded end to end (the quality sampler
+    riding on that decode). A bad video is recorded as a video error and raised; a local write
+    failure is a StorageError (the task stays succeeded and is downloaded again next run)."""
+    try:
+        download = client.download(row.task_id, staging)
+        sampler = FrameSampler()
+        probe = probe_video(staging, on_frame=sampler.offer)
+    except (VideoInvalid, errors.ViduError) as exc:
+        staging.unlink(missing_ok=True)
+        ledger.record_video_error(row.request_id, f"{type(exc).__name__}: {exc}", task_id=row.task_id)
+        raise
+    except OSError as exc:  # our side: disk full, folder not writable — not the video's fault
+        staging.unlink(missing_ok=True)
+        raise StorageError(
+            f"could not store the video of {row.request_id} in {videos_dir}: {exc.strerror or exc}; "
+            "the task stays succeeded and is downloaded again on the next run"
+        ) from None
+    return download, probe, sampler
 
 
 def _references(spec: RequestSpec, reference_bytes: Callable[[str], bytes] | None) -> list[bytes]:

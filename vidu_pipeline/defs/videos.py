@@ -57,18 +57,9 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
             if tasks.STOP.is_set():  # Ctrl-C / SIGTERM: the rest are collected by the next run
                 context.log.warning(f"stopping: {key} and the partitions after it are left for the next run")
                 break
-            row = ledger.get(key)
-            if row is None or row.state != "succeeded":
-                context.log.info(f"{key}: task is {row.state if row else 'not planned'}; nothing to download yet")
-                continue
-            if row.video_sha256:
-                context.log.info(f"{key}: video already stored at {row.video_path}")
-                continue
-            held = ledger.claim_video(
-                key, task_id=row.task_id or "", collector=collector, collector_alive=tasks.owner_alive
-            )
-            if held:
-                context.log.info(f"{key}: not downloaded here: {held}")
+            skip = _why_not_here(ledger, key, collector)
+            if skip:
+                context.log.info(f"{key}: {skip}")
                 continue
             try:
                 video = collect_video(
@@ -91,15 +82,7 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
             yield AssetMaterialization(
                 asset_key=context.asset_key,
                 partition=key,
-                metadata={
-                    **_video_metadata(pipeline, stored, video),
-                    "quality": MetadataValue.json(video.quality.to_dict() if video.quality else {}),
-                    **{
-                        f"quality/{name}": value
-                        for name, value in (video.quality.to_dict() if video.quality else {}).items()
-                        if isinstance(value, (int, float)) and not isinstance(value, bool)
-                    },
-                },
+                metadata={**_video_metadata(pipeline, stored, video), **_quality_metadata(video)},
                 tags={"dagster/data_version": stored.video_sha256},
             )
     if collected:
@@ -109,6 +92,29 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
             description=f"{len(broken)} video(s) could not be collected; they will be retried",
             metadata={"errors": MetadataValue.md("\n".join(f"- {b}" for b in broken))},
         )
+
+
+def _why_not_here(ledger, key: str, collector: str) -> str | None:
+    """Why this run does not download ``key`` (not finished, already stored, another worker
+    holds its claim), or None once the download is claimed for this run."""
+    row = ledger.get(key)
+    if row is None or row.state != "succeeded":
+        return f"task is {row.state if row else 'not planned'}; nothing to download yet"
+    if row.video_sha256:
+        return f"video already stored at {row.video_path}"
+    held = ledger.claim_video(key, task_id=row.task_id or "", collector=collector, collector_alive=tasks.owner_alive)
+    return f"not downloaded here: {held}" if held else None
+
+
+def _quality_metadata(video: CollectedVideo) -> dict:
+    """The clip's quality figures: all of them as JSON, and each number on its own (plottable)."""
+    figures = video.quality.to_dict() if video.quality else {}
+    numbers = {
+        f"quality/{name}": value
+        for name, value in figures.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+    return {"quality": MetadataValue.json(figures), **numbers}
 
 
 def _thumbnail(pipeline: PipelineResource, path, key: str):
