@@ -19,6 +19,7 @@ import pandas as pd
 
 from . import __version__
 from .api.contract import GenerationRequest, fingerprint_from_digests
+from .ledger.schema import PlannedRequest
 
 OPTION_COLUMNS = ("aspect_ratio", "movement_amplitude", "bgm", "duration", "resolution")
 _SLUG_RE = re.compile(r"[^a-z0-9_]+")
@@ -51,6 +52,16 @@ class RequestSpec:
         """Equals ``contract.payload_fingerprint`` of the body :meth:`to_request` builds."""
         rest = GenerationRequest(images=(), prompt=self.prompt, seed=self.seed, **self.options).to_payload()
         return fingerprint_from_digests([f"sha256:{s}" for s in self.image_sha256s], rest)
+
+    def planned(self) -> PlannedRequest:
+        """The ledger row that plans this request (its fingerprint and the spec as JSON)."""
+        return PlannedRequest(
+            request_id=self.request_id,
+            subject_id=self.subject_id,
+            seed=self.seed,
+            fingerprint=self.fingerprint(),
+            spec_json=self.to_json(),
+        )
 
     def to_request(self, data_uri_for) -> GenerationRequest:
         """The submit body; ``data_uri_for(sha256)`` supplies each image from the cache."""

@@ -9,7 +9,6 @@ import sys
 from ..defs.requests import register_partitions
 from ..export import current_dataset, thresholds_for
 from ..generation_requests import RequestSpec
-from ..ledger import PlannedRequest
 from ..regeneration import Replacement, failing_clips, replacement_spec, replacements
 from .driver import Driver
 
@@ -35,16 +34,7 @@ def plan_replacements(driver: Driver, catalog_ids: list[str], rounds: int) -> li
             f"(seed {r.spec.seed}, round {r.round} of {rounds})",
             file=sys.stderr,
         )
-    driver.pipeline.ledger().plan(
-        PlannedRequest(
-            request_id=r.spec.request_id,
-            subject_id=r.spec.subject_id,
-            seed=r.spec.seed,
-            fingerprint=r.spec.fingerprint(),
-            spec_json=r.spec.to_json(),
-        )
-        for r in due
-    )
+    driver.pipeline.ledger().plan(r.spec.planned() for r in due)
     ids = [*planned, *(r.spec.request_id for r in due)]
     register_partitions(driver.instance, ids)
     print(

@@ -12,7 +12,7 @@ from .. import tasks
 from ..api import errors
 from ..defs.resources import PipelineResource, vidu_resource_from_env
 from ..generation_requests import RequestSpec
-from ..ledger import PLANNED, SUBMITTED, SUBMITTING, SUCCEEDED, PlannedRequest
+from ..ledger import PLANNED, SUBMITTED, SUBMITTING, SUCCEEDED
 from ..mp4 import VideoInvalid
 from ..videos import collect_video, lineage_row
 from .exit_codes import EXIT_CAPPED, EXIT_FAILED, EXIT_OK
@@ -101,17 +101,7 @@ def plan_reproduction(ledger, original, n: int):
     spec = RequestSpec.from_json(original.spec_json)
     seed = original.effective_seed if original.effective_seed is not None else spec.seed
     spec = dataclasses.replace(spec, request_id=f"{original.request_id}-r{n}", seed=seed)
-    ledger.plan(
-        [
-            PlannedRequest(
-                request_id=spec.request_id,
-                subject_id=spec.subject_id,
-                seed=seed,
-                fingerprint=spec.fingerprint(),
-                spec_json=spec.to_json(),
-            )
-        ]
-    )
+    ledger.plan([spec.planned()])
     return ledger.get(spec.request_id)
 
 

@@ -10,7 +10,6 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from .. import catalog as catalog_mod
 from ..generation_requests import expand, plan_digest
-from ..ledger import PlannedRequest
 from .jobs import PLAN_DIGEST
 from .metadata import GROUP, md_table, table_metadata
 from .partitions import PARTITION_SOFT_LIMIT, REQUESTS_PARTITIONS_NAME
@@ -59,16 +58,7 @@ def generation_requests(
     specs = expand(prompts, reference_images.accepted, pipeline.seeds or catalog.sweep.seeds)
     refused = catalog_mod.rejections_frame([*catalog.rejections, *reference_images.rejections, *prompt_rejections])
     ledger = pipeline.ledger()
-    new_in_ledger = ledger.plan(
-        PlannedRequest(
-            request_id=s.request_id,
-            subject_id=s.subject_id,
-            seed=s.seed,
-            fingerprint=s.fingerprint(),
-            spec_json=s.to_json(),
-        )
-        for s in specs
-    )
+    new_in_ledger = ledger.plan(s.planned() for s in specs)
     new_keys, total = register_partitions(context.instance, [s.request_id for s in specs])
     if total > PARTITION_SOFT_LIMIT:
         context.log.warning(
