@@ -36,7 +36,7 @@ class Counts:
         self.closed: set[int] = set()
         self.stats_calls = 0
         self.locks = 0
-        make_session, get, flock = client_module._session, requests.get, runtime.fcntl.flock
+        make_session, get, flock = client_module.deadline_session, requests.get, runtime.fcntl.flock
 
         def counted_session(*args, **kwargs):
             session = make_session(*args, **kwargs)
@@ -59,7 +59,7 @@ class Counts:
             self.locks += str(getattr(fd, "name", "")).endswith("simulator.lock")
             return flock(fd, op)
 
-        monkeypatch.setattr(client_module, "_session", counted_session)
+        monkeypatch.setattr(client_module, "deadline_session", counted_session)
         monkeypatch.setattr(requests, "get", counted_get)
         monkeypatch.setattr(runtime.fcntl, "flock", counted_flock)
 

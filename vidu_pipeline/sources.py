@@ -75,16 +75,11 @@ def read_local(path: str | os.PathLike) -> bytes:
 def url_session():
     """A session for catalog URLs: no retries, and sockets the total deadline of
     :func:`fetch_url` can cut (the API client's deadline mechanism, see ``api/deadline.py``)."""
-    import requests
+    from urllib3.util.retry import Retry
 
-    from .api.deadline import DeadlineAdapter
+    from .api.http_session import deadline_session
 
-    session = requests.Session()
-    adapter = DeadlineAdapter(max_retries=0)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    session.headers["User-Agent"] = "vidu-pipeline"
-    return session
+    return deadline_session(Retry(0, read=False))  # what requests makes of max_retries=0
 
 
 def fetch_url(url: str, session, *, timeout=URL_TIMEOUT, deadline_s: float = URL_DEADLINE_S) -> bytes:

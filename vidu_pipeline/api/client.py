@@ -46,7 +46,7 @@ from .http_session import (
     _int_header,
     _never_sent,
     _retry_after,
-    _session,
+    deadline_session,
 )
 from .task_result import TaskResult, TaskStatus
 
@@ -114,8 +114,8 @@ class ViduClient(DownloadMixin):
         self.download_deadline_s = download_deadline_s
         self.retry = retry
         self.max_video_bytes = max_video_bytes
-        self._gets = _session(retry.for_gets(), pool_size)
-        self._posts = _session(retry.for_submit(), pool_size)
+        self._gets = deadline_session(retry.for_gets(), pool_size)
+        self._posts = deadline_session(retry.for_submit(), pool_size)
 
     def __repr__(self) -> str:
         return f"ViduClient(base_url={self.base_url!r}, api_key=***)"

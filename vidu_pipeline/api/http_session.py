@@ -88,7 +88,8 @@ class RetryPolicy:
         )
 
 
-def _session(retry: Retry, pool_size: int) -> requests.Session:
+def deadline_session(retry: Retry, pool_size: int = 10) -> requests.Session:
+    """A session whose every call obeys a total deadline (``api/deadline.py``) and ``retry``."""
     session = requests.Session()
     session.max_redirects = 5
     adapter = DeadlineAdapter(max_retries=retry, pool_connections=pool_size, pool_maxsize=pool_size)
