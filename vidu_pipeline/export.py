@@ -37,7 +37,7 @@ from . import card
 from .lineage import LineageStore as LineageStore  # re-exported: callers build one for export()
 from .lineage import LineageTable, open_lineage
 from .quality import Thresholds
-from .storage import ENV_STORAGE_ROOT, StorageRoot, is_url
+from .storage import StorageRoot, is_url, storage_location
 
 DEFAULT_SHARD_SIZE = 100  # samples per tar shard
 # Lineage columns that describe the clip; recorded_at/dagster_run_id describe the bookkeeping
@@ -314,7 +314,7 @@ def command(
     """``vidu-pipeline export``: export the data dir's current dataset, print what was written.
     ``storage_root``: where the dataset is (default ``VIDU_STORAGE_ROOT``, else the data dir)."""
     root = Path(data_dir).resolve()
-    storage = StorageRoot(storage_root or os.environ.get(ENV_STORAGE_ROOT, "").strip() or root)
+    storage = StorageRoot(storage_location(storage_root, root))
     lineage_url = storage.url("lineage")
     if storage.is_local and not Path(lineage_url).is_dir():  # checked before the store makes the folder
         raise ExportProblem(f"{lineage_url}: no lineage table; run `vidu-pipeline generate` first")

@@ -30,6 +30,12 @@ class StorageError(Exception):
     kept and where (e.g. a paid task id written to the recovery journal and stderr)."""
 
 
+def storage_location(setting: str | None, data_dir: str | os.PathLike[str]) -> str:
+    """Where the dataset goes: the setting (a flag or a resource field), else VIDU_STORAGE_ROOT,
+    else the data folder."""
+    return setting or os.environ.get(ENV_STORAGE_ROOT, "").strip() or str(data_dir)
+
+
 def is_url(location: str | os.PathLike[str]) -> bool:
     """True for ``proto://…`` (an fsspec URL), False for a plain local path."""
     return "://" in str(location)

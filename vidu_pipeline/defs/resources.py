@@ -17,7 +17,7 @@ from ..images import ImageCache
 from ..ledger import Ledger, SpendCaps
 from ..ledger.url import ENV_LEDGER_URL
 from ..lineage import LineageTable, open_lineage
-from ..storage import ENV_STORAGE_ROOT, StorageRoot
+from ..storage import StorageRoot, storage_location
 from ..tasks import PollingPolicy
 
 # Runs that share this tag share one per-run spend cap (the CLI tags every run of a generate).
@@ -92,7 +92,7 @@ class PipelineResource(ConfigurableResource):
     @property
     def storage_location(self) -> str:
         """The storage root as set (field, then VIDU_STORAGE_ROOT), else the data folder."""
-        return self.storage_root or os.environ.get(ENV_STORAGE_ROOT, "").strip() or str(self.root)
+        return storage_location(self.storage_root, self.root)
 
     def storage(self) -> StorageRoot:
         """The dataset's storage root (one per call: cheap; fsspec caches the file system)."""
