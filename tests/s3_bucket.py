@@ -8,6 +8,7 @@ import os
 import uuid
 
 import pytest
+from postgres_db import in_ci
 
 
 def s3_settings() -> dict[str, str]:
@@ -15,7 +16,7 @@ def s3_settings() -> dict[str, str]:
     endpoint = os.environ.get("VIDU_TEST_S3_ENDPOINT", "").strip()
     if not endpoint:
         why = "VIDU_TEST_S3_ENDPOINT is not set: no S3-compatible server (.ci/run starts moto's)"
-        if os.environ.get("CI", "").lower() in ("1", "true"):
+        if in_ci():
             pytest.fail(f"{why}; in CI the s3 tests must run")
         pytest.skip(why)
     return {
