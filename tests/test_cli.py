@@ -116,6 +116,20 @@ def generate_args(work: Path, *extra: str) -> list[str]:
     return ["generate", "--catalog", str(work / "catalog"), "--data-dir", str(work / "data"), *extra]
 
 
+def start_generate(work: Path, env: dict, **popen) -> subprocess.Popen:
+    """``vidu-pipeline generate`` on the work folder's catalog, running in the background
+    (to be signalled); output captured as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "vidu_pipeline.cli", *generate_args(work)],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
 def test_generate_sample_catalog_end_to_end_and_rerun_pays_nothing(work, sim):
     first = cli(work, sim, *generate_args(work))
     assert first.returncode == 0, first.stderr
@@ -196,14 +210,7 @@ def test_interrupted_generate_resumes_without_paying_twice(work, tmp_path, sig):
     sim = SimProcess(tmp_path / "slow-sim", latency=3.0)
     try:
         env = cli_env(work, sim)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vidu_pipeline.cli", *generate_args(work)],
-            cwd=work,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = start_generate(work, env)
         # Killed once every task id is in the ledger (a SIGKILL between the service accepting a
         # submit and the ledger recording it leaves it unknown, by design: not this test's case).
         deadline = time.monotonic() + 60

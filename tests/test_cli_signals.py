@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.test_cli import SimProcess, cli, cli_env, generate_args, work  # noqa: F401  (fixture)
+from tests.test_cli import SimProcess, cli, cli_env, generate_args, start_generate, work  # noqa: F401  (fixture)
 from vidu_pipeline.ledger import Ledger
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # CLI subprocesses
@@ -64,16 +63,7 @@ def test_sigterm_stops_like_ctrl_c_and_nothing_is_lost(work, tmp_path, sigint_ig
     sim = SimProcess(tmp_path / "slow-sim", "--slow", "1", "--slow-seconds", "1.0", latency=4.0)
     try:
         env = cli_env(work, sim)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vidu_pipeline.cli", *generate_args(work)],
-            cwd=work,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=ignore_sigint if sigint_ignored else None,
-        )
+        proc = start_generate(work, env, stdin=subprocess.DEVNULL, preexec_fn=ignore_sigint if sigint_ignored else None)
         deadline = time.monotonic() + 90
         while sim.stats()["submits"]["accepted"] < 1 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
@@ -113,16 +103,7 @@ def test_sigterm_during_the_wait_for_tasks(work, tmp_path):  # noqa: F811
     sim = SimProcess(tmp_path / "slow-sim", latency=30.0)
     try:
         env = cli_env(work, sim)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vidu_pipeline.cli", *generate_args(work)],
-            cwd=work,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=ignore_sigint,
-        )
+        proc = start_generate(work, env, stdin=subprocess.DEVNULL, preexec_fn=ignore_sigint)
         deadline = time.monotonic() + 90
         while sim.stats()["submits"]["accepted"] < 10 and time.monotonic() < deadline:
             time.sleep(0.2)
