@@ -89,9 +89,10 @@ def drive_sensor(instance, resources, pipeline, *, timeout: float = 120) -> set[
     return set(driver.jobs_by_run_key)
 
 
-def plan_catalog(root: Path, *, prompts: int = 1):
+def plan_catalog(root: Path, *, prompts: int = 1, **settings):
     """A drill catalog of one subject and ``prompts`` prompts under ``root``, planned through
-    Dagster (ledger rows, partitions, the image cache): the pipeline resource and request ids."""
+    Dagster (ledger rows, partitions, the image cache): the pipeline resource and request ids.
+    ``settings`` are PipelineResource fields (e.g. another ``data_dir``)."""
     from dagster import AssetKey, instance_for_test, materialize
 
     from drills.run_drill import make_catalog
@@ -99,7 +100,8 @@ def plan_catalog(root: Path, *, prompts: int = 1):
     from vidu_pipeline.defs.resources import PipelineResource, ViduResource
 
     make_catalog(root / "catalog", subjects=1, prompts=prompts, seeds=1)
-    pipeline = PipelineResource(data_dir=str(root / "data"), catalog_dir=str(root / "catalog"))
+    settings = {"data_dir": str(root / "data"), "catalog_dir": str(root / "catalog"), **settings}
+    pipeline = PipelineResource(**settings)
     with instance_for_test() as instance:
         result = materialize(
             ALL_ASSETS,

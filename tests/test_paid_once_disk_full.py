@@ -21,15 +21,11 @@ import time
 from pathlib import Path
 
 import pytest
-from dagster import AssetKey, instance_for_test, materialize
 from sqlalchemy import event
 from support import fill, plan_catalog
 
-from drills.run_drill import make_catalog
 from vidu_pipeline import tasks
 from vidu_pipeline.api.client import ViduClient
-from vidu_pipeline.defs.assets import ALL_ASSETS
-from vidu_pipeline.defs.resources import PipelineResource, ViduResource
 from vidu_pipeline.ledger import Ledger, PlannedRequest, SpendCaps
 from vidu_pipeline.simulator import Simulator, SimulatorConfig
 from vidu_pipeline.storage import StorageError
@@ -161,19 +157,8 @@ def test_a_really_full_disk_end_to_end(tmp_path, tiny_disk, monkeypatch, caplog,
     restores the task id and the video is downloaded; with the journal on the full disk too,
     the error says the id is only in the log, and the log line holds it."""
     monkeypatch.setenv("VIDU_SIMULATOR_RENDER_SCALE", "0.1")
-    make_catalog(tmp_path / "catalog", subjects=1, prompts=1, seeds=1)
     journal = tmp_path / "elsewhere" / "journal.jsonl" if journal_on == "another disk" else None
-    pipeline = PipelineResource(
-        data_dir=str(tiny_disk / "data"), catalog_dir=str(tmp_path / "catalog"), task_id_journal_path=str(journal or "")
-    )
-    with instance_for_test() as instance:
-        result = materialize(
-            ALL_ASSETS,
-            selection=[AssetKey(k) for k in ("catalog", "reference_images", "generation_requests")],
-            instance=instance,
-            resources={"pipeline": pipeline, "vidu": ViduResource()},
-        )
-    [rid] = list(result.output_for_node("generation_requests")["request_id"])
+    pipeline, [rid] = plan_catalog(tmp_path, data_dir=str(tiny_disk / "data"), task_id_journal_path=str(journal or ""))
     url = f"sqlite:///{pipeline.root / 'ledger.sqlite'}"
     config = SimulatorConfig(api_key=KEY, latency_s=0.2, render_scale=0.1, state_dir=tmp_path / "sim")
     with Simulator(config) as sim:
