@@ -76,18 +76,20 @@ def store_remote(local: Path, videos_dir: str, request_id: str) -> str:
             "the task stays succeeded and is downloaded again on the next run"
         ) from None
     try:
-        StorageRoot(videos_dir.rsplit("/", 1)[0]).write_bytes(f"thumbnails/{request_id}.png", thumbnail_png(local))
+        png = thumbnail_png(frame_image(local, at_s=1.0))
+        StorageRoot(videos_dir.rsplit("/", 1)[0]).write_bytes(f"thumbnails/{request_id}.png", png)
     except (VideoInvalid, OSError) as exc:  # the video is stored; a thumbnail is a convenience
         log.warning("%s: no thumbnail stored: %s", request_id, exc)
     return url
 
 
-def thumbnail_png(path: Path) -> bytes:
-    """The frame at 1 s, longest side 320 px, as PNG (what the contact sheet reuses)."""
-    frame = frame_image(path, at_s=1.0)
-    frame.thumbnail((320, 320))
+def thumbnail_png(frame) -> bytes:
+    """A video's thumbnail: ``frame`` (the one at 1 s), longest side 320 px, as PNG — the file
+    the contact sheet reuses, stored beside the videos."""
+    small = frame.copy()
+    small.thumbnail((320, 320))
     out = io.BytesIO()
-    frame.save(out, format="PNG")
+    small.save(out, format="PNG")
     return out.getvalue()
 
 

@@ -24,7 +24,7 @@ from dagster import (
 from .. import tasks
 from ..generation_requests import RequestSpec
 from ..ledger import FAILED, SUCCEEDED, UNKNOWN
-from ..videos import CollectedVideo, collect_video, lineage_row
+from ..videos import CollectedVideo, collect_video, lineage_row, thumbnail_png
 from .jobs import AFTER_VIDEOS_BATCH
 from .metadata import GROUP, relative_path, sweep_metadata
 from .partitions import REQUESTS_PARTITIONS_NAME, requests_partitions
@@ -125,9 +125,7 @@ def _thumbnail(pipeline: PipelineResource, path, key: str):
     frame = frame_image(path, at_s=1.0)
     out = pipeline.root / "thumbnails" / f"{key}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    png = frame.copy()
-    png.thumbnail((320, 320))
-    png.save(out, format="PNG")
+    out.write_bytes(thumbnail_png(frame))
     return out, jpeg_data_uri(frame, width=THUMBNAIL_WIDTH)
 
 
