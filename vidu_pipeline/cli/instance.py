@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from dagster import DagsterInstance
 from dagster._core.instance.ref import InstanceRef
+from sqlalchemy.exc import DBAPIError
 
 from .. import tasks
 from ..defs.partitions import REQUESTS_PARTITIONS_NAME
@@ -30,18 +32,33 @@ def dagster_instance() -> DagsterInstance:
     # batch run does not mark its partitions failed; the ledger and asset checks do.
     os.environ.setdefault("DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS", "true")
     home.mkdir(parents=True, exist_ok=True)
-    # Dagster creates and migrates its SQLite storage when an instance first opens it, and two
-    # processes doing that at once on a fresh home fail ("table … already exists", an alembic
-    # version mismatch): the first open of each process is serialized by a lock in the home.
+    # Dagster creates and migrates its storage when an instance first opens it, and processes
+    # doing that at once on a fresh storage fail ("table … already exists", an alembic version
+    # mismatch). On one machine (SQLite in the home) a lock in the home serializes the first
+    # opens; processes on several machines sharing one PostgreSQL instance database cannot
+    # share that lock, so a creation that lost the race is tried again (the winner's tables
+    # are then there).
     with open(home / ".vidu-instance.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         config = home / "dagster.yaml"
         if not config.exists():
             config.write_text(DAGSTER_YAML)
-        instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(home), overrides=CLI_INSTANCE_OVERRIDES))
-        instance.get_runs(limit=1)  # every storage created and migrated before the lock is let go
-        instance.get_dynamic_partitions(REQUESTS_PARTITIONS_NAME)
-        instance.all_instigator_state()
+        for tries_left in range(4, -1, -1):
+            try:
+                return _open_instance(home)
+            except DBAPIError:
+                if not tries_left:
+                    raise
+                time.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
+def _open_instance(home: Path) -> DagsterInstance:
+    """The instance, with every storage created and migrated (not left for the first run)."""
+    instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(home), overrides=CLI_INSTANCE_OVERRIDES))
+    instance.get_runs(limit=1)
+    instance.get_dynamic_partitions(REQUESTS_PARTITIONS_NAME)
+    instance.all_instigator_state()
     return instance
 
 
