@@ -223,3 +223,23 @@ def test_cost_ratio_reports_both_ways_of_measuring(clip):
     ratio = quality.cost_ratio(clip(), REFS, repeats=1)
     assert set(ratio) == {"probe_cpu_s", "standalone", "on_probe_frames"}
     assert all(value > 0 for value in ratio.values())
+
+
+def test_a_references_histogram_is_made_once_for_all_its_clips(clip, monkeypatch):
+    """One subject's references serve every prompt and seed: decoding them again for each clip
+    cost more than the clip's own figures. Frames of mixed sizes still get one row each."""
+    decoded = []
+    real = quality._reference_pixels
+    monkeypatch.setattr(quality, "_reference_pixels", lambda data: decoded.append(data) or real(data))
+    quality._reference_histogram.cache_clear()
+    refs = [scene((200, 40, 40), (40, 200, 40), (250, 250, 250)), scene((30, 30, 200), (200, 200, 0), (0, 0, 0))]
+    sampler = quality.FrameSampler()
+    with av.open(str(clip())) as container:
+        for frame in container.decode(container.streams.video[0]):
+            sampler.offer(frame)
+    first = quality.measure(sampler, refs)
+    assert [quality.measure(sampler, refs) for _ in range(3)] == [first] * 3
+    assert decoded == refs
+    mixed = [sampler.samples[0], sampler.samples[1][:40, :50]]
+    assert quality._histograms(mixed).shape == (2, 27)
+    assert np.allclose(quality._histograms(mixed).sum(axis=1), 1.0)

@@ -34,6 +34,7 @@ The figures (all plain types, see :class:`VideoQuality`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import itertools
 import math
@@ -195,8 +196,7 @@ def phash(luma: np.ndarray) -> str:
     grey = Image.fromarray(np.clip(luma * 255.0, 0, 255).astype(np.uint8), "L")
     pixels = np.asarray(grey.resize((4 * HASH_SIZE,) * 2, Image.Resampling.BOX), dtype=np.float64)
     low = (_DCT32 @ pixels @ _DCT32.T)[:HASH_SIZE, :HASH_SIZE]
-    bits = (low > np.median(low)).flatten()
-    return f"{int(''.join('1' if b else '0' for b in bits), 2):0{HASH_SIZE * HASH_SIZE // 4}x}"
+    return np.packbits(low > np.median(low)).tobytes().hex()  # row-major bits, first bit highest
 
 
 def clip_distance(a: Sequence[str], b: Sequence[str]) -> float:
@@ -224,11 +224,17 @@ def reference_similarity(frames: Sequence[np.ndarray], references: Iterable[byte
     pan or zoom of a picture keeps its colours); the mean over references, so a clip must show
     every reference to score high.
     """
-    frame_hists = np.stack([_histogram(frame) for frame in frames])
-    scores = [
-        float(np.minimum(frame_hists, _histogram(_reference_pixels(data))).sum(axis=1).max()) for data in references
-    ]
+    frame_hists = _histograms(frames)
+    scores = [float(np.minimum(frame_hists, _reference_histogram(data)).sum(axis=1).max()) for data in references]
     return float(np.mean(scores))
+
+
+@functools.lru_cache(maxsize=64)
+def _reference_histogram(data: bytes) -> np.ndarray:
+    """A reference's histogram, kept: one subject's references serve every seed and prompt."""
+    hist = _histograms([_reference_pixels(data)])[0]
+    hist.flags.writeable = False
+    return hist
 
 
 def _reference_pixels(data: bytes) -> np.ndarray:
@@ -243,20 +249,28 @@ def _reference_pixels(data: bytes) -> np.ndarray:
     return np.asarray(picture)
 
 
-def _histogram(rgb: np.ndarray) -> np.ndarray:
-    """Shares of 27 colour classes (each channel below / near / above its mean), summing to 1.
+def _histograms(frames: Sequence[np.ndarray]) -> np.ndarray:
+    """One row per frame: the shares of 27 colour classes (each channel below / near / above
+    its mean), summing to 1. Frames of one shape (a clip's samples) are done in one go.
 
     Each channel is standardised over the image first, so a tint, an exposure or a white-balance
     change (a per-channel ``a * x + b``) does not matter. Pixels are shared between neighbouring
     classes in proportion to where they sit (soft binning, full weight at ``COLOUR_SPREAD``
     std): a flat region near a class boundary must not flip wholesale between two renders.
     """
-    pixels = rgb[::2, ::2].reshape(-1, 3).astype(np.float32)  # every other pixel: plenty for 27 classes
-    z = np.clip((pixels - pixels.mean(axis=0)) / (pixels.std(axis=0) + 1e-6) / COLOUR_SPREAD, -1.0, 1.0)
-    weights = np.stack([np.maximum(-z, 0.0), 1.0 - np.abs(z), np.maximum(z, 0.0)], axis=2)  # pixel, channel, class
-    red_green = (weights[:, 0, :, None] * weights[:, 1, None, :]).reshape(-1, 9)
-    joint = (red_green.T @ weights[:, 2]).ravel()  # class index: (red * 3 + green) * 3 + blue
-    return joint / joint.sum()
+    if len({frame.shape for frame in frames}) > 1:
+        return np.concatenate([_histograms([frame]) for frame in frames])
+    # every other pixel (plenty for 27 classes), channel-major: frame, channel, pixel
+    pixels = np.stack([frame[::2, ::2].reshape(-1, 3) for frame in frames]).astype(np.float32)
+    pixels = np.ascontiguousarray(pixels.transpose(0, 2, 1))
+    spread = (pixels.std(axis=2, keepdims=True) + 1e-6) * COLOUR_SPREAD
+    z = np.clip((pixels - pixels.mean(axis=2, keepdims=True)) / spread, -1.0, 1.0)
+    weights = np.stack(
+        [np.maximum(-z, 0.0), 1.0 - np.abs(z), np.maximum(z, 0.0)], axis=2
+    )  # frame, channel, class, pixel
+    red_green = (weights[:, 0, :, None, :] * weights[:, 1, None, :, :]).reshape(len(frames), 9, -1)
+    joint = (red_green @ weights[:, 2].transpose(0, 2, 1)).reshape(len(frames), 27)  # (red * 3 + green) * 3 + blue
+    return joint / joint.sum(axis=1, keepdims=True)
 
 
 # --- gates --------------------------------------------------------------------------------
