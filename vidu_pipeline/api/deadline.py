@@ -112,8 +112,11 @@ class Watchdog:
         token = _current.set(call)
         with self._cond:
             self._start()
+            while self._heap and self._heap[0][2].done:  # finished calls leave from the top
+                heapq.heappop(self._heap)
             heapq.heappush(self._heap, (call.expires_at, next(self._order), call))
-            self._cond.notify()
+            if self._heap[0][2] is call:  # only a new earliest deadline needs the thread awake
+                self._cond.notify()
         try:
             yield call
         finally:
