@@ -280,6 +280,113 @@ def bench_e2e(work: Path, quick: bool) -> None:
     )
 
 
+def bench_e2e_realistic(work: Path, quick: bool) -> None:
+    """The same session at a latency closer to the real service's (L = 10 s instead of 2 s):
+    the pipeline's fixed seconds (start-up, tail) against a longer ideal."""
+    if quick:
+        subjects, prompts, seeds, n_seeds, C, L = 2, 2, "1-2", 2, 4, 2.0
+    else:
+        subjects, prompts, seeds, n_seeds, C, L = 10, 2, "1-10", 10, 20, 10.0
+    N = subjects * prompts * n_seeds
+    catalog = make_catalog(work / "catalog-e2e-real", subjects, prompts)
+    ideal = math.ceil(N / C) * L
+    log(f"\n== end to end, realistic latency: N={N}, C={C}, L={L:g} s; ideal {ideal:g} s")
+    with simulator(work, latency=L, concurrency=C, render_scale=0.05) as sim:
+        res = run_generate(work, catalog, sim, seeds, "e2e-real")
+    assert res["videos"] == N, f"generate stored {res['videos']} of {N} videos"
+    startup = res["first_submit"] - res["start"]
+    tail = res["end"] - res["last_server_finish"]
+    log(f"generate: makespan {res['wall']:.2f} s; startup {startup:.2f} s; tail after the last completion {tail:.2f} s")
+    ratio = res["wall"] / ideal
+    figure(f"e2e realistic (L={L:g} s) makespan / ideal", ratio, "<= 1.05", ratio <= 1.05)
+    figure("e2e realistic startup before first submit, s (info)", startup, "info", None, "{:.2f}")
+    figure("e2e realistic tail after the last completion, s (info)", tail, "info", None, "{:.2f}")
+
+
+def bench_ingest(work: Path, quick: bool) -> None:
+    """Collection throughput: N tasks that have all finished before collection starts.
+
+    A first ``generate --timeout 0`` submits them (the service takes L = 20 s each, so none is
+    done when it stops); once the simulator has rendered every video, a second ``generate``
+    on the same data folder and Dagster home polls, downloads, verifies, records and
+    materializes them. Its rate (videos ÷ first collect run created → last collect run ended,
+    from Dagster's run records) over the naive rate: one thread downloading each video with
+    ``requests`` and decoding every frame with PyAV, on the same files.
+    """
+    import av
+    import requests
+    from dagster import DagsterInstance, RunsFilter
+
+    n = 20 if quick else 500
+    L = 8.0 if quick else 20.0
+    subjects = max(1, n // 10)
+    catalog = make_catalog(work / "catalog-ingest", subjects, 2, seed=11)
+    seeds = f"1-{math.ceil(n / (2 * subjects))}"
+    log(f"\n== ingestion: {n} tasks, all finished when collection starts")
+    home = Path(tempfile.mkdtemp(prefix="dagster-ingest-", dir=work))
+    data = work / "data-ingest"
+    with simulator(work, latency=L, concurrency=10_000, render_scale=0.05) as sim:
+        env = {
+            **os.environ,
+            "VIDU_API_KEY": API_KEY,
+            "VIDU_API_BASE_URL": sim.base_url,
+            "VIDU_SIMULATOR_RENDER_SCALE": str(sim.render_scale),
+            "DAGSTER_HOME": str(home),
+        }
+        script = Path(PY).parent / "vidu-pipeline"
+        entry = [str(script)] if script.exists() else [PY, "-m", "vidu_pipeline.cli"]
+        cmd = [*entry, "generate", "--catalog", str(catalog), "--data-dir", str(data), "--seeds", seeds]
+        first = run_child([*cmd, "--timeout", "0", "--no-contact-sheet"], env, work / "ingest-submit.log", 600)
+        stats = sim.stats()
+        assert stats["submits"]["accepted"] == n and stats["downloads"]["ok"] == 0, (
+            f"the submit run should submit {n} and download none: {stats['submits']}, {stats['downloads']}"
+            f"\n{first['output'][-2000:]}"
+        )
+        deadline = time.monotonic() + L + 300
+        while sim.stats()["renders"]["done"] < n and time.monotonic() < deadline:
+            time.sleep(0.5)
+        collect = run_child(cmd, env, work / "ingest-collect.log", 900)
+        if collect["rc"] != 0:
+            raise RuntimeError(f"generate (collect) exited {collect['rc']}:\n{collect['output'][-3000:]}")
+        with DagsterInstance.from_config(str(home)) as instance:
+            records = instance.get_run_records(RunsFilter(job_name="vidu_collect_job"))
+        begin = min(r.create_timestamp.timestamp() for r in records)
+        end = max(r.end_time for r in records if r.end_time)
+        from vidu_pipeline.ledger import Ledger
+
+        ledger = Ledger(f"sqlite:///{data / 'ledger.sqlite'}")
+        rows = [r for r in ledger.rows(states=["succeeded"]) if r.video_sha256]
+        ledger.close()
+        assert len(rows) == n, f"{len(rows)} of {n} videos stored"
+        # The naive floor on the same files: plain download + full decode, one at a time.
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {API_KEY}"
+        urls = [
+            session.get(f"{sim.base_url}/v3/async/task-result", params={"task_id": r.task_id}, timeout=30).json()[
+                "videos"
+            ][0]["video_url"]
+            for r in rows
+        ]
+        out = work / "ingest-naive"
+        out.mkdir()
+        t = time.perf_counter()
+        for i, url in enumerate(urls):
+            path = out / f"{i}.mp4"
+            path.write_bytes(session.get(url, timeout=30).content)
+            with av.open(str(path)) as container:
+                for _ in container.decode(container.streams.video[0]):
+                    pass
+        naive_s = time.perf_counter() - t
+    window = end - begin
+    rate, naive_rate = n / window, n / naive_s
+    log(
+        f"collect: {n} videos in {window:.2f} s of collect runs ({len(records)} runs; the whole second generate "
+        f"{collect['wall']:.2f} s) = {rate:.1f} videos/s; naive download + decode {naive_s:.2f} s = {naive_rate:.1f}/s"
+    )
+    figure("ingestion: videos recorded per s, all finished (info)", rate, "info", None, "{:.1f}")
+    figure("ingestion rate / naive download+decode rate", rate / naive_rate, ">= 0.5", rate / naive_rate >= 0.5)
+
+
 class _SlowPollHandler(BaseHTTPRequestHandler):
     """Answers every task-result poll with PROCESSING after ``delay`` seconds (keep-alive)."""
 
@@ -704,6 +811,8 @@ def bench_quality(work: Path, quick: bool) -> None:
 
 BENCHES = {
     "e2e": bench_e2e,
+    "e2e_realistic": bench_e2e_realistic,
+    "ingest": bench_ingest,
     "tick": bench_tick,
     "overhead": bench_overhead,
     "images": bench_images,

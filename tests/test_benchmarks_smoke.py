@@ -15,6 +15,8 @@ FIGURES = (
     "e2e makespan / ideal",
     "e2e makespan / naive script",
     "e2e makespan from first submit / ideal",
+    "e2e realistic (L=",
+    "ingestion rate / naive download+decode rate",
     "polls per finished video",
     "sensor tick",
     "orchestration CPU per video",

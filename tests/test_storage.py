@@ -193,10 +193,9 @@ def test_collect_video_puts_the_verified_file_under_an_object_store_root(tmp_pat
     from vidu_pipeline import tasks
     from vidu_pipeline.api.client import ViduClient
     from vidu_pipeline.ledger import SpendCaps
-    from vidu_pipeline.mp4 import probe_video
     from vidu_pipeline.simulator import Simulator, SimulatorConfig
     from vidu_pipeline.storage import StorageError
-    from vidu_pipeline.videos import collect_video
+    from vidu_pipeline.videos import collect_video, scratch_file
 
     monkeypatch.setenv("VIDU_SIMULATOR_RENDER_SCALE", "0.1")
     pipeline, [rid] = plan_catalog(tmp_path)
@@ -227,5 +226,6 @@ def test_collect_video_puts_the_verified_file_under_an_object_store_root(tmp_pat
     assert row is not None and row.video_path == root.url(f"videos/{rid}.mp4")
     assert root.list("videos") == [f"videos/{rid}.mp4"] and root.list("thumbnails") == [f"thumbnails/{rid}.png"]
     assert hashlib.sha256(root.read_bytes(f"videos/{rid}.mp4")).hexdigest() == row.video_sha256
-    assert probe_video(video.path).sha256 == row.video_sha256  # the local verified copy the UI thumbnail reads
+    assert video.path == row.video_path and video.frame is not None  # the UI thumbnail needs no local copy
+    assert not list(scratch_file(rid).parent.glob(f"{rid}.*"))  # the verified scratch copy is gone
     assert not (pipeline.root / "videos").exists() or not list((pipeline.root / "videos").iterdir())

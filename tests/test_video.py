@@ -16,9 +16,11 @@ from vidu_pipeline import mp4
 from vidu_pipeline.api.contract import expected_video_size
 from vidu_pipeline.mp4 import (
     LABEL_BAND_PX,
+    FrameAt,
     VideoInvalid,
     check_against_request,
     contact_sheet,
+    frame_image,
     frame_png,
     probe_video,
 )
@@ -231,3 +233,13 @@ def test_contact_sheet_dimensions_are_exact(clips, tmp_path):
     assert contact_sheet(items[:2], columns=4, cell_width=64, cell_height=36).size == (4 * 64, 36 + LABEL_BAND_PX)
     with pytest.raises(ValueError):
         contact_sheet([], columns=2)
+
+
+def test_the_thumbnail_frame_rides_on_the_verification_decode(clips):
+    """FrameAt picks, from probe_video's own decode, the very frame frame_image seeks and
+    decodes again: the first at or after the moment, else the last."""
+    for name, at_s in (("landscape_bgm", 1.0), ("portrait", 60.0), ("landscape_bgm", 0.0)):
+        still = FrameAt(at_s)
+        probe_video(clips[name], on_frame=still.offer)
+        expected = frame_image(clips[name], at_s)
+        assert still.image().tobytes() == expected.tobytes(), (name, at_s)

@@ -119,3 +119,42 @@ def test_of_many_racing_collectors_exactly_one_gets_each_video(ledger_url):
         for t in threads:
             t.join(timeout=120)
         assert sorted(i for i, _ in won) == sorted(ids)  # every video claimed once, none twice
+
+
+def test_a_videos_run_works_a_few_videos_at_once_in_order_and_claims_only_what_it_starts():
+    """The videos asset downloads and verifies on a pool: results come back in partition order,
+    one failure is returned (not raised) beside the others, and a key is drawn (claimed) only
+    when the pool has room, so a stop leaves the unclaimed ones to the next run."""
+    import concurrent.futures as cf
+    import time
+
+    from vidu_pipeline.defs.videos import in_order
+
+    drawn: list[str] = []
+    running, most = set(), [0]
+    lock = threading.Lock()
+
+    def keys():
+        for key in [f"k{i}" for i in range(10)]:
+            drawn.append(key)
+            yield key
+
+    def work(key: str) -> str:
+        with lock:
+            running.add(key)
+            most[0] = max(most[0], len(running))
+        time.sleep(0.02 if key != "k0" else 0.1)  # the first finishes last
+        with lock:
+            running.discard(key)
+        if key == "k3":
+            raise OSError("disk full")
+        return key.upper()
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        results = in_order(pool, work, keys(), ahead=4)
+        first = next(results)
+        assert first == ("k0", "K0") and len(drawn) == 4  # nothing claimed beyond the window
+        rest = list(results)
+    assert [k for k, _ in rest] == [f"k{i}" for i in range(1, 10)]
+    assert isinstance(dict(rest)["k3"], OSError) and dict(rest)["k9"] == "K9"
+    assert 1 < most[0] <= 4

@@ -117,7 +117,6 @@ def probe_video(path: str | Path, on_frame: Callable[[av.VideoFrame], None] | No
             video = container.streams.video[0]
             if video.codec_context is None:
                 raise VideoInvalid("video stream has no usable codec parameters (damaged index?)")
-            video.codec_context.thread_type = "AUTO"
             audio = container.streams.audio[0] if container.streams.audio else None
             packets = {s.index: 0 for s in container.streams}
             decoded = 0
@@ -190,6 +189,24 @@ def check_against_request(
     if probe.video_codec != EXPECTED_CODEC:
         problems.append(f"video codec {probe.video_codec}, expected {EXPECTED_CODEC}")
     return problems
+
+
+class FrameAt:
+    """Keeps the frame :func:`frame_image` would pick (the first at or after ``at_s``, else the
+    last) from a decode that runs anyway: pass :meth:`offer` as ``probe_video(on_frame=…)``."""
+
+    def __init__(self, at_s: float = 1.0):
+        self.at_s = at_s
+        self.frame: av.VideoFrame | None = None
+        self._found = False
+
+    def offer(self, frame: av.VideoFrame) -> None:
+        if not self._found:
+            self.frame = frame
+            self._found = frame.time is not None and frame.time >= self.at_s - 1e-6
+
+    def image(self) -> Image.Image | None:
+        return None if self.frame is None else self.frame.to_image()
 
 
 def frame_image(path: str | Path, at_s: float = 1.0) -> Image.Image:

@@ -22,26 +22,28 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from PIL import Image
 
 from .api import errors
 from .api.client import ViduClient
 from .generation_requests import PIPELINE_VERSION, RequestSpec
 from .ledger import Ledger, TaskRow
-from .mp4 import VideoInvalid, VideoProbe, check_against_request, frame_image, probe_video
+from .mp4 import FrameAt, VideoInvalid, VideoProbe, check_against_request, probe_video
 from .quality import FrameSampler, Thresholds, VideoQuality, measure
 from .storage import StorageError, StorageRoot, is_url
 
 log = logging.getLogger(__name__)
-_SCRATCH = threading.local()  # .path: this thread's last scratch download (object-store roots)
+THUMBNAIL_AT_S = 1.0  # the moment a video's thumbnail (and contact-sheet cell) shows
 
 
 @dataclasses.dataclass(frozen=True)
 class CollectedVideo:
     request_id: str
-    path: Path
+    path: Path | str  # where it is stored: a local file, or its URL on an object store
     probe: VideoProbe
     problems: tuple[str, ...]
     quality: VideoQuality | None = None  # None when the frames could not be measured
+    frame: Image.Image | None = None  # the frame at THUMBNAIL_AT_S, from the verification decode
 
 
 def video_path(videos_dir: Path, request_id: str) -> Path:
@@ -49,24 +51,18 @@ def video_path(videos_dir: Path, request_id: str) -> Path:
 
 
 def scratch_file(request_id: str) -> Path:
-    """Where a video bound for an object store is downloaded and verified, on local disk.
-
-    The last one of each thread stays until that thread collects its next video (the caller
-    makes the UI thumbnail from :attr:`CollectedVideo.path`), and the folder goes at exit."""
-    previous = getattr(_SCRATCH, "path", None)
-    if previous is not None:
-        previous.unlink(missing_ok=True)
+    """Where a video bound for an object store is downloaded and verified, on local disk (removed
+    once uploaded; the folder goes at exit)."""
     folder = Path(tempfile.gettempdir()) / f"vidu-pipeline-scratch-{os.getpid()}"
     if not folder.exists():
         folder.mkdir(parents=True, exist_ok=True)
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    _SCRATCH.path = folder / f"{request_id}.{threading.get_ident()}.mp4"
-    return _SCRATCH.path
+    return folder / f"{request_id}.{threading.get_ident()}.mp4"
 
 
-def store_remote(local: Path, videos_dir: str, request_id: str) -> str:
+def store_remote(local: Path, videos_dir: str, request_id: str, frame: Image.Image | None) -> str:
     """PUT the verified video (one finished file: the object appears whole or not at all) and
-    its thumbnail (``thumbnails/`` beside ``videos/``); returns the video's URL."""
+    the thumbnail of ``frame`` (``thumbnails/`` beside ``videos/``); returns the video's URL."""
     videos = StorageRoot(videos_dir)
     try:
         url = videos.put_file(local, f"{request_id}.mp4")
@@ -75,10 +71,11 @@ def store_remote(local: Path, videos_dir: str, request_id: str) -> str:
             f"could not store the video of {request_id} in {videos_dir}: {exc}; "
             "the task stays succeeded and is downloaded again on the next run"
         ) from None
+    if frame is None:
+        return url
     try:
-        png = thumbnail_png(frame_image(local, at_s=1.0))
-        StorageRoot(videos_dir.rsplit("/", 1)[0]).write_bytes(f"thumbnails/{request_id}.png", png)
-    except (VideoInvalid, OSError) as exc:  # the video is stored; a thumbnail is a convenience
+        StorageRoot(videos_dir.rsplit("/", 1)[0]).write_bytes(f"thumbnails/{request_id}.png", thumbnail_png(frame))
+    except OSError as exc:  # the video is stored; a thumbnail is a convenience
         log.warning("%s: no thumbnail stored: %s", request_id, exc)
     return url
 
@@ -122,7 +119,7 @@ def collect_video(
         scratch_file(request_id) if remote else video_path(Path(str(videos_dir).removeprefix("file://")), request_id)
     )
     staging = final.with_name(f".{final.name}.{os.getpid()}.download")
-    download, probe, sampler = _download_and_decode(ledger, client, row, staging, videos_dir)
+    download, probe, sampler, still = _download_and_decode(ledger, client, row, staging, videos_dir)
     problems = tuple(
         check_against_request(
             probe,
@@ -133,8 +130,15 @@ def collect_video(
         )
     )
     quality = _measure(request_id, sampler, _references(spec, reference_bytes), thresholds)
+    frame = still.image()
     staging.replace(final)
-    stored = store_remote(final, str(videos_dir), request_id) if remote else str(final)
+    if remote:
+        try:
+            stored = store_remote(final, str(videos_dir), request_id, frame)
+        finally:
+            final.unlink(missing_ok=True)
+    else:
+        stored = str(final)
     ledger.record_video(
         request_id,
         task_id=row.task_id,
@@ -150,17 +154,22 @@ def collect_video(
     )
     if problems:
         log.error("%s: video does not match its request: %s", request_id, "; ".join(problems))
-    return CollectedVideo(request_id, final, probe, problems, quality)
+    return CollectedVideo(request_id, stored if remote else final, probe, problems, quality, frame)
 
 
 def _download_and_decode(ledger: Ledger, client: ViduClient, row, staging: Path, videos_dir: Path | str):
     """The task's video downloaded to ``staging`` and decoded end to end (the quality sampler
-    riding on that decode). A bad video is recorded as a video error and raised; a local write
+    and the thumbnail's frame riding on that decode). A bad video is recorded as a video error and raised; a local write
     failure is a StorageError (the task stays succeeded and is downloaded again next run)."""
     try:
         download = client.download(row.task_id, staging)
-        sampler = FrameSampler()
-        probe = probe_video(staging, on_frame=sampler.offer)
+        sampler, still = FrameSampler(), FrameAt(THUMBNAIL_AT_S)
+
+        def on_frame(frame) -> None:
+            sampler.offer(frame)
+            still.offer(frame)
+
+        probe = probe_video(staging, on_frame=on_frame)
     except (VideoInvalid, errors.ViduError) as exc:
         staging.unlink(missing_ok=True)
         ledger.record_video_error(row.request_id, f"{type(exc).__name__}: {exc}", task_id=row.task_id)
@@ -171,7 +180,7 @@ def _download_and_decode(ledger: Ledger, client: ViduClient, row, staging: Path,
             f"could not store the video of {row.request_id} in {videos_dir}: {exc.strerror or exc}; "
             "the task stays succeeded and is downloaded again on the next run"
         ) from None
-    return download, probe, sampler
+    return download, probe, sampler, still
 
 
 def _references(spec: RequestSpec, reference_bytes: Callable[[str], bytes] | None) -> list[bytes]:

@@ -63,12 +63,17 @@ class Driver:
     def run(self, job: str, *, tags=None, run_config=None):
         """One run of a named job, waited for; a failure that must stop ``generate`` is raised
         (see raise_for_run)."""
-        future = self._runner.submit(self._execute, job, tags, run_config)
-        self.pending.append(future)
+        future = self.start(job, tags=tags, run_config=run_config)
         result = future.result()
         self.pending.remove(future)
         raise_for_run(result)
         return result
+
+    def start(self, job: str, *, tags=None, run_config=None) -> cf.Future:
+        """Queue one run of a named job on the runner thread; :meth:`drain` waits for it."""
+        future = self._runner.submit(self._execute, job, tags, run_config)
+        self.pending.append(future)
+        return future
 
     def run_now(self, request: RunRequest):
         """A run the sensor's rules asked for, executed at once (see :meth:`run`)."""
@@ -101,9 +106,7 @@ class Driver:
             self.repeated_run_keys.append(request.run_key)
             return False
         self.jobs_by_run_key[request.run_key] = request.job_name
-        self.pending.append(
-            self._runner.submit(self._execute, request.job_name, dict(request.tags), request.run_config)
-        )
+        self.start(request.job_name, tags=dict(request.tags), run_config=request.run_config)
         return True
 
     def check_finished(self) -> bool:

@@ -81,9 +81,10 @@ def run_to_end(driver: Driver, args) -> int:
     driver.drain()
     progress.done()
     if lineage_behind(driver.instance, ledger):
-        driver.run(lineage_job.name)
-    rows = _rows(ledger, ids)
+        driver.start(lineage_job.name)  # runs while the contact sheet is drawn
     sheet = None if args.no_contact_sheet else write_contact_sheet(pipeline)
+    driver.drain()
+    rows = _rows(ledger, ids)
     return summarize(pipeline, rows, rejected, sheet, timed_out=time.monotonic() > deadline)
 
 

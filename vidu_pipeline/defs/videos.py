@@ -6,7 +6,13 @@ far less than a run's process start).
 """
 
 import dataclasses
+import functools
 import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
 
 from dagster import (
     AssetCheckExecutionContext,
@@ -32,6 +38,7 @@ from .requests import API_POOL, BatchConfig
 from .resources import PipelineResource, ViduResource
 from .tasks import video_tasks
 
+T = TypeVar("T")
 THUMBNAIL_WIDTH = 320  # px; a JPEG of ~5–15 kB inline in the event log
 REFERENCE_THUMBNAIL_WIDTH = 96
 
@@ -52,29 +59,28 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
     broken: list[str] = []
     collected: list[str] = []
     collector = tasks.owner_id(context.run_id)  # who downloads: one worker per video
-    with vidu.get_client(pipeline.simulator_state_dir) as (client, endpoint):
-        for key in config.select(context.partition_keys):
-            if tasks.STOP.is_set():  # Ctrl-C / SIGTERM: the rest are collected by the next run
-                context.log.warning(f"stopping: {key} and the partitions after it are left for the next run")
-                break
-            skip = _why_not_here(ledger, key, collector)
-            if skip:
-                context.log.info(f"{key}: {skip}")
-                continue
-            try:
-                video = collect_video(
-                    ledger,
-                    client,
-                    key,
-                    videos_dir=pipeline.videos_dir,
-                    render_scale=endpoint.render_scale,
-                    run_id=context.run_id,
-                    reference_bytes=pipeline.image_cache().get_bytes,
-                )
-            except Exception as exc:  # one bad video must not cost the batch its other videos
+    with (
+        vidu.get_client(pipeline.simulator_state_dir) as (client, endpoint),
+        ThreadPoolExecutor(pipeline.video_workers, thread_name_prefix="vidu-videos") as pool,
+    ):
+
+        def collect(key: str) -> CollectedVideo:
+            return collect_video(
+                ledger,
+                client,
+                key,
+                videos_dir=pipeline.videos_dir,
+                render_scale=endpoint.render_scale,
+                run_id=context.run_id,
+                reference_bytes=pipeline.image_cache().get_bytes,
+            )
+
+        claimed = _claimed(context, config.select(context.partition_keys), ledger, collector)
+        for key, video in in_order(pool, collect, claimed, ahead=2 * pipeline.video_workers):
+            if isinstance(video, Exception):  # one bad video must not cost the batch its other videos
                 ledger.release_video_claim(key, collector=collector)
-                broken.append(f"{key}: {type(exc).__name__}: {exc}")
-                context.log.error(f"{key}: {exc}")
+                broken.append(f"{key}: {type(video).__name__}: {video}")
+                context.log.error(f"{key}: {video}")
                 continue
             collected.append(key)
             stored = ledger.get(key)
@@ -92,6 +98,42 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
             description=f"{len(broken)} video(s) could not be collected; they will be retried",
             metadata={"errors": MetadataValue.md("\n".join(f"- {b}" for b in broken))},
         )
+
+
+def _claimed(context: AssetExecutionContext, keys, ledger, collector: str) -> Iterator[str]:
+    """The partitions this run downloads, each claimed only when the pool has room for it;
+    none after Ctrl-C / SIGTERM (the videos in flight still finish and are recorded)."""
+    for key in keys:
+        if tasks.STOP.is_set():  # the rest are collected by the next run
+            context.log.warning(f"stopping: {key} and the partitions after it are left for the next run")
+            return
+        skip = _why_not_here(ledger, key, collector)
+        if skip:
+            context.log.info(f"{key}: {skip}")
+            continue
+        yield key
+
+
+def in_order(
+    pool: Executor, work: Callable[[str], T], keys: Iterable[str], ahead: int
+) -> Iterator[tuple[str, T | Exception]]:
+    """``work(key)`` for each key on ``pool``, at most ``ahead`` at once (keys are drawn only as
+    room frees up), yielding ``(key, result or the exception it raised)`` in key order."""
+    window: deque[tuple[str, Future]] = deque()
+
+    def oldest() -> tuple[str, T | Exception]:
+        key, future = window.popleft()
+        try:
+            return key, future.result()
+        except Exception as exc:
+            return key, exc
+
+    for key in keys:
+        window.append((key, pool.submit(work, key)))
+        if len(window) >= ahead:
+            yield oldest()
+    while window:
+        yield oldest()
 
 
 def _why_not_here(ledger, key: str, collector: str) -> str | None:
@@ -117,16 +159,17 @@ def _quality_metadata(video: CollectedVideo) -> dict:
     return {"quality": MetadataValue.json(figures), **numbers}
 
 
-def _thumbnail(pipeline: PipelineResource, path, key: str):
-    """The frame at 1 s as <data_dir>/thumbnails/<key>.png (the contact sheet reuses it) and
-    as a small inline JPEG for the UI."""
-    from ..mp4 import frame_image, jpeg_data_uri
+def _thumbnail_uri(pipeline: PipelineResource, video: CollectedVideo) -> str:
+    """The video's frame at 1 s as <data_dir>/thumbnails/<key>.png (the contact sheet reuses
+    it), returned as a small inline JPEG for the UI."""
+    from ..mp4 import jpeg_data_uri
 
-    frame = frame_image(path, at_s=1.0)
-    out = pipeline.root / "thumbnails" / f"{key}.png"
+    if video.frame is None:
+        return ""
+    out = pipeline.root / "thumbnails" / f"{video.request_id}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(thumbnail_png(frame))
-    return out, jpeg_data_uri(frame, width=THUMBNAIL_WIDTH)
+    out.write_bytes(thumbnail_png(video.frame))
+    return jpeg_data_uri(video.frame, width=THUMBNAIL_WIDTH)
 
 
 def sync_lineage(pipeline: PipelineResource, run_id: str | None) -> int:
@@ -144,7 +187,7 @@ def _video_metadata(pipeline: PipelineResource, row, video: CollectedVideo) -> d
     """One videos partition as the UI shows it: the clip's frame inline, what was asked
     (prompt, options, seed, subject, reference images), what came back and when."""
     spec = RequestSpec.from_json(row.spec_json)
-    _, thumbnail_uri = _thumbnail(pipeline, video.path, row.request_id)
+    thumbnail_uri = _thumbnail_uri(pipeline, video)
     metadata = {
         "thumbnail": MetadataValue.md(f"![{row.request_id}]({thumbnail_uri})"),
         "path": MetadataValue.path(relative_path(pipeline, video.path)),
@@ -198,7 +241,15 @@ def _reference_thumbnail_uri(pipeline: PipelineResource, sha: str) -> str:
         tmp.write_bytes(base64.b64decode(uri.split(",", 1)[1]))
         tmp.replace(path)  # readers never see half a file
         return uri
-    return "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    return _kept_jpeg_uri(str(path))
+
+
+@functools.lru_cache(maxsize=256)
+def _kept_jpeg_uri(path: str) -> str:
+    """A kept reference thumbnail as a data URI, read once: its name holds the image's hash."""
+    import base64
+
+    return "data:image/jpeg;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
 @asset_check(
