@@ -262,3 +262,25 @@ def test_without_a_key_the_embedded_simulator_is_used(work):
         assert len(list((work / "data" / "videos").glob("*.mp4"))) == 5
     finally:
         runtime.stop_local_simulator(state)
+
+
+EXIT_NOW = """
+import atexit, sys, threading, time
+from pathlib import Path
+from vidu_pipeline.cli import exit_now
+atexit.register(lambda: print("atexit ran"))
+print("buffered output")
+if len(sys.argv) > 1:  # a non-daemon thread still working: the normal exit waits for it
+    threading.Thread(target=lambda: (time.sleep(0.3), Path(sys.argv[1]).write_text("done"))).start()
+exit_now(3)
+"""
+
+
+def test_the_quick_exit_keeps_the_exit_code_the_output_the_atexit_handlers_and_live_threads(tmp_path):
+    """The console script skips the interpreter's teardown, not what a normal exit guarantees."""
+    plain = subprocess.run([sys.executable, "-c", EXIT_NOW], capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 3
+    assert plain.stdout.splitlines() == ["buffered output", "atexit ran"], plain.stdout + plain.stderr
+    marker = tmp_path / "thread-finished"
+    waited = subprocess.run([sys.executable, "-c", EXIT_NOW, str(marker)], capture_output=True, text=True, timeout=60)
+    assert waited.returncode == 3 and marker.read_text() == "done", waited.stderr

@@ -1,7 +1,5 @@
 """``python -m vidu_pipeline.cli …``: the same entry point as the ``vidu-pipeline`` script."""
 
-import sys
+from . import run
 
-from . import main
-
-sys.exit(main())
+run()
