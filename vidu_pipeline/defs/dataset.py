@@ -11,13 +11,15 @@ from collections.abc import Callable
 
 import pandas as pd
 from dagster import (
+    AssetCheckExecutionContext,
     AssetCheckResult,
+    AssetCheckSpec,
     AssetExecutionContext,
     AutomationCondition,
     MaterializeResult,
     MetadataValue,
     asset,
-    asset_check,
+    multi_asset_check,
 )
 
 from .. import export as export_mod
@@ -83,39 +85,17 @@ def _result(failing: pd.DataFrame, checked: int, notes: list[str] | None = None)
     )
 
 
-def _per_clip_gate(flag: str) -> Callable[[pd.DataFrame, quality.Thresholds], pd.Series]:
-    def failing(table: pd.DataFrame, limits: quality.Thresholds) -> pd.Series:
-        return table.apply(lambda row: flag in quality.quality_flags(row, limits), axis=1).astype(bool)
+def _per_clip_gate(flag: str) -> Callable[[pd.DataFrame, quality.Thresholds], AssetCheckResult]:
+    def gate(table: pd.DataFrame, limits: quality.Thresholds) -> AssetCheckResult:
+        if not len(table):
+            return _result(table, 0)
+        failing = table.apply(lambda row: flag in quality.quality_flags(row, limits), axis=1).astype(bool)
+        return _result(table[failing], len(table))
 
-    return failing
-
-
-def _clip_check(name: str, flag: str, description: str):
-    gate = _per_clip_gate(flag)
-
-    @asset_check(asset=dataset_export, name=name, automation_condition=WITH_ITS_ASSET, description=description)
-    def _check(pipeline: PipelineResource) -> AssetCheckResult:
-        table = _measured(pipeline)
-        bad = gate(table, thresholds_for(pipeline)) if len(table) else pd.Series(dtype=bool)
-        return _result(table[bad] if len(table) else table, len(table))
-
-    return _check
+    return gate
 
 
-no_frozen_clips = _clip_check("no_frozen_clips", "frozen", "No clip holds one picture still (sweep.yaml quality).")
-no_blank_clips = _clip_check("no_blank_clips", "blank", "No clip is black or one flat colour.")
-clips_like_references = _clip_check(
-    "clips_like_references", "unlike references", "Every clip's frames are similar enough to its reference images."
-)
-
-
-@asset_check(
-    asset=dataset_export,
-    automation_condition=WITH_ITS_ASSET,
-    description="Per subject, `large` clips move clearly more than `small` ones (sweep.yaml quality.amplitude_ratio).",
-)
-def motion_follows_amplitude(pipeline: PipelineResource) -> AssetCheckResult:
-    table, limits = _measured(pipeline), thresholds_for(pipeline)
+def motion_follows_amplitude(table: pd.DataFrame, limits: quality.Thresholds) -> AssetCheckResult:
     failing, notes = [], []
     for subject, group in table.groupby("subject_id") if len(table) else []:
         sides = {a: group.loc[group["movement_amplitude"] == a, "motion"].tolist() for a in ("small", "large")}
@@ -128,13 +108,7 @@ def motion_follows_amplitude(pipeline: PipelineResource) -> AssetCheckResult:
     return _result(pd.concat(failing) if failing else table.iloc[0:0], len(table), notes)
 
 
-@asset_check(
-    asset=dataset_export,
-    automation_condition=WITH_ITS_ASSET,
-    description="Clips of one prompt under different seeds are not near-duplicates (sweep.yaml quality.duplicate_bits).",
-)
-def seeds_not_near_duplicates(pipeline: PipelineResource) -> AssetCheckResult:
-    table, limits = _measured(pipeline), thresholds_for(pipeline)
+def seeds_not_near_duplicates(table: pd.DataFrame, limits: quality.Thresholds) -> AssetCheckResult:
     ids: set[str] = set()
     notes: list[str] = []
     for a, b, distance in near_duplicate_pairs(table, limits):
@@ -144,6 +118,42 @@ def seeds_not_near_duplicates(pipeline: PipelineResource) -> AssetCheckResult:
     return _result(failing, len(table), notes)
 
 
+# name: (gate, description). One step judges them all on one read of the table.
+GATES: dict[str, tuple[Callable[[pd.DataFrame, quality.Thresholds], AssetCheckResult], str]] = {
+    "no_frozen_clips": (_per_clip_gate("frozen"), "No clip holds one picture still (sweep.yaml quality)."),
+    "no_blank_clips": (_per_clip_gate("blank"), "No clip is black or one flat colour."),
+    "clips_like_references": (
+        _per_clip_gate("unlike references"),
+        "Every clip's frames are similar enough to its reference images.",
+    ),
+    "motion_follows_amplitude": (
+        motion_follows_amplitude,
+        "Per subject, `large` clips move clearly more than `small` ones (sweep.yaml quality.amplitude_ratio).",
+    ),
+    "seeds_not_near_duplicates": (
+        seeds_not_near_duplicates,
+        "Clips of one prompt under different seeds are not near-duplicates (sweep.yaml quality.duplicate_bits).",
+    ),
+}
+
+
+@multi_asset_check(
+    specs=[
+        AssetCheckSpec(name, asset=dataset_export, description=description, automation_condition=WITH_ITS_ASSET)
+        for name, (_, description) in GATES.items()
+    ],
+    can_subset=True,
+)
+def dataset_quality_gates(context: AssetCheckExecutionContext, pipeline: PipelineResource):
+    """The quality gates over the exported dataset's clips (those that carry quality figures)."""
+    table, limits = _measured(pipeline), thresholds_for(pipeline)
+    for key in context.selected_asset_check_keys:
+        gate, _ = GATES[key.name]
+        result = gate(table, limits)
+        yield AssetCheckResult(
+            asset_key=key.asset_key, check_name=key.name, passed=result.passed, metadata=result.metadata
+        )
+
+
 DATASET_ASSETS = [dataset_export]
-DATASET_CHECKS = [no_frozen_clips, no_blank_clips, clips_like_references, motion_follows_amplitude]
-DATASET_CHECKS += [seeds_not_near_duplicates]
+DATASET_CHECKS = [dataset_quality_gates]
