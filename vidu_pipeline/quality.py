@@ -206,12 +206,17 @@ def clip_distance(a: Sequence[str], b: Sequence[str]) -> float:
     """
     if not a or not b:
         raise ValueError("clip_distance needs two non-empty hash sequences")
+    return _bit_distance(_hash_array(a), _hash_array(b))
+
+
+def _hash_array(hashes: Sequence[str]) -> np.ndarray:
+    return np.array([int(h, 16) for h in hashes], dtype=np.uint64)
+
+
+def _bit_distance(a: np.ndarray, b: np.ndarray) -> float:
     longer, shorter = (a, b) if len(a) >= len(b) else (b, a)
-    total = 0
-    for i, h in enumerate(longer):
-        other = shorter[i * len(shorter) // len(longer)]
-        total += (int(h, 16) ^ int(other, 16)).bit_count()
-    return total / len(longer)
+    paired = shorter[np.arange(len(longer)) * len(shorter) // len(longer)]
+    return float(np.bitwise_count(longer ^ paired).sum()) / len(longer)
 
 
 # --- reference images ---------------------------------------------------------------------
@@ -326,10 +331,13 @@ def near_duplicates(
     """
     limits = thresholds or Thresholds()
     keys = sorted(hashes)
+    arrays = {key: _hash_array(hashes[key]) for key in keys}  # parsed once, not once per pair
     pairs = []
     for i, a in enumerate(keys):
         for b in keys[i + 1 :]:
-            distance = clip_distance(hashes[a], hashes[b])
+            if not len(arrays[a]) or not len(arrays[b]):
+                raise ValueError("clip_distance needs two non-empty hash sequences")
+            distance = _bit_distance(arrays[a], arrays[b])
             if distance < limits.duplicate_bits:
                 pairs.append((a, b, distance))
     return pairs

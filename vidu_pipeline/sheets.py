@@ -40,7 +40,7 @@ def write_pages(root: Path, items: Sequence[tuple[str, Path]], per_page: int | N
         columns = max(1, math.ceil(math.sqrt(len(chunk))))
         image = contact_sheet(chunk, columns=columns, cell_width=max(64, min(320, 4096 // columns)))
         path = page_path(root, number)
-        image.save(path, format="PNG")
+        image.save(path, format="PNG", compress_level=1)  # ~2x faster to write, a third larger
         pages.append(path)
     _remove_stale(root, len(pages))
     return pages
