@@ -616,11 +616,11 @@ def _history_tick(data: Path, n: int, finished: int, base: str) -> tuple[float, 
 
 def _download_and_decode_cpu(res: dict, sim: SimulatorProcess) -> float:
     """CPU seconds this process spends re-doing what generate does per video that is download
-    or decode: one poll + download (with its hashing/fsync), the full probe, the thumbnail frame
-    and the contact-sheet frame."""
+    or decode: one poll + download (with its hashing/fsync) and the full verification decode
+    (which also hands the thumbnail its frame; the contact sheet reuses the thumbnails)."""
     from vidu_pipeline.api.client import ViduClient
     from vidu_pipeline.ledger import Ledger
-    from vidu_pipeline.mp4 import frame_image, frame_png, probe_video
+    from vidu_pipeline.mp4 import FrameAt, probe_video
 
     ledger = Ledger(f"sqlite:///{res['data'] / 'ledger.sqlite'}")
     rows = [r for r in ledger.rows(states=["succeeded"]) if r.video_sha256]
@@ -631,9 +631,7 @@ def _download_and_decode_cpu(res: dict, sim: SimulatorProcess) -> float:
     t = time.process_time()
     for r in rows:
         d = client.download(r.task_id, out / f"{r.request_id}.mp4")
-        probe_video(d.path)
-        frame_png(d.path, at_s=1.0, max_side=320)
-        frame_image(d.path, 1.0).thumbnail((320, 320))
+        probe_video(d.path, on_frame=FrameAt(1.0).offer)
     cpu = time.process_time() - t
     client.close()
     return cpu
