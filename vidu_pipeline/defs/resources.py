@@ -61,7 +61,11 @@ class PipelineResource(ConfigurableResource):
     auto_submit: bool = Field(default=True, description="The sensor submits planned requests (e.g. from the schedule).")
     submit_workers: int = Field(default=4, ge=1)
     poll_workers: int = Field(default=16, ge=1)
-    video_workers: int = Field(default=4, ge=1, description="Videos downloaded and verified at once per run.")
+    video_workers: int = Field(
+        default_factory=lambda: min(4, os.cpu_count() or 1),
+        ge=1,
+        description="Videos downloaded and verified at once per run (default: one per core, at most 4).",
+    )
     poll_time_budget_s: float = Field(default=40.0, gt=0, description="Per sensor tick; Dagster's limit is 60 s.")
     task_deadline_s: float = Field(default=3600.0, gt=0, description="After this, a task is reported unknown.")
     video_attempts: int = Field(default=3, ge=1, description="Download/verify attempts per video.")
