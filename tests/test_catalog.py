@@ -671,3 +671,30 @@ def test_spreadsheet_safe_follows_the_owasp_rule():
         None,
         5,
     ]
+
+
+def test_folder_wise_path_resolution_agrees_with_realpath(tmp_path):
+    """Resolving each folder once must not change a single answer: symlinked folders and files,
+    '..', a link that leaves the tree, and missing files."""
+    from vidu_pipeline.catalog import _realpath
+
+    (tmp_path / "cat" / "images" / "sub").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "x.png").write_bytes(b"x")
+    (tmp_path / "cat" / "images" / "a.png").write_bytes(b"a")
+    (tmp_path / "cat" / "images" / "out").symlink_to(tmp_path / "outside")
+    (tmp_path / "cat" / "images" / "link.png").symlink_to(tmp_path / "outside" / "x.png")
+    (tmp_path / "cat" / "images" / "sub" / "up").symlink_to(tmp_path / "cat")
+    folders: dict[str, str] = {}
+    for rel in (
+        "images/a.png",
+        "images/out/x.png",
+        "images/link.png",
+        "images/sub/up/images/a.png",
+        "images/sub/../a.png",
+        "images/missing.png",
+        "images/out/missing.png",
+        "images/.",
+    ):
+        path = str(tmp_path / "cat" / rel)
+        assert _realpath(path, folders) == os.path.realpath(path), rel

@@ -106,7 +106,9 @@ def _shown(cell: str) -> str:
     return _short(text, 200)
 
 
-def _locate(image: str, root_real: str, allow_outside: bool) -> tuple[str, bool, str | None, str]:
+def _locate(
+    image: str, root_real: str, allow_outside: bool, folders: dict[str, str]
+) -> tuple[str, bool, str | None, str]:
     """One image cell → (location, is_url, rule, reason); rule is None when the row is fine."""
     m = _SCHEME_RE.match(image)
     if m:
@@ -117,7 +119,7 @@ def _locate(image: str, root_real: str, allow_outside: bool) -> tuple[str, bool,
             return image, True, "url_scheme", "the URL has no host"
         return image, True, None, ""
     path = image if os.path.isabs(image) else os.path.join(root_real, image)
-    real = os.path.realpath(path)
+    real = _realpath(path, folders)
     if not allow_outside and not (real + os.sep).startswith(root_real + os.sep):
         link = "" if os.path.normpath(path) == real else " through a symlink"
         return (
@@ -131,6 +133,18 @@ def _locate(image: str, root_real: str, allow_outside: bool) -> tuple[str, bool,
     return real, False, None, ""
 
 
+def _realpath(path: str, folders: dict[str, str]) -> str:
+    """``os.path.realpath``, resolving each folder once per catalog read (``folders`` keeps
+    them): a catalog's images share a few folders, and resolving every component of every path
+    was most of a re-run's time."""
+    folder, name = os.path.split(path)
+    if name in ("", ".", "..") or ".." in folder.split(os.sep) or os.path.islink(path):
+        return os.path.realpath(path)
+    if folder not in folders:
+        folders[folder] = os.path.realpath(folder)
+    return os.path.join(folders[folder], name)
+
+
 def _check_image_rows(
     df: pd.DataFrame, name: str, root_real: str, allow_outside: bool, out: list[Rejection]
 ) -> pd.DataFrame:
@@ -142,7 +156,8 @@ def _check_image_rows(
     for rule, bad, detail in checks:
         _reject_rows(df, bad & keep, "image", rule, detail, out)
         keep &= ~bad
-    cells = {c: _locate(c, root_real, allow_outside) for c in df.loc[keep, "image"].unique()}
+    folders: dict[str, str] = {}
+    cells = {c: _locate(c, root_real, allow_outside, folders) for c in df.loc[keep, "image"].unique()}
     unchecked: tuple[str, bool, str | None, str] = ("", False, None, "")
     located = [cells[i] if k else unchecked for i, k in zip(df["image"], keep)]
     df["location"] = [x[0] for x in located]
