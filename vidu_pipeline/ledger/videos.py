@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 
-from sqlalchemy import and_, bindparam, delete, or_, select, update
+from sqlalchemy import bindparam, delete, or_, select, update
 from sqlalchemy.engine import Connection
 
 from .engine import LedgerBase
@@ -124,11 +124,11 @@ class VideosMixin(LedgerBase):
         stmt = (
             select(requests_table)
             .where(
-                or_(
-                    and_(r.state == SUCCEEDED, r.video_sha256.is_not(None)),
-                    r.state.in_((FAILED, UNKNOWN)),
-                ),
+                # Written so that SQLite searches the partial index ix_requests_lineage_due alone;
+                # as "(succeeded with a video) OR failed OR unknown" it walked every stored video.
                 or_(r.lineage_state.is_(None), r.lineage_state != r.state),
+                r.state.in_((SUCCEEDED, FAILED, UNKNOWN)),
+                or_(r.state != SUCCEEDED, r.video_sha256.is_not(None)),
             )
             .order_by(r.updated_at, r.request_id)
         )
