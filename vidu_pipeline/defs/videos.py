@@ -5,6 +5,7 @@ Partitioned like ``video_tasks`` (single-run backfill: one run per batch; a down
 far less than a run's process start).
 """
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -61,6 +62,7 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
     collector = tasks.owner_id(context.run_id)  # who downloads: one worker per video
     with (
         vidu.get_client(pipeline.simulator_state_dir) as (client, endpoint),
+        contextlib.closing(pipeline.image_cache()) as images,  # one per run: it opens its index
         ThreadPoolExecutor(pipeline.video_workers, thread_name_prefix="vidu-videos") as pool,
     ):
 
@@ -72,7 +74,7 @@ def videos(context: AssetExecutionContext, config: BatchConfig, pipeline: Pipeli
                 videos_dir=pipeline.videos_dir,
                 render_scale=endpoint.render_scale,
                 run_id=context.run_id,
-                reference_bytes=pipeline.image_cache().get_bytes,
+                reference_bytes=images.get_bytes,
             )
 
         claimed = _claimed(context, config.select(context.partition_keys), ledger, collector)
