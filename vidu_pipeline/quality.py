@@ -189,18 +189,14 @@ def _dct_matrix(n: int) -> np.ndarray:
 _DCT_LOW = _dct_matrix(4 * HASH_SIZE)[:HASH_SIZE]  # the 8 lowest frequencies of a 32-point DCT
 
 
-def phash(luma: np.ndarray) -> str:
-    """A 64-bit perceptual hash of a grey image (0..1 floats) as 16 hex digits.
+def phashes(lumas: Iterable[np.ndarray]) -> list[str]:
+    """A 64-bit perceptual hash of each grey image (0..1 floats), as 16 hex digits.
 
     As imagehash's ``phash``: shrink to 32×32, 2-D DCT, keep the 8×8 lowest frequencies, one
     bit per coefficient above their median. (imagehash shrinks with Lanczos; a box filter is
-    a third of the cost and the 8×8 lowest frequencies hardly differ.)
+    a third of the cost and the 8×8 lowest frequencies hardly differ.) The DCTs of all the
+    images are one matrix product.
     """
-    return phashes([luma])[0]
-
-
-def phashes(lumas: Iterable[np.ndarray]) -> list[str]:
-    """:func:`phash` of each image, the DCTs of all of them in one matrix product."""
     shrunk = np.stack(
         [
             np.asarray(
@@ -222,8 +218,6 @@ def clip_distance(a: Sequence[str], b: Sequence[str]) -> float:
 
     Samples are paired by their relative position, so clips of different lengths compare too.
     """
-    if not a or not b:
-        raise ValueError("clip_distance needs two non-empty hash sequences")
     return _bit_distance(_hash_array(a), _hash_array(b))
 
 
@@ -232,6 +226,8 @@ def _hash_array(hashes: Sequence[str]) -> np.ndarray:
 
 
 def _bit_distance(a: np.ndarray, b: np.ndarray) -> float:
+    if not len(a) or not len(b):
+        raise ValueError("clip_distance needs two non-empty hash sequences")
     longer, shorter = (a, b) if len(a) >= len(b) else (b, a)
     paired = shorter[np.arange(len(longer)) * len(shorter) // len(longer)]
     return float(np.bitwise_count(longer ^ paired).sum()) / len(longer)
@@ -353,8 +349,6 @@ def near_duplicates(
     pairs = []
     for i, a in enumerate(keys):
         for b in keys[i + 1 :]:
-            if not len(arrays[a]) or not len(arrays[b]):
-                raise ValueError("clip_distance needs two non-empty hash sequences")
             distance = _bit_distance(arrays[a], arrays[b])
             if distance < limits.duplicate_bits:
                 pairs.append((a, b, distance))
