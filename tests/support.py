@@ -2,10 +2,25 @@
 
 import base64
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+
+def run_cli(*args: str, cwd: Path, env: dict, timeout: float, stdin=None) -> subprocess.CompletedProcess:
+    """``vidu-pipeline …`` in a subprocess, as a user runs it, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "vidu_pipeline.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdin=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def image_bytes(width: int, height: int, fmt: str = "PNG", colour=(200, 60, 40)) -> bytes:

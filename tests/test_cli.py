@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 from PIL import Image
+from support import run_cli
 
 from vidu_pipeline.api import runtime
 from vidu_pipeline.lineage import LineageStore
@@ -102,14 +103,7 @@ def cli_env(work: Path, sim: SimProcess | None) -> dict:
 
 
 def cli(work: Path, sim, *args, env=None, timeout=180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "vidu_pipeline.cli", *args],
-        cwd=work,
-        env=env or cli_env(work, sim),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_cli(*args, cwd=work, env=env or cli_env(work, sim), timeout=timeout)
 
 
 def generate_args(work: Path, *extra: str) -> list[str]:

@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlparse
 import av
 import numpy as np
 import pytest
-from support import fill
+from support import fill, run_cli
 
 from tests.test_cli import SAMPLE, SimProcess, cli_env, generate_args
 from vidu_pipeline.api import contract
@@ -153,15 +153,7 @@ def fake_env(work: Path, fake: FakeVidu, key: str = FAKE_KEY) -> dict:
 
 def run(work: Path, env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """The CLI with stdin not a terminal, bounded by ``timeout`` (a hang fails the test)."""
-    return subprocess.run(
-        [sys.executable, "-m", "vidu_pipeline.cli", *args],
-        cwd=work,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_cli(*args, cwd=work, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def ledger_of(data: Path) -> Ledger:

@@ -9,11 +9,11 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from postgres_db import fresh_database
+from support import run_cli
 
 from vidu_pipeline.api.errors import ConfigurationError
 from vidu_pipeline.defs.resources import PipelineResource
@@ -28,14 +28,7 @@ def cli(work: Path, *args: str, ledger_env: str | None = None) -> subprocess.Com
     env["DAGSTER_HOME"] = str(work / "dagster_home")
     if ledger_env is not None:
         env["VIDU_LEDGER_URL"] = ledger_env
-    return subprocess.run(
-        [sys.executable, "-m", "vidu_pipeline.cli", *args],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli(*args, cwd=work, env=env, timeout=120)
 
 
 def free_port() -> int:

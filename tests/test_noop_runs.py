@@ -5,7 +5,6 @@ would show is read from the same Dagster instance."""
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from dagster import DagsterInstance
 from dagster._core.definitions.data_version import StaleStatus
 from dagster._core.instance.ref import InstanceRef
 from dagster._utils.test.data_versions import get_stale_status_resolver
+from support import run_cli
 
 from vidu_pipeline.definitions import build_definitions
 from vidu_pipeline.testing import SimulatorProcess
@@ -32,14 +32,7 @@ def work(tmp_path):
 
 def generate(work: Path, sim: SimulatorProcess, *extra: str) -> subprocess.CompletedProcess:
     args = ["generate", "--catalog", str(work / "catalog"), "--data-dir", str(work / "data"), "--no-contact-sheet"]
-    result = subprocess.run(
-        [sys.executable, "-m", "vidu_pipeline.cli", *args, *extra],
-        cwd=work,
-        env=sim.env(work / "dagster_home"),
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    result = run_cli(*args, *extra, cwd=work, env=sim.env(work / "dagster_home"), timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 

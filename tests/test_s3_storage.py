@@ -6,14 +6,13 @@ CI (``CI`` = 1/true), where a missing server is a failure."""
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
 from dagster import DagsterInstance, materialize
 from s3_bucket import fresh_bucket, s3_settings
+from support import run_cli
 
 from vidu_pipeline import export
 from vidu_pipeline.api import runtime
@@ -51,14 +50,7 @@ def test_generate_puts_the_dataset_in_the_bucket(tmp_path, bucket_url, figure):
     data = tmp_path / "data"
     args = ["generate", "--catalog", str(tmp_path / "catalog"), "--data-dir", str(data), "--no-contact-sheet"]
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "vidu_pipeline.cli", *args],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        done = run_cli(*args, cwd=tmp_path, env=env, timeout=600)
     finally:
         runtime.stop_local_simulator(data / "state" / "simulator")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -113,10 +105,9 @@ def test_generate_puts_the_dataset_in_the_bucket(tmp_path, bucket_url, figure):
     # The command line takes the root as a flag too (here without VIDU_STORAGE_ROOT).
     env.pop("VIDU_STORAGE_ROOT")
     out = tmp_path / "export-cli"
-    exported = subprocess.run(
-        [sys.executable, "-m", "vidu_pipeline.cli", "export", "--data-dir", str(data), "--out", str(out),
-         "--storage-root", bucket_url],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    exported = run_cli(
+        "export", "--data-dir", str(data), "--out", str(out), "--storage-root", bucket_url,
+        cwd=tmp_path, env=env, timeout=300,
     )  # fmt: skip
     assert exported.returncode == 0, exported.stderr[-2000:]
     assert len(list((out / "videofolder").glob("*.mp4"))) == 10
