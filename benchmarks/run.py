@@ -176,11 +176,8 @@ def run_child(cmd: list[str], env: dict, out_path: Path, timeout: float) -> dict
     }
 
 
-def run_generate(
-    workdir: Path, catalog: Path, sim: SimulatorProcess, seeds: str, tag: str, timeout: float = 900
-) -> dict:
-    data = workdir / f"data-{tag}"
-    home = Path(tempfile.mkdtemp(prefix=f"dagster-{tag}-", dir=workdir))
+def generate_command(sim: SimulatorProcess, home: Path, catalog: Path, data: Path, seeds: str) -> tuple[list, dict]:
+    """``vidu-pipeline generate`` as a user runs it (the console script), pointed at ``sim``."""
     env = {
         **os.environ,
         "VIDU_API_KEY": API_KEY,
@@ -188,9 +185,17 @@ def run_generate(
         "VIDU_SIMULATOR_RENDER_SCALE": str(sim.render_scale),
         "DAGSTER_HOME": str(home),
     }
-    script = Path(PY).parent / "vidu-pipeline"  # the console script a user runs
+    script = Path(PY).parent / "vidu-pipeline"
     entry = [str(script)] if script.exists() else [PY, "-m", "vidu_pipeline.cli"]
-    cmd = [*entry, "generate", "--catalog", str(catalog), "--data-dir", str(data), "--seeds", seeds]
+    return [*entry, "generate", "--catalog", str(catalog), "--data-dir", str(data), "--seeds", seeds], env
+
+
+def run_generate(
+    workdir: Path, catalog: Path, sim: SimulatorProcess, seeds: str, tag: str, timeout: float = 900
+) -> dict:
+    data = workdir / f"data-{tag}"
+    home = Path(tempfile.mkdtemp(prefix=f"dagster-{tag}-", dir=workdir))
+    cmd, env = generate_command(sim, home, catalog, data, seeds)
     res = run_child(cmd, env, workdir / f"generate-{tag}.log", timeout)
     if res["rc"] != 0:
         raise RuntimeError(f"generate ({tag}) exited {res['rc']}:\n{res['output'][-3000:]}")
@@ -337,16 +342,7 @@ def _ingest_rates(work: Path, n: int, scale: float, tag: str) -> tuple[float, fl
     home = Path(tempfile.mkdtemp(prefix=f"dagster-{tag}-", dir=work))
     data = work / f"data-{tag}"
     with simulator(work, latency=L, concurrency=10_000, render_scale=scale) as sim:
-        env = {
-            **os.environ,
-            "VIDU_API_KEY": API_KEY,
-            "VIDU_API_BASE_URL": sim.base_url,
-            "VIDU_SIMULATOR_RENDER_SCALE": str(sim.render_scale),
-            "DAGSTER_HOME": str(home),
-        }
-        script = Path(PY).parent / "vidu-pipeline"
-        entry = [str(script)] if script.exists() else [PY, "-m", "vidu_pipeline.cli"]
-        cmd = [*entry, "generate", "--catalog", str(catalog), "--data-dir", str(data), "--seeds", seeds]
+        cmd, env = generate_command(sim, home, catalog, data, seeds)
         first = run_child([*cmd, "--timeout", "0", "--no-contact-sheet"], env, work / f"{tag}-submit.log", 600)
         stats = sim.stats()
         assert stats["submits"]["accepted"] == n and stats["downloads"]["ok"] == 0, (
